@@ -1,0 +1,100 @@
+"""`sparkloom <stage> --conf FILE [key.sub=value ...]`: parse, load config, run, clean up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+STAGE_COMMANDS = ("ingest", "features", "baseline")
+log = logging.getLogger("sparkloom")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sparkloom", description=__doc__)
+    p.add_argument("command", choices=[*STAGE_COMMANDS, "run"],
+                   help="one stage, or 'run' for the pipeline's stages in order")  # fmt: skip
+    p.add_argument("--conf", action="append", required=True, metavar="FILE",
+                   help="YAML config; repeat to layer files (later wins)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="redo stages whose output is current")
+    p.add_argument("--verbose", "-v", action="store_true", help="full tracebacks and debug logs")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args.verbose)
+    from pipelines.errors import SparkloomError
+
+    spark = None
+    try:
+        from pipelines.config import load_config
+        from pipelines.ingest import check_local_input
+
+        cfg = load_config(args.conf, args.overrides)
+        stages = list(cfg.pipeline.stages) if args.command == "run" else [args.command]
+        if "ingest" in stages:
+            check_local_input(cfg.require_ingest())  # before paying for a JVM
+
+        from pipelines.runner import run_pipeline
+        from pipelines.spark import get_spark
+
+        spark = get_spark(cfg.spark)
+        outcome = run_pipeline(spark, cfg, stages, force=args.force, command=args.command)
+        _print_outcome(cfg, outcome)
+        return 0
+    except SparkloomError as e:
+        print(f"sparkloom: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # Spark/Py4J errors: one line unless --verbose
+        if args.verbose:
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        print(f"sparkloom: {args.command} failed: {type(e).__name__}: {first} "
+              "(rerun with --verbose for the full traceback)", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        if spark is not None:
+            spark.stop()
+
+
+def _print_outcome(cfg, outcome) -> None:
+    from pipelines.report import classification_report
+    from pipelines.tracking import ui_hint
+
+    print()
+    for stage, result in outcome.results.items():
+        print(f"{stage:>9}: {result.summary()}{' [skipped: up to date]' if result.skipped else ''}")
+    baseline = outcome.results.get("baseline")
+    if baseline is not None and "test" in baseline.metrics:
+        import numpy as np
+
+        cm = np.array(baseline.confusion["test"])
+        print()
+        print(classification_report(cm, baseline.labels, "Baseline (MLlib logistic regression), test split"))
+        t = baseline.metrics["test"]
+        print(f"TEST accuracy={t['accuracy']:.4f} weighted_f1={t['f1']:.4f}")
+    print(f"MLflow parent run {outcome.run_id} in experiment '{cfg.experiment}'")
+    if outcome.model_uri:
+        print(f"model: {outcome.model_uri}")
+    print(f"browse: {ui_hint(cfg)}")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "alembic", "mlflow", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # pyspark logs every analysis error with its whole JVM trace; we print one line instead
+        for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Named datasets under a data root: paths, atomic writes, manifests.
+
+Every stage output lives at `<data_root>/<pipeline>/<dataset>` and is written to a
+temporary sibling first, then committed by rename; a failed write leaves the
+previous version readable. Each dataset carries `_manifest.json` (row counts,
+schema, config hash, a fingerprint of its inputs) so a re-run with the same
+inputs and config is recognised and skipped. The data root may be a local path
+or any Hadoop filesystem URI; all file operations go through Hadoop's FileSystem
+so the same code runs on a laptop and on HDFS/S3.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+
+from pipelines.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+
+
+def absolute_uri(path: str) -> str:
+    """Local relative paths become absolute; URIs (scheme://) pass through."""
+    if "://" in path or path.startswith("file:"):
+        return path
+    return os.path.abspath(path)
+
+
+class HadoopFS:
+    """The handful of filesystem calls we need, on the JVM's Hadoop FileSystem."""
+
+    def __init__(self, spark: SparkSession):
+        self._jvm = spark.sparkContext._jvm
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def _path(self, path: str):
+        return self._jvm.org.apache.hadoop.fs.Path(path)
+
+    def _fs(self, path: str):
+        return self._path(path).getFileSystem(self._conf)
+
+    def qualify(self, path: str) -> str:
+        p = self._path(path)
+        return p.getFileSystem(self._conf).makeQualified(p).toString()
+
+    def exists(self, path: str) -> bool:
+        return self._fs(path).exists(self._path(path))
+
+    def is_dir(self, path: str) -> bool:
+        return self._fs(path).getFileStatus(self._path(path)).isDirectory()
+
+    def delete(self, path: str) -> None:
+        self._fs(path).delete(self._path(path), True)
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs(src).rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def mkdirs(self, path: str) -> None:
+        self._fs(path).mkdirs(self._path(path))
+
+    def write_text(self, path: str, text: str) -> None:
+        out = self._fs(path).create(self._path(path), True)
+        try:
+            out.write(bytearray(text.encode("utf-8")))
+        finally:
+            out.close()
+
+    def read_text(self, path: str) -> str:
+        stream = self._fs(path).open(self._path(path))
+        try:
+            return self._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+        finally:
+            stream.close()
+
+    def list_dir(self, path: str) -> list[str]:
+        return [s.getPath().toString() for s in self._fs(path).listStatus(self._path(path))]
+
+    def fingerprint(self, path: str) -> str:
+        """Hash of every file's path, size and modification time under `path`.
+
+        One Spark job (binaryFile prunes the content column), so a corpus of many
+        small files costs no per-file round trips through py4j.
+        """
+        from pyspark.sql import functions as F
+
+        spark = SparkSession.getActiveSession()
+        listing = (
+            spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .load(path)
+            .select("path", "length", "modificationTime")
+        )
+        row = listing.agg(
+            F.count("*").alias("n"),
+            F.bit_xor(F.xxhash64("path", "length", "modificationTime")).alias("h"),
+        ).first()
+        return fingerprint(row["n"], row["h"])
+
+
+class Catalog:
+    """Datasets of one pipeline: `catalog.path("ingested")`, `catalog.write(...)`, manifests."""
+
+    def __init__(self, spark: SparkSession, data_root: str, pipeline: str):
+        self.spark = spark
+        self.fs = HadoopFS(spark)
+        self.base = f"{absolute_uri(data_root).rstrip('/')}/{pipeline}"
+
+    def path(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def manifest(self, name: str) -> dict[str, Any] | None:
+        self._recover(name)
+        path = f"{self.path(name)}/{MANIFEST}"
+        return json.loads(self.fs.read_text(path)) if self.fs.exists(path) else None
+
+    def require(self, name: str, stage_hint: str) -> dict[str, Any]:
+        m = self.manifest(name)
+        if m is None:
+            raise DataError(
+                f"dataset '{name}' not found at {self.path(name)}; run the '{stage_hint}' "
+                "stage first (sparkloom run runs every stage in order)"
+            )
+        return m
+
+    def read(self, name: str, stage_hint: str) -> DataFrame:
+        self.require(name, stage_hint)
+        return self.spark.read.parquet(self.path(name))
+
+    def is_current(self, name: str, fingerprint: str) -> bool:
+        m = self.manifest(name)
+        return m is not None and m.get("fingerprint") == fingerprint
+
+    def write(
+        self,
+        name: str,
+        save: Callable[[str], None],
+        manifest: dict[str, Any] | Callable[[str], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Run `save(tmp_path)`, add the manifest, then swap the result into place.
+
+        `save` is any writer: `df.write.parquet`, `model.save`, a JSON file. `manifest`
+        may be a function of the temporary path, to count what was actually written;
+        if it raises, nothing is committed.
+        """
+        final = self.path(name)
+        tmp = f"{final}.__tmp-{uuid.uuid4().hex[:8]}"
+        old = f"{final}.__old-{uuid.uuid4().hex[:8]}"
+        try:
+            save(tmp)
+            extra = manifest(tmp) if callable(manifest) else manifest
+            manifest = {
+                "dataset": name,
+                "path": final,
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **extra,
+            }
+            self.fs.mkdirs(tmp)
+            self.fs.write_text(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.delete(tmp)
+            raise
+        self._recover(name)
+        had_previous = self.fs.exists(final)
+        if had_previous:
+            self.fs.rename(final, old)
+        try:
+            self.fs.rename(tmp, final)
+        except BaseException:
+            if had_previous:
+                self.fs.rename(old, final)
+            raise
+        if had_previous:
+            self.fs.delete(old)
+        return manifest
+
+    def write_parquet(
+        self,
+        name: str,
+        df: DataFrame,
+        manifest: dict[str, Any] | Callable[[str], dict[str, Any]],
+        partition_by: list[str] | None = None,
+    ) -> dict[str, Any]:
+        def save(tmp: str) -> None:
+            writer = df.write.mode("errorifexists")
+            if partition_by:
+                writer = writer.partitionBy(*partition_by)
+            writer.parquet(tmp)
+
+        def full_manifest(tmp: str) -> dict[str, Any]:
+            extra = manifest(tmp) if callable(manifest) else manifest
+            return {"format": "parquet", "schema": df.schema.jsonValue(), **extra}
+
+        return self.write(name, save, full_manifest)
+
+    def _recover(self, name: str) -> None:
+        """Undo a commit that died between its two renames: bring the old version back."""
+        final = self.path(name)
+        if self.fs.exists(final) or not self.fs.exists(self.base):
+            return
+        leftovers = [p for p in self.fs.list_dir(self.base) if f"/{name}.__old-" in p]
+        if leftovers:
+            log.warning("restoring %s from an interrupted commit (%s)", final, leftovers[-1])
+            self.fs.rename(leftovers[-1], final)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

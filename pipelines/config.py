@@ -1,0 +1,385 @@
+"""Typed pipeline configuration: YAML files in, validated objects out.
+
+A run's configuration is one or more YAML files merged left to right (a file may
+`extends:` others, relative to itself), then `key.sub=value` overrides from the
+command line. Everything is validated before Spark starts; an error names the key
+and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.errors import ConfigError
+
+STAGES = ("ingest", "features", "baseline")
+STOPWORD_LANGUAGES = (
+    "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
+    "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
+)  # fmt: skip
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- where things run and are recorded -------------------------------------------------------
+
+
+class PipelineConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data_root: str = "data"  # local path or any Hadoop filesystem URI (hdfs://, s3a://, file://)
+    stages: list[Literal["ingest", "features", "baseline"]] = list(STAGES)
+
+
+class SparkConfig(Section):
+    master: str | None = None  # None: spark-submit's --master, else local[*]
+    app_name: str = "sparkloom"
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "WARN"
+    conf: dict[str, str | int | float | bool] = {}
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = None  # default: the pipeline name
+    log_models: bool = True
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+class ColumnsConfig(Section):
+    id: str | None = None  # None: a deterministic id is made from label and text
+    text: str = "text"
+    label: str = "label"
+
+
+class CsvConfig(Section):
+    header: bool = True
+    sep: str | None = None  # None: "," for csv, tab for tsv
+    quote: str = '"'
+    escape: str = "\\"
+    multiline: bool = False  # quoted fields spanning lines; an unclosed quote then eats the file
+
+
+class SplitConfig(Section):
+    train: float = Field(0.8, gt=0, le=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split ratios train+validation+test add up to {total:g}, not 1; "
+                "set ingest.split.train/validation/test so they sum to 1"
+            )
+        return self
+
+
+class IngestConfig(Section):
+    format: Literal["csv", "tsv", "json", "parquet", "text_dirs"]
+    path: str  # local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a package ships
+    columns: ColumnsConfig = ColumnsConfig()
+    csv: CsvConfig = CsvConfig()
+    file_glob: str = "*"  # text_dirs: which files count as documents
+    split: SplitConfig = SplitConfig()
+
+
+# --- features ----------------------------------------------------------------------------------
+
+
+class TokenizerConfig(Section):
+    pattern: str = r"\W+"
+    gaps: bool = True  # True: pattern matches separators; False: it matches tokens
+    lowercase: bool = True
+    min_token_length: int = Field(2, ge=1)
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression ({e})") from None
+        return v
+
+
+class StopwordsConfig(Section):
+    enabled: bool = True
+    language: str = "english"
+    extra: list[str] = []  # added to the language's list
+    case_sensitive: bool = False
+
+    @field_validator("language")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in STOPWORD_LANGUAGES:
+            raise ValueError(f"unknown language {v!r}; use one of {', '.join(STOPWORD_LANGUAGES)}")
+        return v
+
+
+class NGramConfig(Section):
+    n: int = Field(1, ge=1, le=5)  # 1: words only; n >= 2 adds n-grams to the words
+
+
+class TermFrequencyConfig(Section):
+    method: Literal["hashing", "count"] = "hashing"
+    num_features: int = Field(1 << 16, ge=2)  # hash buckets, or vocabulary size for count
+    min_df: float = Field(1.0, gt=0)  # count only: min documents (>= 1) or fraction (< 1)
+    binary: bool = False
+
+
+class IdfConfig(Section):
+    enabled: bool = True
+    min_doc_freq: int = Field(0, ge=0)
+
+
+class Word2VecConfig(Section):
+    enabled: bool = False
+    vector_size: int = Field(100, ge=1)
+    min_count: int = Field(5, ge=0)
+    max_iter: int = Field(1, ge=1)
+    seed: int = 42
+
+
+class FeaturesConfig(Section):
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    stopwords: StopwordsConfig = StopwordsConfig()
+    ngram: NGramConfig = NGramConfig()
+    tf: TermFrequencyConfig = TermFrequencyConfig()
+    idf: IdfConfig = IdfConfig()
+    word2vec: Word2VecConfig = Word2VecConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeaturesConfig:
+        if self.tf.method == "hashing" and self.tf.min_df != 1.0:
+            raise ValueError(
+                "features.tf.min_df only applies to features.tf.method=count; "
+                "remove it or set features.tf.method=count"
+            )
+        return self
+
+
+# --- baseline ----------------------------------------------------------------------------------
+
+
+class GridConfig(Section):
+    reg_param: list[float] = [0.0, 0.01]
+    elastic_net_param: list[float] = [0.0]
+    max_iter: list[int] = [100]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> GridConfig:
+        for name, values, ok, rule in (
+            ("reg_param", self.reg_param, lambda x: x >= 0, ">= 0"),
+            ("elastic_net_param", self.elastic_net_param, lambda x: 0 <= x <= 1, "in [0, 1]"),
+            ("max_iter", self.max_iter, lambda x: x >= 1, ">= 1"),
+        ):
+            if not values:
+                raise ValueError(f"baseline.grid.{name} is empty; give at least one value")
+            bad = [v for v in values if not ok(v)]
+            if bad:
+                raise ValueError(f"baseline.grid.{name} values must be {rule}; got {bad}")
+        return self
+
+
+class BaselineConfig(Section):
+    features_col: Literal["features", "word2vec"] = "features"
+    tuning: Literal["cross_validation", "train_validation_split", "none"] = "cross_validation"
+    num_folds: int = Field(3, ge=2)
+    train_ratio: float = Field(0.8, gt=0, lt=1)  # train_validation_split only
+    parallelism: int = Field(2, ge=1)
+    metric: Literal["f1", "accuracy", "weightedPrecision", "weightedRecall"] = "f1"
+    grid: GridConfig = GridConfig()
+    seed: int = 42
+
+
+class Config(Section):
+    pipeline: PipelineConfig
+    spark: SparkConfig = SparkConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    ingest: IngestConfig | None = None
+    features: FeaturesConfig = FeaturesConfig()
+    baseline: BaselineConfig = BaselineConfig()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        if self.baseline.features_col == "word2vec" and not self.features.word2vec.enabled:
+            raise ValueError(
+                "baseline.features_col=word2vec needs features.word2vec.enabled=true"
+            )
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.pipeline.name
+
+    def require_ingest(self) -> IngestConfig:
+        if self.ingest is None:
+            raise ConfigError(
+                "this stage needs an 'ingest' section (format, path); add it to the YAML "
+                "or pass ingest.format=... ingest.path=..."
+            )
+        return self.ingest
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of everything that decides a stage's output: its section and those upstream."""
+        upto = STAGES[: STAGES.index(stage) + 1]
+        data = self.model_dump(mode="json")
+        relevant = {s: data.get(s) for s in upto}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_config(paths: str | Path | list[str | Path], overrides: list[str] = ()) -> Config:
+    """Merge YAML files left to right, apply `key.sub=value` overrides, validate."""
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    if not paths:
+        raise ConfigError("no config file given; pass --conf conf/<pipeline>.yaml")
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = _deep_merge(data, _read_yaml_with_extends(Path(p), seen=()))
+    for ov in overrides:
+        _apply_override(data, ov)
+    return _validate(data)
+
+
+def _read_yaml_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself in a cycle; remove one 'extends' entry")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; check the --conf path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at the top")
+    parents = data.pop("extends", [])
+    merged: dict[str, Any] = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = _deep_merge(merged, _read_yaml_with_extends(path.parent / parent, (*seen, path)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not key=value; write e.g. ingest.split.seed=7")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node, model = data, Config
+    for i, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part) if model else None
+        if field is not None and get_origin(field.annotation) is dict:
+            # free-form maps (spark.conf) take the rest of the dotted key as one key
+            node.setdefault(part, {})[".".join(parts[i + 1 :])] = value
+            return
+        model = _section_class(field.annotation) if field is not None else None
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def _section_class(annotation: Any) -> type[Section] | None:
+    for t in (annotation, *get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, Section):
+            return t
+    return None
+
+
+def _validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, data)) from None
+
+
+def _explain(err: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"] if not str(x).startswith(("function-", "literal"))]
+        # pydantic adds the union member's class name to the path of `X | None` fields
+        loc = [x for x in loc if not x[:1].isupper()]
+        key = ".".join(loc) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'{_did_you_mean(loc)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'; add it to the YAML or pass {key}=...")
+        elif e["type"] == "value_error":
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            plain = key == "<top level>" or msg.startswith(key + ".")
+            lines.append(msg if plain else f"{key}: {msg}")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"{key}: {e['msg'].lower()} (got {shown}); fix it in the YAML or pass {key}=...")
+    return "bad config: " + "; ".join(lines)
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: type[Section] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        model = _section_class(field.annotation) if field else None
+    if model is None:
+        return ""
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    where = ".".join(loc[:-1])
+    hint = f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""
+    return f"{hint} (keys allowed{' under ' + where if where else ''}: {', '.join(known)})"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def flatten(cfg: Config) -> dict[str, str]:
+    """`section.key` -> value strings, for MLflow params (lists as JSON)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list | dict):
+            out[prefix] = json.dumps(node)
+        else:
+            out[prefix] = "" if node is None else str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

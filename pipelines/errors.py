@@ -1,0 +1,19 @@
+"""Errors a user can act on. The CLI prints them as one line, without a traceback."""
+
+
+class SparkloomError(Exception):
+    """Base class: the message names the problem and the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(SparkloomError):
+    """The configuration is wrong; raised before Spark starts."""
+
+    exit_code = 2
+
+
+class DataError(SparkloomError):
+    """Input data is missing or unusable as a whole (bad rows go to quarantine instead)."""
+
+    exit_code = 3

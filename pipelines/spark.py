@@ -1,0 +1,38 @@
+"""The one SparkSession builder every job uses."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from pipelines.config import SparkConfig
+
+
+def get_spark(cfg: SparkConfig) -> SparkSession:
+    """Build (or join) the SparkSession described by the `spark` config section.
+
+    `master` is only set when the config names one, so `spark-submit --master ...`
+    decides where the job runs; plain `python`/`sparkloom` falls back to local[*].
+    """
+    launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    if not launched_by_submit and (cfg.master or "local").startswith("local"):
+        # local Python workers run this interpreter (the venv); on a cluster the user
+        # points spark.pyspark.python / PYSPARK_PYTHON at the executors' environment
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    for key, value in {**DEFAULT_CONF, **cfg.conf}.items():
+        builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(cfg.log_level)
+    return spark
+
+
+# Settings that make small and medium jobs behave; a conf file or --conf overrides each.
+DEFAULT_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+}

@@ -1,0 +1,104 @@
+"""MLflow runs: one parent run per pipeline run, one child run per stage.
+
+Only the driver logs. The resolved config goes to the parent run as flattened
+params and as `config/resolved.yaml`; each stage logs its metrics and artifacts
+to its child run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+
+from pipelines.config import Config, flatten
+
+log = logging.getLogger(__name__)
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    return mlflow.set_experiment(cfg.experiment).experiment_id
+
+
+@contextmanager
+def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
+    """The parent run: ends FINISHED on success, FAILED on any exception or exit."""
+    configure(cfg)
+    tags = {"sparkloom.pipeline": cfg.pipeline.name, "sparkloom.command": command}
+    run = mlflow.start_run(run_name=f"{cfg.pipeline.name}:{command}", tags=tags)
+    status = RunStatus.to_string(RunStatus.FAILED)
+    try:
+        mlflow.log_params(flatten(cfg))
+        mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+        log.info("MLflow run %s in experiment '%s' (%s)", run.info.run_id, cfg.experiment, cfg.mlflow.tracking_uri)
+        yield run
+        status = RunStatus.to_string(RunStatus.FINISHED)
+    except KeyboardInterrupt:
+        status = RunStatus.to_string(RunStatus.KILLED)
+        raise
+    finally:
+        # close any stage run left open by an exception, then the parent
+        while mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id:
+            mlflow.end_run(status)
+        mlflow.end_run(status)
+
+
+@contextmanager
+def stage_run(name: str, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A child run of the active pipeline run."""
+    with mlflow.start_run(run_name=name, nested=True, tags={"sparkloom.stage": name}) as run:
+        if params:
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items() if v is not None})
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_spark_model(model, artifact_path: str, labels: list[str]) -> str:
+    """Log a fitted Spark PipelineModel with its label index; returns the model URI."""
+    import pyspark
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("double", "prediction")])
+    )
+    info = mlflow.spark.log_model(
+        model,
+        artifact_path,
+        signature=signature,
+        # pinned explicitly: inferring requirements would load the model in a subprocess
+        pip_requirements=[f"pyspark=={pyspark.__version__}"],
+    )
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "labels.txt"
+        path.write_text("\n".join(labels) + "\n")
+        mlflow.log_artifact(str(path), artifact_path=f"{artifact_path}-extras")
+    return info.model_uri
+
+
+def ui_hint(cfg: Config) -> str:
+    uri = cfg.mlflow.tracking_uri
+    if uri.startswith("sqlite:///"):
+        return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+    if os.path.isdir(uri) or uri.startswith("file:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri} in a browser"
