@@ -8,6 +8,7 @@ reason; rows in = rows out + rows quarantined, checked after writing.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import logging
 import os
@@ -151,14 +152,26 @@ def _read_parquet(spark: SparkSession, ing: IngestConfig, path: str) -> DataFram
 
 
 def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
-    """One document per file; the label is the name of the first folder under `path`."""
+    """One document per file; the label is the name of the first folder under `path`.
+
+    Spark's file sources skip zero-byte files without a word, so those are found in
+    the listing and added back as empty documents: they must show up in quarantine.
+    """
     root = HadoopFS(spark).qualify(path).rstrip("/") + "/"
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
         .option("pathGlobFilter", ing.file_glob)
         .load(path)
+        .select("path", "content")
     )
+    empty = [
+        (root + rel, bytearray())
+        for rel, size, _ in HadoopFS(spark).list_files(path)
+        if size == 0 and fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], ing.file_glob)
+    ]
+    if empty:
+        files = files.unionByName(spark.createDataFrame(empty, files.schema))
     rel = F.substring(F.col("path"), len(root) + 1, 1 << 20)
     parts = F.split(rel, "/")
     text = F.col("content").cast("string")

@@ -1,0 +1,90 @@
+"""Shared fixtures: one real local SparkSession per test session, tiny datasets the tests make."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Config, _validate
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+# Three topics with disjoint vocabularies: a linear model must separate them perfectly.
+TOPICS = {
+    "sport": "match goal team coach league striker keeper season cup referee stadium fans".split(),
+    "tech": "software chip laptop network server code cloud robot phone browser data app".split(),
+    "food": "recipe bread cheese tomato soup oven flavour chef garlic pasta spice dinner".split(),
+}
+FILLER = "the and of to in it is was for with on as".split()
+
+
+def make_docs(n_per_class: int = 30, seed: int = 0) -> list[dict]:
+    """Deterministic short documents: topic words plus stopwords, ids doc-<label>-<k>."""
+    rng = random.Random(seed)
+    docs = []
+    for label, words in TOPICS.items():
+        for k in range(n_per_class):
+            body = [rng.choice(words) for _ in range(8)] + [rng.choice(FILLER) for _ in range(4)]
+            rng.shuffle(body)
+            docs.append({"id": f"doc-{label}-{k:03d}", "text": " ".join(body), "label": label})
+    return docs
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("sparkloom-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.default.parallelism", "2")
+        .config("spark.driver.memory", "2g")
+        .config("spark.sql.session.timeZone", "UTC")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def text_dirs(tmp_path: Path) -> Path:
+    """The tiny corpus as one folder per label, one file per document."""
+    root = tmp_path / "corpus"
+    for d in make_docs():
+        folder = root / d["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{d['id']}.txt").write_text(d["text"] + "\n")
+    return root
+
+
+def write_csv(path: Path, docs: list[dict], sep: str = ",") -> Path:
+    lines = [sep.join(["id", "text", "label"])]
+    lines += [sep.join([d["id"], d["text"], d["label"]]) for d in docs]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    return path
+
+
+def make_config(tmp_path: Path, **sections) -> Config:
+    """A config for tests: tiny data root and a sqlite MLflow store under tmp_path."""
+    data = {
+        "pipeline": {"name": "t", "data_root": str(tmp_path / "data")},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+        "features": {"idf": {"min_doc_freq": 0}},
+        "baseline": {"tuning": "none", "grid": {"reg_param": [0.01], "max_iter": [50]}},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return _validate(data)

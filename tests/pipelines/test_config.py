@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Config, flatten, load_config
+from pipelines.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_pipeline_config_loads_and_extends_defaults():
+    cfg = load_config(ROOT / "conf" / "text_classification.yaml")
+    assert cfg.pipeline.name == "text_classification"
+    assert cfg.ingest.format == "text_dirs"
+    assert cfg.spark.conf["spark.ui.enabled"] is False  # from defaults.yaml
+    assert cfg.mlflow.tracking_uri == "sqlite:///mlflow.db"
+    assert cfg.features.tokenizer.pattern == r"\W+"
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    base = write(tmp_path, "p.yaml", "pipeline: {name: p}\ningest: {format: csv, path: x.csv}\n")
+    cfg = load_config(
+        base,
+        [
+            "ingest.split.train=0.7",
+            "ingest.split.validation=0.2",
+            "baseline.grid.reg_param=[0.1, 1.0]",
+            "features.stopwords.enabled=false",
+            "spark.conf.spark.sql.shuffle.partitions=3",
+        ],
+    )
+    assert cfg.ingest.split.train == 0.7
+    assert cfg.baseline.grid.reg_param == [0.1, 1.0]
+    assert cfg.features.stopwords.enabled is False
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": 3}
+
+
+def test_later_files_win(tmp_path):
+    a = write(tmp_path, "a.yaml", "pipeline: {name: a}\nbaseline: {num_folds: 4}\n")
+    b = write(tmp_path, "b.yaml", "pipeline: {name: b}\n")
+    cfg = load_config([a, b])
+    assert (cfg.pipeline.name, cfg.baseline.num_folds) == ("b", 4)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("ingest.splt.train=0.5", "unknown key 'ingest.splt'; did you mean 'ingest.split'?"),
+        ("pipline.name=x", "unknown key 'pipline'; did you mean 'pipeline'?"),
+        ("ingest.split.train=abc", "ingest.split.train: input should be a valid number"),
+        ("ingest.split.train=0.5", "add up to 0.7, not 1"),
+        ("ingest.format=xls", "ingest.format: input should be 'csv', 'tsv', 'json', 'parquet' or 'text_dirs'"),
+        ("baseline.grid.elastic_net_param=[2]", "baseline.grid.elastic_net_param values must be in [0, 1]"),
+        ("baseline.num_folds=1", "baseline.num_folds: input should be greater than or equal to 2"),
+        ("features.tokenizer.pattern=([", "features.tokenizer.pattern: not a valid regular expression"),
+        ("features.stopwords.language=klingon", "unknown language 'klingon'"),
+        ("baseline.features_col=word2vec", "needs features.word2vec.enabled=true"),
+        ("novalue", "is not key=value"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_fix(tmp_path, override, expected):
+    base = write(tmp_path, "p.yaml", "pipeline: {name: p}\ningest: {format: csv, path: x.csv}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(base, [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; check the --conf path"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path, "bad.yaml", "pipeline: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+
+
+def test_flatten_and_stage_hash():
+    cfg = Config.model_validate({"pipeline": {"name": "p"}, "ingest": {"format": "csv", "path": "x"}})
+    flat = flatten(cfg)
+    assert flat["ingest.split.train"] == "0.8"
+    assert flat["baseline.grid.reg_param"] == "[0.0, 0.01]"
+    other = Config.model_validate(
+        {"pipeline": {"name": "p"}, "ingest": {"format": "csv", "path": "x"}, "baseline": {"num_folds": 5}}
+    )
+    # a baseline change leaves ingest and features outputs valid, and only invalidates baseline
+    assert cfg.stage_hash("ingest") == other.stage_hash("ingest")
+    assert cfg.stage_hash("features") == other.stage_hash("features")
+    assert cfg.stage_hash("baseline") != other.stage_hash("baseline")
