@@ -1,0 +1,114 @@
+"""The console script and spark-submit, as a user runs them (separate processes, real JVMs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_docs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def sparkloom(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "sparkloom"), *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def tiny_conf(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(10))
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(
+        f"extends: {ROOT / 'conf' / 'defaults.yaml'}\n"
+        "pipeline: {name: tiny}\n"
+        "spark: {master: 'local[2]', conf: {spark.sql.shuffle.partitions: 2}}\n"
+        f"ingest: {{format: json, path: {tmp_path / 'docs.jsonl'}, columns: {{id: id}}}}\n"
+    )
+    return conf
+
+
+def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("ingest", "--conf", str(conf), "ingest.splt.seed=3", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "sparkloom: error: bad config: unknown key 'ingest.splt'; did you mean 'ingest.split'? "
+        "(keys allowed under ingest: format, path, columns, csv, file_glob, split)"
+    ]
+    assert p.stdout == ""
+
+
+def test_missing_input_is_one_line_before_spark_starts(tmp_path):
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("run", "--conf", str(conf), f"ingest.path={tmp_path}/nope.jsonl", cwd=tmp_path)
+    assert p.returncode == 3
+    lines = p.stderr.strip().splitlines()
+    assert lines == [
+        f"sparkloom: error: input path {tmp_path}/nope.jsonl does not exist; "
+        "set ingest.path to an existing file or folder"
+    ]
+    assert "Exception" not in p.stderr and "at org.apache" not in p.stderr
+
+
+def test_missing_upstream_dataset_names_the_stage(tmp_path):
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("baseline", "--conf", str(conf), cwd=tmp_path)
+    assert p.returncode == 3
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("sparkloom: error: dataset 'features' not found")
+    assert "run the 'features' stage first" in last
+
+
+@pytest.mark.slow
+def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
+    """The code reaches the driver and executors only through --py-files."""
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("ingest", "--conf", str(conf), f"pipeline.data_root={tmp_path}/a", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "90 rows in" not in p.stdout and "30 rows in = 30 out" in p.stdout
+
+    wheel_dir = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    wheel = next(wheel_dir.glob("sparkloom-*.whl"))
+    bundle = wheel_dir / "sparkloom.zip"
+    shutil.copy(wheel, bundle)
+    assert "pipelines/ingest.py" in zipfile.ZipFile(bundle).namelist()
+
+    # Python without site-packages' .pth files: the editable install is invisible,
+    # the libraries are on PYTHONPATH, and our code comes from the zip alone.
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    python = tmp_path / "python-nosite"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python), "PYTHONPATH": site}
+
+    def submit(*extra: str) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "spark-submit"), "--master", "local[2]", *extra, str(ROOT / "jobs" / "ingest.py"),
+               "--conf", str(conf), f"pipeline.data_root={tmp_path}/b"]  # fmt: skip
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    without = submit()
+    # spark-submit's PythonRunner merges the script's stderr into its stdout
+    assert without.returncode != 0 and "No module named 'jobs'" in without.stdout
+    p = submit("--py-files", str(bundle))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "30 rows in = 30 out" in p.stdout
+
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.getActiveSession() or SparkSession.builder.master("local[2]").getOrCreate()
+    a = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/a/tiny/ingested").collect()))
+    b = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/b/tiny/ingested").collect()))
+    assert a == b and len(a) == 30
