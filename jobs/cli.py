@@ -72,7 +72,11 @@ def _print_outcome(cfg, outcome) -> None:
 
         cm = np.array(baseline.confusion["test"])
         print()
-        print(classification_report(cm, baseline.labels, "Baseline (MLlib logistic regression), test split"))
+        print(
+            classification_report(
+                cm, baseline.labels, "Baseline (MLlib logistic regression), test split"
+            )
+        )
         t = baseline.metrics["test"]
         print(f"TEST accuracy={t['accuracy']:.4f} weighted_f1={t['f1']:.4f}")
     print(f"MLflow parent run {outcome.run_id} in experiment '{cfg.experiment}'")

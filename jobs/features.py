@@ -1,6 +1,6 @@
 """spark-submit entry point for the 'features' stage.
 
-    spark-submit --py-files dist/sparkloom.zip jobs/features.py --conf conf/text_classification.yaml [key=value ...]
+spark-submit --py-files dist/sparkloom.zip jobs/features.py --conf conf/text_classification.yaml [key=value ...]
 """
 
 import sys

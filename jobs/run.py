@@ -1,6 +1,6 @@
 """spark-submit entry point for the 'run' pipeline (every stage in order).
 
-    spark-submit --py-files dist/sparkloom.zip jobs/run.py --conf conf/text_classification.yaml [key=value ...]
+spark-submit --py-files dist/sparkloom.zip jobs/run.py --conf conf/text_classification.yaml [key=value ...]
 """
 
 import sys

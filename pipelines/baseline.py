@@ -83,14 +83,18 @@ def evaluate(predictions: DataFrame, labels: list[str]) -> tuple[dict[str, float
     return classification_metrics(cm, labels), cm
 
 
-def run_baseline(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False) -> tuple[BaselineResult, PipelineModel | None]:
+def run_baseline(
+    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
+) -> tuple[BaselineResult, PipelineModel | None]:
     """Fit, tune and evaluate; returns the result and the scoring model (None when skipped)."""
     upstream = catalog.require("features", "features")
     fp = fingerprint(cfg.stage_hash("baseline"), upstream["fingerprint"])
     if not force and catalog.is_current("baseline_model", fp):
         log.info("baseline: model is current (same inputs and config); skipped")
         m = catalog.manifest("baseline_model")
-        return BaselineResult(**{**m["result"], "skipped": True}), PipelineModel.load(catalog.path("baseline_model"))
+        return BaselineResult(**{**m["result"], "skipped": True}), PipelineModel.load(
+            catalog.path("baseline_model")
+        )
 
     bc = cfg.baseline
     labels = upstream["labels"]
@@ -98,7 +102,9 @@ def run_baseline(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool
     train = data.filter(F.col("split") == "train").cache()
     try:
         if train.isEmpty():
-            raise DataError("the training split is empty; check ingest.split ratios and the ingest counts")
+            raise DataError(
+                "the training split is empty; check ingest.split ratios and the ingest counts"
+            )
         tuner, grid = build_estimator(bc, bc.features_col, len(labels))
         fitted = tuner.fit(train)
     finally:

@@ -89,7 +89,9 @@ class SplitConfig(Section):
 
 class IngestConfig(Section):
     format: Literal["csv", "tsv", "json", "parquet", "text_dirs"]
-    path: str  # local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a package ships
+    path: (
+        str  # local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a package ships
+    )
     columns: ColumnsConfig = ColumnsConfig()
     csv: CsvConfig = CsvConfig()
     file_glob: str = "*"  # text_dirs: which files count as documents
@@ -216,9 +218,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
         if self.baseline.features_col == "word2vec" and not self.features.word2vec.enabled:
-            raise ValueError(
-                "baseline.features_col=word2vec needs features.word2vec.enabled=true"
-            )
+            raise ValueError("baseline.features_col=word2vec needs features.word2vec.enabled=true")
         return self
 
     @property
@@ -346,7 +346,9 @@ def _explain(err: ValidationError, data: dict[str, Any]) -> str:
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(f"{key}: {e['msg'].lower()} (got {shown}); fix it in the YAML or pass {key}=...")
+            lines.append(
+                f"{key}: {e['msg'].lower()} (got {shown}); fix it in the YAML or pass {key}=..."
+            )
     return "bad config: " + "; ".join(lines)
 
 

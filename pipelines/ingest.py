@@ -114,11 +114,14 @@ def _read_delimited(spark: SparkSession, ing: IngestConfig, path: str) -> DataFr
     header = spark.read.options(**opts).csv(path).columns
     _require_columns(header, ing, "CSV header" if ing.csv.header else "CSV (_c0, _c1, ...)")
     schema = T.StructType(
-        [T.StructField(h, T.StringType()) for h in header] + [T.StructField(CORRUPT, T.StringType())]
+        [T.StructField(h, T.StringType()) for h in header]
+        + [T.StructField(CORRUPT, T.StringType())]
     )
-    df = spark.read.options(**opts, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT).schema(
-        schema
-    ).csv(path)
+    df = (
+        spark.read.options(**opts, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT)
+        .schema(schema)
+        .csv(path)
+    )
     # Spark decodes invalid UTF-8 bytes to U+FFFD, which we take as "could not be decoded"
     return _unified(df, ing, F.col(CORRUPT).isNotNull(), F.col(ing.columns.text).contains("\ufffd"))
 
@@ -270,7 +273,9 @@ class IngestResult:
         return m
 
 
-def run_ingest(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False) -> IngestResult:
+def run_ingest(
+    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
+) -> IngestResult:
     ing = cfg.require_ingest()
     path = resolve_input_path(ing.path)
     raw = read_raw(spark, ing)
@@ -310,7 +315,9 @@ def run_ingest(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool =
             # counted from what was written, so the books balance on the data as stored
             d = spark.read.parquet(tmp)
             splits = {r["split"]: r["count"] for r in d.groupBy("split").count().collect()}
-            result = IngestResult(rows_in, sum(splits.values()), sum(reasons.values()), reasons, splits, labels)
+            result = IngestResult(
+                rows_in, sum(splits.values()), sum(reasons.values()), reasons, splits, labels
+            )
             if result.rows_in != result.rows_out + result.rows_quarantined:
                 raise DataError(
                     f"row accounting failed: {result.rows_in} in != {result.rows_out} out + "

@@ -65,7 +65,11 @@ def classification_report(cm: np.ndarray, labels: list[str], title: str) -> str:
         f"| **weighted** | {m['weighted_precision']:.4f} | {m['weighted_recall']:.4f} | "
         f"{m['f1']:.4f} | {int(support.sum())} |"
     )
-    lines += ["", f"accuracy: {m['accuracy']:.4f} (majority class: {m['majority_class_accuracy']:.4f})", ""]
+    lines += [
+        "",
+        f"accuracy: {m['accuracy']:.4f} (majority class: {m['majority_class_accuracy']:.4f})",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -66,7 +66,9 @@ def _features(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Fea
     return result
 
 
-def _baseline(spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome) -> BaselineResult:
+def _baseline(
+    spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
+) -> BaselineResult:
     result, model = run_baseline(spark, cfg, catalog, force)
     mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
     if result.grid:
@@ -77,7 +79,9 @@ def _baseline(spark, cfg: Config, catalog: Catalog, force: bool, outcome: Pipeli
         tracking.log_metrics(metrics, prefix=f"{split}_")
         cm = np.array(result.confusion[split])
         title = f"baseline LR, {split} split"
-        tracking.log_figure(confusion_figure(cm, result.labels, title), f"plots/confusion_{split}.png")
+        tracking.log_figure(
+            confusion_figure(cm, result.labels, title), f"plots/confusion_{split}.png"
+        )
         report.append(classification_report(cm, result.labels, title))
     mlflow.log_text("\n".join(report), "classification_report.md")
     if cfg.mlflow.log_models and model is not None:

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from pyspark.sql import SparkSession
 
 from pipelines.config import SparkConfig
+from pipelines.errors import SparkloomError
+
+
+def check_java() -> None:
+    """Spark 4 needs Java 17+; without one, pyspark's own error is about a gateway port."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
+        return
+    if shutil.which("java") is None:
+        raise SparkloomError(
+            "no Java found: Spark 4 needs Java 17 or newer; install a JDK 17 "
+            "(e.g. apt-get install openjdk-17-jdk-headless) and set JAVA_HOME"
+        )
 
 
 def get_spark(cfg: SparkConfig) -> SparkSession:
@@ -17,6 +31,8 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     decides where the job runs; plain `python`/`sparkloom` falls back to local[*].
     """
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
+    if not launched_by_submit:
+        check_java()
     if not launched_by_submit and (cfg.master or "local").startswith("local"):
         # local Python workers run this interpreter (the venv); on a cluster the user
         # points spark.pyspark.python / PYSPARK_PYTHON at the executors' environment

@@ -21,7 +21,7 @@ from pyspark.ml.feature import (
     StopWordsRemover,
     Word2Vec,
 )
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.catalog import Catalog, fingerprint
@@ -63,14 +63,19 @@ def build_feature_pipeline(fc: FeaturesConfig, text_col: str = "text") -> Pipeli
     if fc.ngram.n > 1:
         # words plus their n-grams, so bigrams add to unigrams rather than replace them
         stages.append(NGram(n=fc.ngram.n, inputCol="tokens", outputCol="ngrams"))
-        stages.append(SQLTransformer(statement="SELECT *, concat(tokens, ngrams) AS terms FROM __THIS__"))
+        stages.append(
+            SQLTransformer(statement="SELECT *, concat(tokens, ngrams) AS terms FROM __THIS__")
+        )
         terms = "terms"
 
     tf_col = "tf" if fc.idf.enabled else "features"
     if fc.tf.method == "hashing":
         stages.append(
             HashingTF(
-                inputCol=terms, outputCol=tf_col, numFeatures=fc.tf.num_features, binary=fc.tf.binary
+                inputCol=terms,
+                outputCol=tf_col,
+                numFeatures=fc.tf.num_features,
+                binary=fc.tf.binary,
             )
         )
     else:
@@ -112,7 +117,11 @@ class FeaturesResult:
     skipped: bool = False
 
     def metrics(self) -> dict[str, float]:
-        return {"rows": self.rows, "vocabulary_size": self.vocabulary_size, "mean_tokens": self.mean_tokens}
+        return {
+            "rows": self.rows,
+            "vocabulary_size": self.vocabulary_size,
+            "mean_tokens": self.mean_tokens,
+        }
 
     def summary(self) -> str:
         return (
@@ -121,7 +130,9 @@ class FeaturesResult:
         )
 
 
-def run_features(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False) -> FeaturesResult:
+def run_features(
+    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
+) -> FeaturesResult:
     upstream = catalog.require("ingested", "ingest")
     fp = fingerprint(cfg.stage_hash("features"), upstream["fingerprint"])
     if not force and catalog.is_current("features", fp):
@@ -131,12 +142,18 @@ def run_features(spark: SparkSession, cfg: Config, catalog: Catalog, force: bool
     data = catalog.read("ingested", "ingest")
     model = build_feature_pipeline(cfg.features).fit(data.filter(F.col("split") == "train"))
     out = model.transform(data).select(*feature_columns(cfg.features))
-    common = {"fingerprint": fp, "config_hash": cfg.stage_hash("features"), "labels": upstream["labels"]}
+    common = {
+        "fingerprint": fp,
+        "config_hash": cfg.stage_hash("features"),
+        "labels": upstream["labels"],
+    }
 
     def manifest(tmp: str) -> dict:
         written = spark.read.parquet(tmp)
         stats = written.agg(F.count("*").alias("n"), F.avg(F.size("tokens")).alias("t")).first()
-        result = FeaturesResult(stats["n"], _vocabulary_size(model, cfg.features), float(stats["t"] or 0))
+        result = FeaturesResult(
+            stats["n"], _vocabulary_size(model, cfg.features), float(stats["t"] or 0)
+        )
         return {**common, "result": asdict(result)}
 
     # the model first: a features dataset must never exist without the model that made it
@@ -152,5 +169,9 @@ def load_feature_model(catalog: Catalog) -> PipelineModel:
 
 def _vocabulary_size(model: PipelineModel, fc: FeaturesConfig) -> int:
     if fc.tf.method == "count":
-        return len(model.stages[[type(s).__name__ for s in model.stages].index("CountVectorizerModel")].vocabulary)
+        return len(
+            model.stages[
+                [type(s).__name__ for s in model.stages].index("CountVectorizerModel")
+            ].vocabulary
+        )
     return fc.tf.num_features

@@ -39,7 +39,12 @@ def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
     try:
         mlflow.log_params(flatten(cfg))
         mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
-        log.info("MLflow run %s in experiment '%s' (%s)", run.info.run_id, cfg.experiment, cfg.mlflow.tracking_uri)
+        log.info(
+            "MLflow run %s in experiment '%s' (%s)",
+            run.info.run_id,
+            cfg.experiment,
+            cfg.mlflow.tracking_uri,
+        )
         yield run
         status = RunStatus.to_string(RunStatus.FINISHED)
     except KeyboardInterrupt:
@@ -47,7 +52,9 @@ def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
         raise
     finally:
         # close any stage run left open by an exception, then the parent
-        while mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id:
+        while (
+            mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id
+        ):
             mlflow.end_run(status)
         mlflow.end_run(status)
 
@@ -79,7 +86,8 @@ def log_spark_model(model, artifact_path: str, labels: list[str]) -> str:
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "text")]), outputs=Schema([ColSpec("double", "prediction")])
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([ColSpec("double", "prediction")]),
     )
     info = mlflow.spark.log_model(
         model,

@@ -16,11 +16,50 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 # Three topics with disjoint vocabularies: a linear model must separate them perfectly.
 TOPICS = {
-    "sport": "match goal team coach league striker keeper season cup referee stadium fans".split(),
-    "tech": "software chip laptop network server code cloud robot phone browser data app".split(),
-    "food": "recipe bread cheese tomato soup oven flavour chef garlic pasta spice dinner".split(),
+    "sport": [
+        "match",
+        "goal",
+        "team",
+        "coach",
+        "league",
+        "striker",
+        "keeper",
+        "season",
+        "cup",
+        "referee",
+        "stadium",
+        "fans",
+    ],
+    "tech": [
+        "software",
+        "chip",
+        "laptop",
+        "network",
+        "server",
+        "code",
+        "cloud",
+        "robot",
+        "phone",
+        "browser",
+        "data",
+        "app",
+    ],
+    "food": [
+        "recipe",
+        "bread",
+        "cheese",
+        "tomato",
+        "soup",
+        "oven",
+        "flavour",
+        "chef",
+        "garlic",
+        "pasta",
+        "spice",
+        "dinner",
+    ],
 }
-FILLER = "the and of to in it is was for with on as".split()
+FILLER = ["the", "and", "of", "to", "in", "it", "is", "was", "for", "with", "on", "as"]
 
 
 def make_docs(n_per_class: int = 30, seed: int = 0) -> list[dict]:

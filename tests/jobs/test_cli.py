@@ -92,12 +92,19 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
     python = tmp_path / "python-nosite"
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
     python.chmod(0o755)
-    env = {**os.environ, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python), "PYTHONPATH": site}
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": str(python),
+        "PYSPARK_DRIVER_PYTHON": str(python),
+        "PYTHONPATH": site,
+    }
 
     def submit(*extra: str) -> subprocess.CompletedProcess:
         cmd = [str(BIN / "spark-submit"), "--master", "local[2]", *extra, str(ROOT / "jobs" / "ingest.py"),
                "--conf", str(conf), f"pipeline.data_root={tmp_path}/b"]  # fmt: skip
-        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
 
     without = submit()
     # spark-submit's PythonRunner merges the script's stderr into its stdout

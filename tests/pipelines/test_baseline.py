@@ -54,7 +54,10 @@ def test_rerun_is_skipped_and_force_refits(spark, tmp_path):
     again, _ = run_baseline(spark, cfg, catalog)
     assert again.skipped and again.metrics == first.metrics
     forced, _ = run_baseline(spark, cfg, catalog, force=True)
-    assert not forced.skipped and forced.metrics["test"]["accuracy"] == first.metrics["test"]["accuracy"]
-    assert spark.read.parquet(catalog.path("features")).filter(F.col("split") == "test").count() == int(
-        first.metrics["test"]["num_examples"]
+    assert (
+        not forced.skipped
+        and forced.metrics["test"]["accuracy"] == first.metrics["test"]["accuracy"]
     )
+    assert spark.read.parquet(catalog.path("features")).filter(
+        F.col("split") == "test"
+    ).count() == int(first.metrics["test"]["num_examples"])

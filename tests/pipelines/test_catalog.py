@@ -55,7 +55,9 @@ def test_interrupted_commit_is_recovered(spark, tmp_path):
 
 def test_reading_a_missing_dataset_names_the_stage(spark, tmp_path):
     catalog = Catalog(spark, str(tmp_path), "p")
-    with pytest.raises(DataError, match="dataset 'features' not found .* run the 'features' stage first"):
+    with pytest.raises(
+        DataError, match="dataset 'features' not found .* run the 'features' stage first"
+    ):
         catalog.read("features", "features")
 
 

@@ -55,10 +55,19 @@ def test_later_files_win(tmp_path):
         ("pipline.name=x", "unknown key 'pipline'; did you mean 'pipeline'?"),
         ("ingest.split.train=abc", "ingest.split.train: input should be a valid number"),
         ("ingest.split.train=0.5", "add up to 0.7, not 1"),
-        ("ingest.format=xls", "ingest.format: input should be 'csv', 'tsv', 'json', 'parquet' or 'text_dirs'"),
-        ("baseline.grid.elastic_net_param=[2]", "baseline.grid.elastic_net_param values must be in [0, 1]"),
+        (
+            "ingest.format=xls",
+            "ingest.format: input should be 'csv', 'tsv', 'json', 'parquet' or 'text_dirs'",
+        ),
+        (
+            "baseline.grid.elastic_net_param=[2]",
+            "baseline.grid.elastic_net_param values must be in [0, 1]",
+        ),
         ("baseline.num_folds=1", "baseline.num_folds: input should be greater than or equal to 2"),
-        ("features.tokenizer.pattern=([", "features.tokenizer.pattern: not a valid regular expression"),
+        (
+            "features.tokenizer.pattern=([",
+            "features.tokenizer.pattern: not a valid regular expression",
+        ),
         ("features.stopwords.language=klingon", "unknown language 'klingon'"),
         ("baseline.features_col=word2vec", "needs features.word2vec.enabled=true"),
         ("novalue", "is not key=value"),
@@ -81,12 +90,18 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_flatten_and_stage_hash():
-    cfg = Config.model_validate({"pipeline": {"name": "p"}, "ingest": {"format": "csv", "path": "x"}})
+    cfg = Config.model_validate(
+        {"pipeline": {"name": "p"}, "ingest": {"format": "csv", "path": "x"}}
+    )
     flat = flatten(cfg)
     assert flat["ingest.split.train"] == "0.8"
     assert flat["baseline.grid.reg_param"] == "[0.0, 0.01]"
     other = Config.model_validate(
-        {"pipeline": {"name": "p"}, "ingest": {"format": "csv", "path": "x"}, "baseline": {"num_folds": 5}}
+        {
+            "pipeline": {"name": "p"},
+            "ingest": {"format": "csv", "path": "x"},
+            "baseline": {"num_folds": 5},
+        }
     )
     # a baseline change leaves ingest and features outputs valid, and only invalidates baseline
     assert cfg.stage_hash("ingest") == other.stage_hash("ingest")

@@ -4,9 +4,9 @@ import pytest
 from pyspark.sql import functions as F
 
 from pipelines.catalog import Catalog
+from pipelines.config import SplitConfig
 from pipelines.errors import DataError
 from pipelines.ingest import resolve_input_path, run_ingest, with_ids, with_split
-from pipelines.config import SplitConfig
 from tests.conftest import make_config, make_docs, write_csv, write_jsonl
 
 DOCS = make_docs()  # 90 documents, 3 labels
@@ -120,7 +120,9 @@ def test_quarantine_text_dirs(spark, tmp_path):
 
 def test_malformed_json_line_goes_to_quarantine(spark, tmp_path):
     p = tmp_path / "in.jsonl"
-    p.write_text('{"text": "ok one", "label": "x"}\nnot json at all\n{"text": null, "label": "y"}\n')
+    p.write_text(
+        '{"text": "ok one", "label": "x"}\nnot json at all\n{"text": null, "label": "y"}\n'
+    )
     result, _ = ingest(spark, tmp_path, format="json", path=str(p))
     assert result.reasons == {"malformed_record": 1, "null_text": 1}
     assert result.rows_out == 1
@@ -130,7 +132,9 @@ def test_missing_path_and_missing_column_are_clear_errors(spark, tmp_path):
     with pytest.raises(DataError, match=r"input path .*nowhere does not exist; set ingest.path"):
         ingest(spark, tmp_path, format="csv", path=str(tmp_path / "nowhere"))
     path = write_csv(tmp_path / "in.csv", DOCS)
-    with pytest.raises(DataError, match=r"column 'body' \(ingest.columns.text\) is not in the CSV header"):
+    with pytest.raises(
+        DataError, match=r"column 'body' \(ingest.columns.text\) is not in the CSV header"
+    ):
         ingest(spark, tmp_path, format="csv", path=str(path), columns={"text": "body"})
     spark.createDataFrame([(1, "a")], "text int, label string").write.parquet(str(tmp_path / "p"))
     with pytest.raises(DataError, match="holds int, not text"):
@@ -155,13 +159,17 @@ def test_split_is_deterministic_disjoint_and_close_to_ratios(spark):
     assert share["train"] == pytest.approx(0.7, abs=0.015)
     assert share["validation"] == pytest.approx(0.2, abs=0.015)
     assert share["test"] == pytest.approx(0.1, abs=0.015)
-    reseeded = {r["id"]: r["split"] for r in with_split(ids, SplitConfig(train=0.7, validation=0.2, test=0.1, seed=4)).collect()}
+    reseeded = {
+        r["id"]: r["split"]
+        for r in with_split(ids, SplitConfig(train=0.7, validation=0.2, test=0.1, seed=4)).collect()
+    }
     assert reseeded != a
 
 
 def test_with_ids_numbers_repeats(spark):
     df = spark.createDataFrame(
-        [("a", "x", "s1"), ("a", "x", "s2"), ("b", "y", "s1")], "text string, label string, source string"
+        [("a", "x", "s1"), ("a", "x", "s2"), ("b", "y", "s1")],
+        "text string, label string, source string",
     )
     ids = sorted(r["id"] for r in with_ids(df).collect())
     assert len(set(ids)) == 3

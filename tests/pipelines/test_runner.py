@@ -1,5 +1,7 @@
 """The whole text pipeline under MLflow, on a tiny corpus, with a real sqlite store."""
 
+from pathlib import Path
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,7 +20,9 @@ def test_pipeline_logs_parent_and_child_runs_and_is_idempotent(spark, tmp_path, 
     assert parent.info.status == "FINISHED"
     assert parent.data.params["ingest.format"] == "text_dirs"
     assert parent.data.params["baseline.grid.reg_param"] == "[0.01]"
-    assert "config/resolved.yaml" in [a.path for a in client.list_artifacts(outcome.run_id, "config")]
+    assert "config/resolved.yaml" in [
+        a.path for a in client.list_artifacts(outcome.run_id, "config")
+    ]
 
     exp = client.get_experiment_by_name("tests")
     children = client.search_runs(
@@ -35,7 +39,7 @@ def test_pipeline_logs_parent_and_child_runs_and_is_idempotent(spark, tmp_path, 
     plots = [a.path for a in client.list_artifacts(base.info.run_id, "plots")]
     assert "plots/confusion_test.png" in plots
     png = client.download_artifacts(base.info.run_id, "plots/confusion_test.png", str(tmp_path))
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert outcome.model_uri is not None
     model_files = [a.path for a in client.list_artifacts(base.info.run_id, "model")]
     assert "model/MLmodel" in model_files
@@ -46,7 +50,9 @@ def test_pipeline_logs_parent_and_child_runs_and_is_idempotent(spark, tmp_path, 
     assert scored.first()["predicted_label"] == "food"
 
     # a second run with the same inputs and config skips every stage and keeps the data
-    before = sorted(map(tuple, spark.read.parquet(f"{cfg.pipeline.data_root}/t/ingested").collect()))
+    before = sorted(
+        map(tuple, spark.read.parquet(f"{cfg.pipeline.data_root}/t/ingested").collect())
+    )
     again = run_pipeline(spark, cfg, ["ingest", "features", "baseline"])
     assert all(r.skipped for r in again.results.values())
     after = sorted(map(tuple, spark.read.parquet(f"{cfg.pipeline.data_root}/t/ingested").collect()))

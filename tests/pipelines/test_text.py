@@ -44,14 +44,20 @@ def test_count_vectorizer_tfidf_values(spark):
 
 
 def test_term_in_every_document_gets_zero_idf(spark):
-    model, out = featurize(spark, ["cat dog", "cat bird"], tf={"method": "count", "num_features": 10})
+    model, out = featurize(
+        spark, ["cat dog", "cat bird"], tf={"method": "count", "num_features": 10}
+    )
     vocab = model.stages[2].vocabulary
     assert out[0]["features"][vocab.index("cat")] == pytest.approx(0.0)
 
 
 def test_ngrams_add_to_words(spark):
     model, out = featurize(
-        spark, ["quick brown fox"], ngram={"n": 2}, tf={"method": "count", "num_features": 100}, idf={"enabled": False}
+        spark,
+        ["quick brown fox"],
+        ngram={"n": 2},
+        tf={"method": "count", "num_features": 100},
+        idf={"enabled": False},
     )
     assert out[0]["terms"] == ["quick", "brown", "fox", "quick brown", "brown fox"]
     vocab = [s for s in model.stages if hasattr(s, "vocabulary")][0].vocabulary
