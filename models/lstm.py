@@ -1,0 +1,137 @@
+"""(Bi)LSTM text classifier: embed, run a packed LSTM, pool over time, classify."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+POOLINGS = ("max", "mean", "last")
+
+
+@dataclass
+class LSTMConfig:
+    vocab_size: int
+    num_classes: int
+    embed_dim: int = 128
+    hidden_dim: int = 128
+    num_layers: int = 2
+    bidirectional: bool = True
+    dropout: float = 0.3
+    pooling: str = "max"  # "max" | "mean" | "last"
+    padding_idx: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "num_classes", "embed_dim", "hidden_dim", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LSTMConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LSTMConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"LSTMConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if not 0 <= self.padding_idx < self.vocab_size:
+            raise ValueError(
+                f"LSTMConfig.padding_idx must be in [0, vocab_size={self.vocab_size}), "
+                f"got {self.padding_idx}"
+            )
+
+
+class LSTMEncoder(nn.Module):
+    """Embedding -> dropout -> (bi)LSTM over packed sequences, so pads never enter the recurrence.
+
+    Sequences must be right-padded: the true length of a row is its number of real tokens.
+    """
+
+    def __init__(self, cfg: LSTMConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            num_layers=cfg.num_layers,
+            bidirectional=cfg.bidirectional,
+            # PyTorch warns when inter-layer dropout is set on a single layer.
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            batch_first=True,
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return per-step outputs (B, T, D*H) and final hidden states (L*D, B, H)."""
+        # Zero masked positions so an all-pad row (run as length 1) sees the same input
+        # whatever id its pads carry.
+        x = self.embedding(input_ids) * mask.unsqueeze(-1)  # (B, T, E)
+        x = self.dropout(x)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (B, T, D*H)
+        return out, h_n
+
+
+class MaskedPooling(nn.Module):
+    """Pool LSTM outputs over time, looking only at the first `length` steps of each row."""
+
+    def __init__(self, cfg: LSTMConfig):
+        super().__init__()
+        self.pooling = cfg.pooling
+        self.num_layers = cfg.num_layers
+        self.num_directions = 2 if cfg.bidirectional else 1
+
+    def forward(self, out: torch.Tensor, h_n: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last":
+            # Packing makes h_n each direction's state at the row's true end (forward: step
+            # length-1, backward: step 0), so no gather over `out` is needed.
+            batch = h_n.size(1)
+            h_n = h_n.view(self.num_layers, self.num_directions, batch, -1)  # (L, D, B, H)
+            top = h_n[-1].transpose(0, 1)  # (B, D, H)
+            return top.reshape(batch, -1)  # (B, D*H)
+        steps = torch.arange(out.size(1), device=out.device)
+        valid = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
+        if self.pooling == "max":
+            return out.masked_fill(~valid, float("-inf")).amax(dim=1)  # (B, D*H)
+        summed = (out * valid).sum(dim=1)  # (B, D*H)
+        return summed / lengths.unsqueeze(-1).to(out.dtype)
+
+
+class LSTMClassifier(nn.Module):
+    """(Bi)LSTM encoder, masked pooling over time, dropout, linear classifier."""
+
+    def __init__(self, cfg: LSTMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = LSTMEncoder(cfg)
+        self.pooling = MaskedPooling(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        num_directions = 2 if cfg.bidirectional else 1
+        self.classifier = nn.Linear(num_directions * cfg.hidden_dim, cfg.num_classes)
+        # A small head starts predictions near uniform, so the initial loss is ~ln(num_classes).
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        if attention_mask is None:
+            mask = input_ids != self.cfg.padding_idx  # (B, T)
+        else:
+            mask = attention_mask.bool()  # (B, T)
+        # A row with no real tokens runs as length 1 rather than crashing the packer.
+        lengths = mask.sum(dim=1).clamp(min=1)  # (B,)
+        out, h_n = self.encoder(input_ids, mask, lengths)
+        pooled = self.pooling(out, h_n, lengths)  # (B, D*H)
+        logits = self.classifier(self.dropout(pooled))  # (B, C)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels, ignore_index=-100)
+        return {"logits": logits, "loss": loss}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
