@@ -1,0 +1,589 @@
+"""Worker-side training runtime: the function TorchDistributor runs.
+
+`train_fn(config) -> dict` takes plain, picklable arguments and imports neither
+pyspark nor mlflow, so the same call runs under TorchDistributor, under
+`torchrun` and in one plain process (`python -m models.train config.json`).
+
+Order of work, after litgpt/nanoGPT: setup (process group, device, seeds) ->
+build (model, DDP, optimizer, schedule) -> resume from the latest checkpoint ->
+fit (per micro-batch: seed, forward, backward; per step: clip, step, schedule;
+per epoch: evaluate, early stopping, checkpoint) -> restore the best weights ->
+test -> every rank agrees it succeeded -> rank 0's result to all.
+
+Determinism: data order depends only on (seed, epoch), and the torch RNG is
+re-seeded from (seed, rank, micro-step) before every micro-batch, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would.
+
+Testing hook: SPARKLOOM_FAULT="rank=1,step=3,mode=exit|raise|hang" makes that rank
+fail right after that optimizer step (used by the fault-injection tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.data import make_dataloader
+from models.registry import build_model, model_config
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    train: str
+    validation: str | None = None
+    test: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    shuffle_buffer: int = 16_384
+    # model keyword -> batch column; "<col>_mask" is the loader's padding mask
+    inputs: dict[str, str] = field(
+        default_factory=lambda: {
+            "input_ids": "input_ids",
+            "attention_mask": "input_ids_mask",
+            "labels": "label",
+        }
+    )
+
+    def columns(self) -> list[str]:
+        """Parquet columns to read: the inputs, less the masks the loader derives."""
+        cols = set(self.inputs.values())
+        return sorted(c for c in cols if not (c.endswith("_mask") and c[: -len("_mask")] in cols))
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | adam | rmsprop | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # of all steps; the larger of the two wins
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    every_steps: int = 0  # 0: only at the end of each epoch
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any]  # {"name": ..., "config": {...}}
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    epochs: int = 5
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    cpu_threads: int | None = None
+    timeout_s: int = 600  # process-group timeout: a hung rank fails the job after this
+    log_every_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        parts = {
+            "data": DataConfig,
+            "optimizer": OptimizerConfig,
+            "schedule": ScheduleConfig,
+            "early_stopping": EarlyStoppingConfig,
+            "checkpoint": CheckpointConfig,
+        }
+        for key, klass in parts.items():
+            if key in d and isinstance(d[key], dict):
+                d[key] = klass(**d[key])
+        cfg = cls(**d)
+        if cfg.grad_accum < 1 or cfg.epochs < 1:
+            raise ValueError("epochs and grad_accum must be >= 1")
+        return cfg
+
+
+# --- distributed setup: the one place that reads RANK/WORLD_SIZE ------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: RunConfig) -> Dist:
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible to this process")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s)
+        )
+    return Dist(rank, world_size, local_rank, device)
+
+
+def wrap(model: nn.Module, ctx: Dist) -> nn.Module:
+    model = model.to(ctx.device)
+    if ctx.world_size > 1:
+        device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    if ctx.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def log(ctx: Dist, msg: str) -> None:
+    if ctx.main:
+        print(f"[train] {msg}", flush=True)
+
+
+# --- optimizer and schedule ------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, oc: OptimizerConfig) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms and other 1-d parameters (BERT's rule)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": oc.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name = oc.name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=oc.lr, momentum=oc.momentum, eps=oc.eps)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
+    raise ValueError(f"unknown optimizer '{oc.name}'; use adamw, adam, rmsprop or sgd")
+
+
+def build_schedule(opt: torch.optim.Optimizer, sc: ScheduleConfig, total_steps: int):
+    warmup = max(sc.warmup_steps, int(sc.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if sc.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return sc.min_lr_ratio + (1 - sc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """step-N.pt files plus a `latest` pointer, both replaced atomically; rank 0 writes."""
+
+    def __init__(self, cc: CheckpointConfig, ctx: Dist):
+        self.dir, self.keep, self.ctx = cc.dir, max(1, cc.keep), ctx
+        if self.dir and ctx.main:
+            os.makedirs(self.dir, exist_ok=True)
+
+    def _atomic_save(self, obj: Any, path: str) -> None:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a kill before this line leaves the previous files intact
+
+    def save(self, state: dict[str, Any], best: bool) -> str | None:
+        if not self.dir or not self.ctx.main:
+            return None
+        path = os.path.join(self.dir, f"step-{state['global_step']:09d}.pt")
+        self._atomic_save(state, path)
+        if best:
+            self._atomic_save(state, os.path.join(self.dir, "best.pt"))
+        pointer = os.path.join(self.dir, "latest")
+        with open(f"{pointer}.tmp", "w") as f:
+            f.write(os.path.basename(path))
+        os.replace(f"{pointer}.tmp", pointer)
+        for old in sorted(
+            p for p in os.listdir(self.dir) if p.startswith("step-") and p.endswith(".pt")
+        )[: -self.keep]:
+            os.remove(os.path.join(self.dir, old))
+        return path
+
+    def latest(self) -> str | None:
+        if not self.dir or not os.path.isdir(self.dir):
+            return None
+        pointer = os.path.join(self.dir, "latest")
+        if os.path.exists(pointer):
+            with open(pointer) as f:
+                path = os.path.join(self.dir, f.read().strip())
+            if os.path.exists(path):
+                return path
+        steps = sorted(
+            p for p in os.listdir(self.dir) if p.startswith("step-") and p.endswith(".pt")
+        )
+        return os.path.join(self.dir, steps[-1]) if steps else None
+
+    @staticmethod
+    def load(path: str) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": json.dumps(random.getstate()),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def model_inputs(
+    batch: dict[str, Any], inputs: dict[str, str], device: torch.device
+) -> dict[str, Any]:
+    out = {}
+    for kw, col in inputs.items():
+        if col in batch:
+            out[kw] = batch[col].to(device, non_blocking=True)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, path: str, cfg: RunConfig, ctx: Dist, num_classes: int
+) -> dict[str, Any]:
+    """Loss, accuracy and confusion matrix over the whole split, summed across ranks."""
+    model.eval()
+    loader = make_dataloader(
+        path, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+        columns=cfg.data.columns(),
+    )  # fmt: skip
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=ctx.device)
+    for batch in loader:
+        x = model_inputs(batch, cfg.data.inputs, ctx.device)
+        with autocast(cfg, ctx):
+            out = model(**x)
+        labels = x["labels"]
+        loss_sum += out["loss"].double() * labels.numel()
+        pred = out["logits"].argmax(-1)
+        cm += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    loss_sum, cm = all_sum(loss_sum, ctx), all_sum(cm, ctx)
+    cm = cm.view(num_classes, num_classes).cpu()
+    n = int(cm.sum())
+    model.train()
+    return {
+        "loss": float(loss_sum.item() / max(1, n)),
+        "accuracy": float(cm.diag().sum().item() / max(1, n)),
+        "confusion": cm.tolist(),
+        "examples": n,
+    }
+
+
+def autocast(cfg: RunConfig, ctx: Dist):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    # bf16 on this CPU is ~10x slower than fp32: autocast only where it pays off
+    return torch.autocast(
+        ctx.device.type, dtype=torch.bfloat16, enabled=bf16 and ctx.device.type == "cuda"
+    )
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def fault_hook(rank: int, step: int) -> None:
+    spec = os.environ.get("SPARKLOOM_FAULT")
+    if not spec:
+        return
+    f = dict(kv.split("=", 1) for kv in spec.split(","))
+    if int(f.get("rank", -1)) != rank or int(f.get("step", -1)) != step:
+        return
+    mode = f.get("mode", "exit")
+    print(
+        f"[train] injected fault on rank {rank} at step {step}: {mode}", file=sys.stderr, flush=True
+    )
+    if mode == "exit":
+        os._exit(13)
+    if mode == "hang":
+        time.sleep(10**6)
+    raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+
+
+def improved(value: float, best: float | None, es: EarlyStoppingConfig) -> bool:
+    if best is None:
+        return True
+    return value > best + es.min_delta if es.mode == "max" else value < best - es.min_delta
+
+
+def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model["name"], cfg.model.get("config", {}))
+    num_classes = model.cfg.num_classes
+    num_parameters = sum(p.numel() for p in model.parameters())
+    ddp = wrap(model, ctx)
+    train = make_dataloader(
+        cfg.data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed,
+        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        columns=cfg.data.columns(),
+    )  # fmt: skip
+    batches_per_epoch = len(train.dataset)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    opt = build_optimizer(ddp, cfg.optimizer)
+    sched = build_schedule(opt, cfg.schedule, steps_per_epoch * cfg.epochs)
+    ckpt = Checkpoints(cfg.checkpoint, ctx)
+
+    state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
+             "best_epoch": None, "bad_epochs": 0, "stopped_early": False}  # fmt: skip
+    resumed_from = None
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest:
+        saved = Checkpoints.load(latest)
+        unwrap(ddp).load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state.update({k: saved[k] for k in state})
+        resumed_from = {"path": latest, "epoch": state["epoch"], "step": state["global_step"]}
+        log(ctx, f"resuming from {latest}: epoch {state['epoch'] + 1}, step {state['global_step']}")
+    log(ctx, f"{num_parameters:,} parameters, world size {ctx.world_size}, device {ctx.device}, "
+             f"{batches_per_epoch} batches/epoch/rank, {cfg.epochs} epochs")  # fmt: skip
+
+    def snapshot() -> dict[str, Any]:
+        return {"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": rng_state(), "config": cfg_dict(cfg),
+                **state}  # fmt: skip
+
+    ddp.train()
+    samples = 0
+    while state["epoch"] < cfg.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        epoch_start = time.perf_counter()
+        train.dataset.set_epoch(epoch)
+        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_n = 0
+        for i, batch in enumerate(train):
+            if i < state["batch"]:
+                continue  # resumed mid-epoch: these batches were trained before the checkpoint
+            micro = epoch * batches_per_epoch + i
+            torch.manual_seed(hash((cfg.seed, ctx.rank, micro)) & 0x7FFF_FFFF)
+            x = model_inputs(batch, cfg.data.inputs, ctx.device)
+            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == batches_per_epoch
+            sync = ddp.no_sync() if ctx.world_size > 1 and not last_micro else _null()
+            with sync, autocast(cfg, ctx):
+                out = ddp(**x)
+                (out["loss"] / cfg.grad_accum).backward()
+            loss_sum += out["loss"].detach().double().cpu()
+            loss_n += 1
+            samples += len(x["labels"])
+            if not last_micro:
+                continue
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["batch"] = i + 1
+            if cfg.log_every_steps and state["global_step"] % cfg.log_every_steps == 0:
+                log(ctx, f"step {state['global_step']} loss {out['loss'].item():.4f}")
+            every = cfg.checkpoint.every_steps
+            if every and state["global_step"] % every == 0 and state["batch"] < batches_per_epoch:
+                ckpt.save(snapshot(), best=False)
+            fault_hook(ctx.rank, state["global_step"])
+
+        train_loss = all_sum(loss_sum, ctx).item() / max(1, ctx.world_size * max(1, loss_n))
+        record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
+                  "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}  # fmt: skip
+        if cfg.data.validation:
+            val = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
+            record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        metric = record.get(cfg.early_stopping.metric)
+        is_best = metric is not None and improved(metric, state["best"], cfg.early_stopping)
+        if is_best:
+            state["best"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
+        elif metric is not None:
+            state["bad_epochs"] += 1
+            state["stopped_early"] = state["bad_epochs"] >= cfg.early_stopping.patience
+        state["history"].append(record)
+        state["epoch"], state["batch"] = epoch + 1, 0
+        ckpt.save(snapshot(), best=is_best or metric is None)
+        log(ctx, f"epoch {epoch + 1}/{cfg.epochs} "
+            + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
+            + (" *" if is_best else "") + (" (early stop)" if state["stopped_early"] else ""))  # fmt: skip
+
+    best_path = os.path.join(cfg.checkpoint.dir, "best.pt") if cfg.checkpoint.dir else None
+    if best_path and os.path.exists(best_path):
+        unwrap(ddp).load_state_dict(Checkpoints.load(best_path)["model"])
+    result: dict[str, Any] = {
+        "history": state["history"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state["stopped_early"],
+        "global_step": state["global_step"],
+        "best_checkpoint": best_path,
+        "resumed_from": resumed_from,
+        "num_parameters": num_parameters,
+        "world_size": ctx.world_size,
+        "train_seconds": time.perf_counter() - started,
+        "train_samples": samples,
+        "model": {"name": cfg.model["name"], "config": model_config(unwrap(ddp))},
+        "confusion": {},
+        "metrics": {},
+    }
+    for split, path in (("validation", cfg.data.validation), ("test", cfg.data.test)):
+        if path:
+            ev = evaluate(ddp, path, cfg, ctx, num_classes)
+            prefix = "val" if split == "validation" else split
+            result["metrics"] |= {
+                f"{prefix}_loss": ev["loss"],
+                f"{prefix}_accuracy": ev["accuracy"],
+            }
+            result["confusion"][split] = ev["confusion"]
+    if cfg.checkpoint.dir and ctx.main:
+        export(unwrap(ddp), cfg.checkpoint.dir)
+        result["export_dir"] = os.path.join(cfg.checkpoint.dir, "export")
+    return result
+
+
+def export(model: nn.Module, directory: str) -> None:
+    """Weights as a plain state dict plus the config that builds the model: no pickled code."""
+    out = os.path.join(directory, "export")
+    os.makedirs(out, exist_ok=True)
+    torch.save(
+        {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        os.path.join(out, "state_dict.pt"),
+    )
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump({"config": model_config(model)}, f, indent=2)
+
+
+def load_exported(directory: str, name: str) -> nn.Module:
+    with open(os.path.join(directory, "model.json")) as f:
+        config = json.load(f)["config"]
+    model = build_model(name, config)
+    model.load_state_dict(torch.load(os.path.join(directory, "state_dict.pt"), weights_only=True))
+    return model.eval()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cfg_dict(cfg: RunConfig) -> str:
+    from dataclasses import asdict
+
+    return json.dumps(asdict(cfg), default=str)
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+
+def train_fn(config: dict[str, Any]) -> dict[str, Any]:
+    """Train as configured; every rank returns rank 0's result, only after all succeeded."""
+    cfg = RunConfig.from_dict(config)
+    ctx = setup(cfg)
+    try:
+        result = fit(cfg, ctx)
+        if ctx.world_size > 1:
+            # a rank that fails after rank 0 finished must still fail the job
+            done = torch.ones(1, device=ctx.device)
+            dist.all_reduce(done, op=dist.ReduceOp.SUM)
+            if int(done.item()) != ctx.world_size:
+                raise RuntimeError(f"only {int(done.item())} of {ctx.world_size} ranks finished")
+            box = [result if ctx.main else None]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m models.train config.json` (or under torchrun): train over Parquet files."""
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        raise SystemExit("usage: python -m models.train CONFIG.json")
+    with open(args[0]) as f:
+        result = train_fn(json.load(f))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(
+            json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2, default=str)
+        )
+
+
+if __name__ == "__main__":
+    main()
