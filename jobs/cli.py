@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-STAGE_COMMANDS = ("ingest", "features", "baseline")
+STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn")
 log = logging.getLogger("sparkloom")
 
 
@@ -60,16 +60,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_outcome(cfg, outcome) -> None:
+    import numpy as np
+
     from pipelines.report import classification_report
     from pipelines.tracking import ui_hint
 
     print()
     for stage, result in outcome.results.items():
         print(f"{stage:>9}: {result.summary()}{' [skipped: up to date]' if result.skipped else ''}")
+    for stage in ("lstm", "textcnn"):
+        deep = outcome.results.get(stage)
+        if deep is not None and "test" in deep.confusion:
+            print()
+            print(
+                classification_report(
+                    np.array(deep.confusion["test"]), deep.labels, f"{stage}, test split"
+                )
+            )
     baseline = outcome.results.get("baseline")
     if baseline is not None and "test" in baseline.metrics:
-        import numpy as np
-
         cm = np.array(baseline.confusion["test"])
         print()
         print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import nn
 
 from models.lstm import LSTMClassifier, LSTMConfig
@@ -30,3 +31,18 @@ def build_model(name: str, config: dict[str, Any]) -> nn.Module:
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The plain config a model was built from (saved next to its weights)."""
     return asdict(model.cfg)
+
+
+class Scorer(nn.Module):
+    """Token ids (B, T), right-padded with 0 -> class probabilities (B, C).
+
+    The one-tensor-in, one-tensor-out shape MLflow's pytorch flavour and
+    predict_batch_udf expect.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids)["logits"].softmax(-1)

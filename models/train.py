@@ -24,8 +24,10 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -116,6 +118,8 @@ class RunConfig:
     cpu_threads: int | None = None
     timeout_s: int = 600  # process-group timeout: a hung rank fails the job after this
     log_every_steps: int = 0
+    status_dir: str | None = None  # per-rank started/done/error files, for the launcher
+    fault: str | None = None  # test hook, as SPARKLOOM_FAULT
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -360,8 +364,8 @@ def autocast(cfg: RunConfig, ctx: Dist):
 # --- the loop --------------------------------------------------------------------------------
 
 
-def fault_hook(rank: int, step: int) -> None:
-    spec = os.environ.get("SPARKLOOM_FAULT")
+def fault_hook(rank: int, step: int, spec: str | None) -> None:
+    spec = spec or os.environ.get("SPARKLOOM_FAULT")
     if not spec:
         return
     f = dict(kv.split("=", 1) for kv in spec.split(","))
@@ -459,7 +463,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             every = cfg.checkpoint.every_steps
             if every and state["global_step"] % every == 0 and state["batch"] < batches_per_epoch:
                 ckpt.save(snapshot(), best=False)
-            fault_hook(ctx.rank, state["global_step"])
+            fault_hook(ctx.rank, state["global_step"], cfg.fault)
 
         train_loss = all_sum(loss_sum, ctx).item() / max(1, ctx.world_size * max(1, loss_n))
         record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
@@ -551,9 +555,32 @@ def cfg_dict(cfg: RunConfig) -> str:
 # --- the entry point -------------------------------------------------------------------------
 
 
+def write_status(status_dir: str | None, state: str, text: str = "") -> None:
+    """rank-N.started / .done / .error files: the launcher reads them to name a failing rank."""
+    if not status_dir:
+        return
+    os.makedirs(status_dir, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0))
+    path = os.path.join(status_dir, f"rank-{rank}.{state}")
+    with open(f"{path}.tmp", "w") as f:
+        f.write(f"pid {os.getpid()} host {socket.gethostname()}\n{text}")
+    os.replace(f"{path}.tmp", path)
+
+
 def train_fn(config: dict[str, Any]) -> dict[str, Any]:
     """Train as configured; every rank returns rank 0's result, only after all succeeded."""
     cfg = RunConfig.from_dict(config)
+    write_status(cfg.status_dir, "started")
+    try:
+        result = _train(cfg)
+    except BaseException:
+        write_status(cfg.status_dir, "error", traceback.format_exc()[-4000:])
+        raise
+    write_status(cfg.status_dir, "done")
+    return result
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
     ctx = setup(cfg)
     try:
         result = fit(cfg, ctx)

@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import ConfigError
 
-STAGES = ("ingest", "features", "baseline")
+STAGES = ("ingest", "features", "baseline", "lstm", "textcnn")
+# which sections decide a stage's output (its own and those upstream of it)
+DEPENDS = {
+    "ingest": ("ingest",),
+    "features": ("ingest", "features"),
+    "baseline": ("ingest", "features", "baseline"),
+    "lstm": ("ingest", "features", "lstm"),
+    "textcnn": ("ingest", "features", "textcnn"),
+}
+Stage = Literal["ingest", "features", "baseline", "lstm", "textcnn"]
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
     "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
@@ -37,7 +46,10 @@ class Section(BaseModel):
 class PipelineConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data_root: str = "data"  # local path or any Hadoop filesystem URI (hdfs://, s3a://, file://)
-    stages: list[Literal["ingest", "features", "baseline"]] = list(STAGES)
+    stages: list[Stage] = ["ingest", "features", "baseline"]
+    cache_dir: str | None = (
+        None  # Spark -> torch Parquet cache; None: <data_root>/<name>/converter_cache
+    )
 
 
 class SparkConfig(Section):
@@ -155,6 +167,15 @@ class Word2VecConfig(Section):
     seed: int = 42
 
 
+class SequenceConfig(Section):
+    """Token ids for the deep text models: 0 is padding, 1 unknown, then the vocabulary."""
+
+    enabled: bool = True
+    vocab_size: int = Field(20_000, ge=3)  # including [PAD] and [UNK]
+    min_df: float = Field(2.0, gt=0)  # documents (>= 1) or fraction (< 1) a word must be in
+    max_length: int = Field(256, ge=1)  # longer documents keep their first max_length tokens
+
+
 class FeaturesConfig(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     stopwords: StopwordsConfig = StopwordsConfig()
@@ -162,6 +183,7 @@ class FeaturesConfig(Section):
     tf: TermFrequencyConfig = TermFrequencyConfig()
     idf: IdfConfig = IdfConfig()
     word2vec: Word2VecConfig = Word2VecConfig()
+    sequence: SequenceConfig = SequenceConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> FeaturesConfig:
@@ -207,6 +229,80 @@ class BaselineConfig(Section):
     seed: int = 42
 
 
+# --- deep models (TorchDistributor) -----------------------------------------------------------
+
+
+class DistributorConfig(Section):
+    num_processes: int = Field(2, ge=1)
+    local_mode: bool = (
+        False  # False: one process per Spark task (barrier mode); True: torchrun on the driver
+    )
+    use_gpu: bool | None = None  # None: when the Spark conf gives tasks GPUs
+    timeout_s: int = Field(600, ge=10)  # a hung rank fails the job after this
+
+
+class OptimizerSection(Section):
+    name: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class ScheduleSection(Section):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class EarlyStoppingSection(Section):
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)  # per process
+    eval_batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)  # 0: off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
+    num_workers: int = Field(0, ge=0)  # DataLoader workers per process
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of each epoch only
+    seed: int = 42
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+
+
+class LSTMModelConfig(Section):
+    embed_dim: int = Field(128, ge=1)
+    hidden_dim: int = Field(128, ge=1)
+    num_layers: int = Field(2, ge=1)
+    bidirectional: bool = True
+    dropout: float = Field(0.3, ge=0, lt=1)
+    pooling: Literal["max", "mean", "last"] = "max"
+
+
+class TextCNNModelConfig(Section):
+    embed_dim: int = Field(128, ge=1)
+    filter_sizes: list[int] = [3, 4, 5]
+    num_filters: int = Field(100, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+
+
+class LSTMStageConfig(Section):
+    model: LSTMModelConfig = LSTMModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    distributor: DistributorConfig = DistributorConfig()
+
+
+class TextCNNStageConfig(Section):
+    model: TextCNNModelConfig = TextCNNModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    distributor: DistributorConfig = DistributorConfig()
+
+
 class Config(Section):
     pipeline: PipelineConfig
     spark: SparkConfig = SparkConfig()
@@ -214,9 +310,16 @@ class Config(Section):
     ingest: IngestConfig | None = None
     features: FeaturesConfig = FeaturesConfig()
     baseline: BaselineConfig = BaselineConfig()
+    lstm: LSTMStageConfig = LSTMStageConfig()
+    textcnn: TextCNNStageConfig = TextCNNStageConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
+        deep = [s for s in self.pipeline.stages if s in ("lstm", "textcnn")]
+        if deep and not self.features.sequence.enabled:
+            raise ValueError(
+                f"stages {deep} train on token ids; set features.sequence.enabled=true"
+            )
         if self.baseline.features_col == "word2vec" and not self.features.word2vec.enabled:
             raise ValueError("baseline.features_col=word2vec needs features.word2vec.enabled=true")
         return self
@@ -235,9 +338,8 @@ class Config(Section):
 
     def stage_hash(self, stage: str) -> str:
         """Hash of everything that decides a stage's output: its section and those upstream."""
-        upto = STAGES[: STAGES.index(stage) + 1]
         data = self.model_dump(mode="json")
-        relevant = {s: data.get(s) for s in upto}
+        relevant = {s: data.get(s) for s in DEPENDS[stage]}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -101,3 +101,29 @@ def confusion_figure(cm: np.ndarray, labels: list[str], title: str):
 def _safe(name: str) -> str:
     """MLflow metric names allow letters, digits, _ - . / and spaces."""
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+
+
+def learning_curves_figure(history: list[dict[str, float]], title: str):
+    """Loss (train, validation) and validation accuracy per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    if all("val_loss" in h for h in history):
+        left.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    left.set_xlabel("epoch")
+    left.set_ylabel("cross-entropy loss")
+    left.legend()
+    if all("val_accuracy" in h for h in history):
+        right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green")
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation accuracy")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

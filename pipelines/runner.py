@@ -16,8 +16,14 @@ from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog
 from pipelines.config import Config, flatten
+from pipelines.deep import DeepResult, run_deep
 from pipelines.ingest import IngestResult, run_ingest
-from pipelines.report import classification_report, confusion_figure
+from pipelines.report import (
+    classification_metrics,
+    classification_report,
+    confusion_figure,
+    learning_curves_figure,
+)
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -28,7 +34,7 @@ class PipelineOutcome:
     run_id: str
     stage_run_ids: dict[str, str] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
-    model_uri: str | None = None
+    model_uri: str | None = None  # the last model a stage logged
 
 
 def run_pipeline(
@@ -89,5 +95,56 @@ def _baseline(
     return result
 
 
-_STAGES = {"ingest": _ingest, "features": _features, "baseline": _baseline}
-_OUTPUT = {"ingest": "ingested", "features": "features", "baseline": "baseline_model"}
+def _deep(stage: str):
+    def run(
+        spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
+    ) -> DeepResult:
+        result = run_deep(spark, cfg, catalog, stage, force)
+        tracking.log_history(result.history)
+        report = []
+        for split, cm in result.confusion.items():
+            cm = np.array(cm)
+            prefix = "val" if split == "validation" else split
+            tracking.log_metrics(classification_metrics(cm, result.labels), prefix=f"{split}_")
+            tracking.log_metrics({f"{prefix}_loss": result.metrics.get(f"{prefix}_loss")})
+            title = f"{stage}, {split} split"
+            tracking.log_figure(
+                confusion_figure(cm, result.labels, title), f"plots/confusion_{split}.png"
+            )
+            report.append(classification_report(cm, result.labels, title))
+        if result.history:
+            tracking.log_figure(
+                learning_curves_figure(result.history, f"{stage} learning curves"),
+                "plots/learning_curves.png",
+            )
+        tracking.log_metrics({
+            "train_seconds": result.train_seconds, "stage_seconds": result.wall_seconds,
+            "num_parameters": result.num_parameters, "world_size": result.world_size,
+            "best_epoch": result.best_epoch or 0, "epochs_run": len(result.history),
+        })  # fmt: skip
+        mlflow.log_text("\n".join(report), "classification_report.md")
+        mlflow.log_dict(result.model_config, "model_config.json")
+        if result.resumed_from:
+            mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
+        if cfg.mlflow.log_models and not result.skipped:
+            model_dir = catalog.fs.qualify(catalog.path(f"{stage}_model")).removeprefix("file:")
+            outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
+        return result
+
+    return run
+
+
+_STAGES = {
+    "ingest": _ingest,
+    "features": _features,
+    "baseline": _baseline,
+    "lstm": _deep("lstm"),
+    "textcnn": _deep("textcnn"),
+}
+_OUTPUT = {
+    "ingest": "ingested",
+    "features": "features",
+    "baseline": "baseline_model",
+    "lstm": "lstm_model",
+    "textcnn": "textcnn_model",
+}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 
+import pandas as pd
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.base import Estimator, Transformer
 from pyspark.ml.feature import (
@@ -21,15 +22,18 @@ from pyspark.ml.feature import (
     StopWordsRemover,
     Word2Vec,
 )
-from pyspark.sql import SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, FeaturesConfig
+from pipelines.config import Config, FeaturesConfig, SequenceConfig
 
 log = logging.getLogger(__name__)
 
 FEATURE_COLUMNS = ["id", "label", "label_index", "split", "tokens", "features"]
+PAD, UNK = 0, 1
+SPECIAL_TOKENS = ["[PAD]", "[UNK]"]
 
 
 def build_feature_pipeline(fc: FeaturesConfig, text_col: str = "text") -> Pipeline:
@@ -106,7 +110,37 @@ def build_feature_pipeline(fc: FeaturesConfig, text_col: str = "text") -> Pipeli
 
 
 def feature_columns(fc: FeaturesConfig) -> list[str]:
-    return FEATURE_COLUMNS + (["word2vec"] if fc.word2vec.enabled else [])
+    extra = (["word2vec"] if fc.word2vec.enabled else []) + (
+        ["token_ids"] if fc.sequence.enabled else []
+    )
+    return FEATURE_COLUMNS + extra
+
+
+def fit_vocabulary(train_tokens: DataFrame, sc: SequenceConfig) -> list[str]:
+    """[PAD], [UNK], then the most frequent training words (the line number is the id)."""
+    cv = CountVectorizer(
+        inputCol="tokens",
+        outputCol="_counts",
+        vocabSize=sc.vocab_size - len(SPECIAL_TOKENS),
+        minDF=sc.min_df,
+    ).fit(train_tokens)
+    return SPECIAL_TOKENS + list(cv.vocabulary)
+
+
+def token_ids(tokens: Column, vocabulary: list[str], max_length: int) -> Column:
+    """array<string> -> array<int> of vocabulary ids, truncated; an empty document is [UNK]."""
+    index = {w: i for i, w in enumerate(vocabulary)}
+
+    @F.pandas_udf(T.ArrayType(T.IntegerType()))
+    def to_ids(docs: pd.Series) -> pd.Series:
+        return docs.map(lambda ts: [index.get(t, UNK) for t in ts[:max_length]] or [UNK])
+
+    return to_ids(tokens)
+
+
+def load_vocabulary(catalog: Catalog) -> list[str]:
+    catalog.require("vocabulary", "features")
+    return catalog.fs.read_text(f"{catalog.path('vocabulary')}/vocab.txt").split("\n")[:-1]
 
 
 @dataclass
@@ -141,12 +175,28 @@ def run_features(
 
     data = catalog.read("ingested", "ingest")
     model = build_feature_pipeline(cfg.features).fit(data.filter(F.col("split") == "train"))
-    out = model.transform(data).select(*feature_columns(cfg.features))
+    out = model.transform(data)
     common = {
         "fingerprint": fp,
         "config_hash": cfg.stage_hash("features"),
         "labels": upstream["labels"],
     }
+    sc = cfg.features.sequence
+    if sc.enabled:
+        vocabulary = fit_vocabulary(out.filter(F.col("split") == "train"), sc)
+        out = out.withColumn("token_ids", token_ids(F.col("tokens"), vocabulary, sc.max_length))
+        text = "".join(w + "\n" for w in vocabulary)
+
+        def save_vocabulary(tmp: str) -> None:
+            catalog.fs.mkdirs(tmp)
+            catalog.fs.write_text(f"{tmp}/vocab.txt", text)
+
+        catalog.write(
+            "vocabulary",
+            save_vocabulary,
+            {**common, "size": len(vocabulary), "max_length": sc.max_length},
+        )
+    out = out.select(*feature_columns(cfg.features))
 
     def manifest(tmp: str) -> dict:
         written = spark.read.parquet(tmp)

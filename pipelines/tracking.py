@@ -110,3 +110,39 @@ def ui_hint(cfg: Config) -> str:
     if os.path.isdir(uri) or uri.startswith("file:"):
         return f"mlflow ui --backend-store-uri {uri}"
     return f"open {uri} in a browser"
+
+
+def log_history(history: list[dict[str, float]]) -> None:
+    """Per-epoch values as metric series (step = epoch), so MLflow draws the curves."""
+    for h in history:
+        mlflow.log_metrics(
+            {f"epoch_{k}": float(v) for k, v in h.items() if k != "epoch"}, step=int(h["epoch"])
+        )
+
+
+def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
+    """Log a trained model two ways: the safe files (state dict, config, vocab, labels)
+    as artifacts, and an `mlflow.pytorch` model for pyfunc scoring. Returns its URI."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from models.registry import Scorer
+    from models.train import load_exported
+
+    mlflow.log_artifacts(model_dir, artifact_path=f"{artifact_path}-files")
+    scorer = Scorer(load_exported(model_dir, name)).eval()
+    example = np.array([[2, 3, 4, 0], [5, 6, 0, 0]], dtype=np.int64)
+    with torch.no_grad():
+        probs = scorer(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        scorer,
+        name=artifact_path,
+        signature=infer_signature(example, probs),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        # torch.export (pt2) cannot trace packed LSTMs; the safe copy is the state dict above
+        serialization_format="pickle",
+    )
+    return info.model_uri

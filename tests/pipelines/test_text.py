@@ -71,3 +71,17 @@ def test_hashing_tf_size_and_word2vec(spark):
     )  # fmt: skip
     assert out[0]["features"].size == 64
     assert len(out[0]["word2vec"]) == 8
+
+
+def test_token_ids_use_the_training_vocabulary(spark):
+    from pipelines.config import SequenceConfig
+    from pipelines.text import fit_vocabulary, token_ids
+
+    df = spark.createDataFrame(
+        [(["cat", "dog", "cat"],), (["dog", "bird"],), ([],), (["cat"] * 10,)],
+        "tokens array<string>",
+    )
+    vocab = fit_vocabulary(df, SequenceConfig(vocab_size=4, min_df=1, max_length=3))
+    assert vocab == ["[PAD]", "[UNK]", "cat", "dog"]  # by document frequency, capped at 4
+    out = [r[0] for r in df.select(token_ids(df["tokens"], vocab, 3)).collect()]
+    assert out == [[2, 3, 2], [3, 1], [1], [2, 2, 2]]

@@ -1,0 +1,277 @@
+"""Deep text models through TorchDistributor: data to Parquet, launch, collect, store.
+
+The driver writes each split once through the converter, builds the plain
+config `models.train.train_fn` takes, launches it with TorchDistributor and
+stores the exported weights (a state dict and the config that builds the model),
+the vocabulary and the label index as the `<stage>_model` dataset.
+
+MLflow: the driver logs the history that `train_fn` returns, after training.
+Ranks never talk to MLflow: `models/` stays free of it, executors need no
+tracking credentials, and nothing races on the store (several processes opening
+a fresh sqlite store at once crash in its migration). The cost is that metrics
+reach MLflow at the end of the stage; progress shows live as rank 0's per-epoch
+lines, which TorchDistributor streams to the driver's output.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.catalog import Catalog, fingerprint
+from pipelines.config import Config, DistributorConfig, TrainingConfig
+from pipelines.converter import make_spark_converter
+from pipelines.errors import DataError, SparkloomError
+from pipelines.text import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+class TrainingError(SparkloomError):
+    """Distributed training failed; the message names the rank and carries its traceback tail."""
+
+    exit_code = 4
+
+
+@dataclass
+class DeepResult:
+    model: str
+    labels: list[str]
+    history: list[dict[str, float]]
+    confusion: dict[str, list[list[int]]]
+    metrics: dict[str, float]
+    best_epoch: int | None
+    stopped_early: bool
+    resumed_from: dict[str, Any] | None
+    num_parameters: int
+    world_size: int
+    train_seconds: float
+    wall_seconds: float
+    model_config: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+    def summary(self) -> str:
+        m = self.metrics
+        resumed = f", resumed from step {self.resumed_from['step']}" if self.resumed_from else ""
+        return (
+            f"{self.model}: test accuracy {m.get('test_accuracy', float('nan')):.4f}, "
+            f"val accuracy {m.get('val_accuracy', float('nan')):.4f}, "
+            f"{len(self.history)} epochs (best {self.best_epoch}){resumed}, "
+            f"{self.num_parameters:,} parameters, {self.world_size} processes, "
+            f"{self.train_seconds:.1f}s training / {self.wall_seconds:.1f}s with launch"
+        )
+
+
+def local_dir(url: str) -> str:
+    """torch.save needs a filesystem path: local or a shared mount on a cluster."""
+    if url.startswith("file:"):
+        return (
+            url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
+        )
+    if "://" in url:
+        raise DataError(
+            f"checkpoints need a mounted filesystem path, not {url}; set pipeline.data_root to a "
+            "path every executor sees (NFS, /dbfs, a FUSE mount of your object store)"
+        )
+    return url
+
+
+def run_config(
+    cfg: Config, stage: str, paths: dict[str, str], vocab_size: int, num_classes: int,
+    checkpoint_dir: str, status_dir: str, cpu_threads: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The plain dict `train_fn` takes (everything picklable, nothing Spark)."""
+    section = getattr(cfg, stage)
+    t: TrainingConfig = section.training
+    model = section.model.model_dump()
+    if stage == "textcnn":
+        model["filter_sizes"] = tuple(model["filter_sizes"])
+    return {
+        "model": {
+            "name": stage,
+            "config": {**model, "vocab_size": vocab_size, "num_classes": num_classes},
+        },
+        "data": {
+            "train": paths["train"],
+            "validation": paths.get("validation"),
+            "test": paths.get("test"),
+            "batch_size": t.batch_size,
+            "eval_batch_size": t.eval_batch_size,
+            "num_workers": t.num_workers,
+        },
+        "optimizer": t.optimizer.model_dump(),
+        "schedule": t.schedule.model_dump(),
+        "early_stopping": {
+            **t.early_stopping.model_dump(),
+            "mode": "max" if t.early_stopping.metric.endswith("accuracy") else "min",
+        },  # fmt: skip
+        "checkpoint": {"dir": checkpoint_dir, "every_steps": t.checkpoint_every_steps},
+        "epochs": t.epochs,
+        "grad_accum": t.grad_accum,
+        "grad_clip": t.grad_clip,
+        "precision": t.precision,
+        "seed": t.seed,
+        "cpu_threads": cpu_threads,
+        "timeout_s": section.distributor.timeout_s,
+        "status_dir": status_dir,
+        # test hook: "rank=R,step=S,mode=exit|raise|hang" (see models/train.py)
+        "fault": os.environ.get("SPARKLOOM_FAULT"),
+    }
+
+
+def launch(
+    spark: SparkSession, train_config: dict[str, Any], dc: DistributorConfig
+) -> dict[str, Any]:
+    """Run `train_fn` with TorchDistributor; a failure becomes one error naming the rank."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from models.train import train_fn
+
+    use_gpu = dc.use_gpu
+    if use_gpu is None:
+        use_gpu = float(spark.conf.get("spark.task.resource.gpu.amount", "0") or 0) > 0
+    status_dir = train_config["status_dir"]
+    shutil.rmtree(status_dir, ignore_errors=True)
+    distributor = TorchDistributor(
+        num_processes=dc.num_processes, local_mode=dc.local_mode, use_gpu=use_gpu
+    )
+    try:
+        return distributor.run(train_fn, train_config)
+    except Exception as e:
+        raise TrainingError(explain_failure(status_dir, dc.num_processes, e)) from e
+
+
+_PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                 "remote process exited", "ProcessGroupGloo", "NCCL communicator was aborted")  # fmt: skip
+
+
+def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
+    """Which rank failed first and why, from the ranks' status files."""
+    state: dict[int, tuple[str, str]] = {}
+    for path in glob.glob(os.path.join(status_dir, "rank-*.*")):
+        name = os.path.basename(path)
+        if name.endswith(".tmp"):
+            continue
+        rank, what = name.removeprefix("rank-").split(".", 1)
+        with open(path) as f:
+            text = f.read()
+        if what == "error" or int(rank) not in state:
+            state[int(rank)] = (what, text)
+    died = [r for r in range(world_size) if state.get(r, ("",))[0] == "started"]
+    raised = {r: t for r, (w, t) in state.items() if w == "error"}
+    own = {r: t for r, t in raised.items() if not any(p in t for p in _PEER_FAILURE)}
+    never = [r for r in range(world_size) if r not in state]
+    if died:
+        culprit = (f"rank {died[0]} died without a Python error (killed, out of memory, or "
+                   f"os._exit)")  # fmt: skip
+    elif own:
+        r, text = sorted(own.items())[0]
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        culprit = f"rank {r} raised {last}"
+    elif raised:
+        r, text = sorted(raised.items())[0]
+        culprit = f"rank {r} lost its peers: {[ln for ln in text.splitlines() if ln.strip()][-1]}"
+    elif never:
+        culprit = f"ranks {never} never started (no free task slots or the Python workers failed)"
+    else:
+        culprit = f"TorchDistributor failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    others = sorted(set(raised) - set(own)) if (died or own) else []
+    tail = f"; ranks {others} then lost their peer" if others else ""
+    return f"training failed: {culprit}{tail} (status files in {status_dir})"
+
+
+def run_deep(
+    spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
+) -> DeepResult:
+    upstream = catalog.require("features", "features")
+    fp = fingerprint(cfg.stage_hash(stage), upstream["fingerprint"])
+    out_name = f"{stage}_model"
+    if not force and catalog.is_current(out_name, fp):
+        log.info("%s: model is current (same inputs and config); skipped", stage)
+        return DeepResult(**{**catalog.manifest(out_name)["result"], "skipped": True})
+
+    started = time.perf_counter()
+    labels: list[str] = upstream["labels"]
+    vocabulary = load_vocabulary(catalog)
+    data = catalog.read("features", "features")
+    if "token_ids" not in data.columns:
+        raise DataError("the features dataset has no token_ids; set features.sequence.enabled=true")
+    data = data.select(
+        "id",
+        F.col("token_ids").alias("input_ids"),
+        F.col("label_index").cast("int").alias("label"),
+        "split",
+    )
+    cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
+    paths = {}
+    for split in SPLITS:
+        part = data.filter(F.col("split") == split).drop("split")
+        converter = make_spark_converter(part, cache)
+        if len(converter):
+            paths[split] = converter.local_path
+    if "train" not in paths:
+        raise DataError("the train split is empty; check ingest.split")
+
+    work = local_dir(catalog.path(f"{stage}_work"))
+    checkpoint_dir = os.path.join(work, fp, "checkpoints")
+    if force:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    dc = getattr(cfg, stage).distributor
+    train_config = run_config(
+        cfg, stage, paths, len(vocabulary), len(labels), checkpoint_dir,
+        os.path.join(work, fp, "status"), cpu_threads(spark, dc),
+    )  # fmt: skip
+    log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
+             stage, dc.num_processes, dc.local_mode, checkpoint_dir)  # fmt: skip
+    out = launch(spark, train_config, dc)
+    result = DeepResult(
+        model=stage,
+        labels=labels,
+        history=out["history"],
+        confusion=out["confusion"],
+        metrics=out["metrics"],
+        best_epoch=out["best_epoch"],
+        stopped_early=out["stopped_early"],
+        resumed_from=out["resumed_from"],
+        num_parameters=out["num_parameters"],
+        world_size=out["world_size"],
+        train_seconds=out["train_seconds"],
+        wall_seconds=time.perf_counter() - started,
+        model_config=out["model"]["config"],
+    )
+    export_dir = out["export_dir"]
+
+    def save(tmp: str) -> None:
+        catalog.fs.mkdirs(tmp)
+        local_tmp = local_dir(tmp)
+        for name in ("state_dict.pt", "model.json"):
+            shutil.copy(os.path.join(export_dir, name), os.path.join(local_tmp, name))
+        with open(os.path.join(local_tmp, "vocab.txt"), "w") as f:
+            f.write("".join(w + "\n" for w in vocabulary))
+        with open(os.path.join(local_tmp, "labels.json"), "w") as f:
+            json.dump(labels, f)
+
+    catalog.write(out_name, save, {"fingerprint": fp, "config_hash": cfg.stage_hash(stage),
+                                   "result": asdict(result), "train_config": train_config})  # fmt: skip
+    return result
+
+
+def cpu_threads(spark: SparkSession, dc: DistributorConfig) -> int | None:
+    """Threads per process, so N processes on one machine do not fight over its cores."""
+    if dc.local_mode:
+        return max(1, (os.cpu_count() or 1) // dc.num_processes)
+    master = spark.sparkContext.master
+    if master.startswith("local"):
+        return max(1, int(spark.conf.get("spark.task.cpus", "1")))
+    return int(spark.conf.get("spark.task.cpus", "1"))
