@@ -382,10 +382,16 @@ def fault_hook(rank: int, step: int, spec: str | None) -> None:
     raise RuntimeError(f"injected fault on rank {rank} at step {step}")
 
 
-def improved(value: float, best: float | None, es: EarlyStoppingConfig) -> bool:
+def improved(record: dict[str, float], state: dict[str, Any], es: EarlyStoppingConfig) -> bool:
+    """Better on the monitored metric; on a tie (accuracy often plateaus at 1.0), lower val loss."""
+    value, best = record.get(es.metric), state["best"]
+    if value is None:
+        return False
     if best is None:
         return True
-    return value > best + es.min_delta if es.mode == "max" else value < best - es.min_delta
+    better = value > best + es.min_delta if es.mode == "max" else value < best - es.min_delta
+    tie = value == best and record.get("val_loss", math.inf) < (state.get("best_loss") or math.inf)
+    return better or tie
 
 
 def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
@@ -407,7 +413,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     ckpt = Checkpoints(cfg.checkpoint, ctx)
 
     state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
-             "best_epoch": None, "bad_epochs": 0, "stopped_early": False}  # fmt: skip
+             "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False}  # fmt: skip
     resumed_from = None
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest:
@@ -472,9 +478,10 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             val = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         metric = record.get(cfg.early_stopping.metric)
-        is_best = metric is not None and improved(metric, state["best"], cfg.early_stopping)
+        is_best = improved(record, state, cfg.early_stopping)
         if is_best:
             state["best"], state["best_epoch"], state["bad_epochs"] = metric, epoch + 1, 0
+            state["best_loss"] = record.get("val_loss")
         elif metric is not None:
             state["bad_epochs"] += 1
             state["stopped_early"] = state["bad_epochs"] >= cfg.early_stopping.patience

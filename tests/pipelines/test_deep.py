@@ -1,0 +1,135 @@
+"""Deep stage through a real TorchDistributor (gloo, 2 processes) on the shared local[2] session."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.deep import TrainingError
+from pipelines.runner import run_pipeline
+from tests.conftest import make_config
+
+LSTM = {
+    "model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
+    "training": {
+        "epochs": 4,
+        "batch_size": 8,
+        "optimizer": {"lr": 0.02},
+        "checkpoint_every_steps": 2,
+    },
+}
+
+
+def deep_config(tmp_path, text_dirs, **lstm):
+    return make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "features", "lstm"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        features={"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1}},
+        lstm={**LSTM, **lstm},
+    )
+
+
+def test_converter_loader_gives_each_rank_its_share_under_torchdistributor(spark, tmp_path):
+    """Every row once per epoch across 2 ranks x 2 workers, 101 rows (not divisible)."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from pipelines.converter import make_spark_converter
+
+    df = spark.range(101).selectExpr("id", "id % 3 AS label")
+    converter = make_spark_converter(df, str(tmp_path / "cache"))
+    out_dir = str(tmp_path / "seen")
+
+    def read_shard(path: str, out_dir: str) -> int:
+        import json
+        import os
+
+        from models.data import make_dataloader
+
+        loader = make_dataloader(path, 10, num_workers=2, shuffle=True, seed=3)
+        ids = []
+        for epoch in range(2):
+            loader.dataset.set_epoch(epoch)
+            ids.append([int(i) for b in loader for i in b["id"]])
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"rank-{os.environ['RANK']}.json"), "w") as f:
+            json.dump({"ids": ids, "batches": len(loader.dataset)}, f)
+        return len(ids[0])
+
+    TorchDistributor(num_processes=2, local_mode=False, use_gpu=False).run(
+        read_shard, converter.local_path, out_dir
+    )
+    ranks = [json.loads((tmp_path / "seen" / f"rank-{r}.json").read_text()) for r in range(2)]
+    for epoch in range(2):
+        seen = sorted(i for r in ranks for i in r["ids"][epoch])
+        assert seen == list(range(101))
+    assert ranks[0]["ids"][0] != ranks[0]["ids"][1]  # reshuffled between epochs
+    assert ranks[0]["batches"] == ranks[1]["batches"] == 6
+    # the same DataFrame reuses the cache; delete() removes it
+    again = make_spark_converter(df, str(tmp_path / "cache"))
+    assert again.cache_dir_url == converter.cache_dir_url and len(again) == 101
+    other = make_spark_converter(df.filter("id < 50"), str(tmp_path / "cache"))
+    assert other.cache_dir_url != converter.cache_dir_url
+    converter.delete()
+    assert not os.path.exists(converter.local_path)
+
+
+@pytest.mark.slow
+def test_lstm_trains_through_torchdistributor_and_logs_to_mlflow(spark, tmp_path, text_dirs):
+    cfg = deep_config(tmp_path, text_dirs)
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    result = outcome.results["lstm"]
+    assert result.world_size == 2
+    assert result.metrics["test_accuracy"] >= 0.8
+    assert len(result.history) == 4
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    child = client.get_run(outcome.stage_run_ids["lstm"])
+    assert child.info.status == "FINISHED"
+    assert child.data.tags["mlflow.parentRunId"] == outcome.run_id
+    assert child.data.metrics["test_accuracy"] >= 0.8
+    losses = client.get_metric_history(child.info.run_id, "epoch_train_loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    arts = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+    assert {"plots/learning_curves.png", "plots/confusion_test.png"} <= arts
+    files = {a.path for a in client.list_artifacts(child.info.run_id, "model-files")}
+    assert {"model-files/state_dict.pt", "model-files/model.json", "model-files/vocab.txt"} <= files
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    vocab = (tmp_path / "data" / "t" / "vocabulary" / "vocab.txt").read_text().split("\n")
+    ids = np.array([[vocab.index(w) for w in ["chef", "garlic", "pasta", "oven"]]], dtype=np.int64)
+    probs = mlflow.pyfunc.load_model(outcome.model_uri).predict(ids)
+    labels = json.loads((tmp_path / "data" / "t" / "lstm_model" / "labels.json").read_text())
+    assert labels[int(np.argmax(probs[0]))] == "food"
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_clearly_and_the_rerun_resumes(spark, tmp_path, text_dirs, monkeypatch):
+    clean_cfg = deep_config(tmp_path / "clean", text_dirs)
+    clean = run_pipeline(spark, clean_cfg, list(clean_cfg.pipeline.stages)).results["lstm"]
+
+    cfg = deep_config(tmp_path / "faulty", text_dirs)
+    monkeypatch.setenv("SPARKLOOM_FAULT", "rank=1,step=3,mode=exit")  # after the step-2 checkpoint
+    with pytest.raises(TrainingError) as err:
+        run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    message = str(err.value)
+    assert "rank 1 died without a Python error" in message
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status["lstm"] == "FAILED" and status["t:run"] == "FAILED"
+    assert status["ingest"] == status["features"] == "FINISHED"
+
+    monkeypatch.delenv("SPARKLOOM_FAULT")
+    again = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    resumed = again.results["lstm"]
+    assert again.results["ingest"].skipped and again.results["features"].skipped
+    assert resumed.resumed_from is not None and resumed.resumed_from["step"] == 2
+    assert resumed.metrics["test_accuracy"] == pytest.approx(
+        clean.metrics["test_accuracy"], abs=1e-6
+    )
+    assert resumed.metrics["val_loss"] == pytest.approx(clean.metrics["val_loss"], abs=1e-4)
