@@ -133,3 +133,41 @@ def test_killed_rank_fails_clearly_and_the_rerun_resumes(spark, tmp_path, text_d
         clean.metrics["test_accuracy"], abs=1e-6
     )
     assert resumed.metrics["val_loss"] == pytest.approx(clean.metrics["val_loss"], abs=1e-4)
+
+
+def test_converter_round_trips_spark_column_types_exactly(spark, tmp_path):
+    from pyspark.ml.linalg import DenseVector, SparseVector, VectorUDT
+    from pyspark.sql import types as T
+
+    from pipelines.converter import make_spark_converter
+
+    schema = T.StructType([
+        T.StructField("id", T.LongType()),
+        T.StructField("x", T.DoubleType()),
+        T.StructField("ids", T.ArrayType(T.IntegerType())),
+        T.StructField("img", T.ArrayType(T.ArrayType(T.DoubleType()))),
+        T.StructField("vec", VectorUDT()),
+        T.StructField("sparse", VectorUDT()),
+    ])  # fmt: skip
+    rows = [
+        (0, 0.5, [1, 2, 3], [[0.0, 1.0], [2.0, 3.0]], DenseVector([1.0, 2.0, 3.0]), SparseVector(5, [1], [4.0])),
+        (1, -1.25, [4], [[4.0, 5.0], [6.0, 7.0]], SparseVector(3, [2], [9.0]), SparseVector(5, [0, 4], [1.0, 2.0])),
+    ]  # fmt: skip
+    df = spark.createDataFrame(rows, schema)
+    converter = make_spark_converter(
+        df, str(tmp_path / "cache"), vector_format={"sparse": "sparse"}
+    )
+    with converter.make_torch_dataloader(batch_size=2, shuffle=False, num_epochs=1) as loader:
+        batches = list(loader)
+    assert len(batches) == 1 and len(loader) == 1
+    b = batches[0]
+    assert b["id"].tolist() == [0, 1]
+    assert b["x"].dtype.is_floating_point and b["x"].tolist() == [0.5, -1.25]
+    assert b["ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and b["ids_mask"].tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
+    assert b["img"].shape == (2, 2, 2) and b["img"][1].tolist() == [[4.0, 5.0], [6.0, 7.0]]
+    assert b["vec"].tolist() == [[1.0, 2.0, 3.0], [0.0, 0.0, 9.0]]  # dense and sparse rows mixed
+    assert b["sparse"].layout.__str__() == "torch.sparse_csr"
+    assert b["sparse"].to_dense().tolist() == [[0, 4, 0, 0, 0], [1, 0, 0, 0, 2]]
