@@ -88,10 +88,30 @@ def _print_outcome(cfg, outcome) -> None:
         )
         t = baseline.metrics["test"]
         print(f"TEST accuracy={t['accuracy']:.4f} weighted_f1={t['f1']:.4f}")
+    _print_comparison(outcome)
     print(f"MLflow parent run {outcome.run_id} in experiment '{cfg.experiment}'")
     if outcome.model_uri:
         print(f"model: {outcome.model_uri}")
     print(f"browse: {ui_hint(cfg)}")
+
+
+def _print_comparison(outcome) -> None:
+    """One line per model trained in this run, on the same test split."""
+    import numpy as np
+
+    from pipelines.report import classification_metrics
+
+    rows = []
+    for stage, result in outcome.results.items():
+        cm = getattr(result, "confusion", {}).get("test")
+        if cm is not None and stage != "ingest":
+            m = classification_metrics(np.array(cm), result.labels)
+            rows.append(
+                f"| {stage} | {m['accuracy']:.4f} | {m['f1']:.4f} | {int(m['num_examples'])} |"
+            )
+    if len(rows) > 1:
+        print("\n| model | test accuracy | test weighted F1 | n |\n| --- | ---: | ---: | ---: |")
+        print("\n".join(rows) + "\n")
 
 
 def _setup_logging(verbose: bool) -> None:
