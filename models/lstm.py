@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models.heads import ClassificationHead, padding_mask
 
 POOLINGS = ("max", "mean", "last")
 
@@ -106,12 +107,10 @@ class LSTMClassifier(nn.Module):
         self.cfg = cfg
         self.encoder = LSTMEncoder(cfg)
         self.pooling = MaskedPooling(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
         num_directions = 2 if cfg.bidirectional else 1
-        self.classifier = nn.Linear(num_directions * cfg.hidden_dim, cfg.num_classes)
-        # A small head starts predictions near uniform, so the initial loss is ~ln(num_classes).
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        self.head = ClassificationHead(
+            num_directions * cfg.hidden_dim, cfg.num_classes, cfg.dropout
+        )
 
     def forward(
         self,
@@ -119,19 +118,12 @@ class LSTMClassifier(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        if attention_mask is None:
-            mask = input_ids != self.cfg.padding_idx  # (B, T)
-        else:
-            mask = attention_mask.bool()  # (B, T)
+        mask = padding_mask(input_ids, attention_mask, self.cfg.padding_idx)  # (B, T)
         # A row with no real tokens runs as length 1 rather than crashing the packer.
         lengths = mask.sum(dim=1).clamp(min=1)  # (B,)
         out, h_n = self.encoder(input_ids, mask, lengths)
         pooled = self.pooling(out, h_n, lengths)  # (B, D*H)
-        logits = self.classifier(self.dropout(pooled))  # (B, C)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits, labels, ignore_index=-100)
-        return {"logits": logits, "loss": loss}
+        return self.head(pooled, labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

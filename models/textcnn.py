@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.heads import ClassificationHead, padding_mask
+
 
 @dataclass
 class TextCNNConfig:
@@ -72,11 +74,9 @@ class TextCNN(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.padding_idx)
         self.features = ConvMaxPool(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.num_filters * len(cfg.filter_sizes), cfg.num_classes)
-        # A small head starts predictions near uniform, so the initial loss is ~ln(num_classes).
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
+        self.head = ClassificationHead(
+            cfg.num_filters * len(cfg.filter_sizes), cfg.num_classes, cfg.dropout
+        )
 
     def forward(
         self,
@@ -84,10 +84,7 @@ class TextCNN(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        if attention_mask is None:
-            mask = input_ids != self.cfg.padding_idx  # (B, T)
-        else:
-            mask = attention_mask.bool()  # (B, T)
+        mask = padding_mask(input_ids, attention_mask, self.cfg.padding_idx)  # (B, T)
         # Zeroed pads make windows that run past the true end see exactly the k-1 zero
         # vectors F.pad appends, whatever ids the pads carry.
         x = self.embedding(input_ids) * mask.unsqueeze(-1)  # (B, T, E)
@@ -95,11 +92,7 @@ class TextCNN(nn.Module):
         mask = mask.clone()
         mask[:, 0] |= ~mask.any(dim=1)
         features = self.features(x, mask)  # (B, F * len(filter_sizes))
-        logits = self.classifier(self.dropout(features))  # (B, C)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits, labels, ignore_index=-100)
-        return {"logits": logits, "loss": loss}
+        return self.head(features, labels)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
