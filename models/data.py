@@ -227,7 +227,6 @@ def _list_column(
                 f"column '{name}' holds ragged nested arrays; only the outer level may vary"
             )
         inner.append(int(lens[0]) if len(lens) else 0)
-    unit = int(np.prod(inner)) if inner else 1
     flat = _numeric(values, name).reshape(-1, *inner) if inner else _numeric(values, name)
     lengths = np.diff(offsets)
     n = len(lengths)
@@ -242,7 +241,6 @@ def _list_column(
     out[rows, cols] = flat
     mask = np.zeros((n, width), dtype=np.int64)
     mask[rows, cols] = 1
-    del unit
     return {name: torch.from_numpy(out), f"{name}_mask": torch.from_numpy(mask)}
 
 

@@ -89,9 +89,9 @@ def run_baseline(
     """Fit, tune and evaluate; returns the result and the scoring model (None when skipped)."""
     upstream = catalog.require("features", "features")
     fp = fingerprint(cfg.stage_hash("baseline"), upstream["fingerprint"])
-    if not force and catalog.is_current("baseline_model", fp):
+    m = None if force else catalog.current("baseline_model", fp)
+    if m is not None:
         log.info("baseline: model is current (same inputs and config); skipped")
-        m = catalog.manifest("baseline_model")
         return BaselineResult(**{**m["result"], "skipped": True}), PipelineModel.load(
             catalog.path("baseline_model")
         )
@@ -125,10 +125,9 @@ def run_baseline(
         grid=grid_scores,
     )
     for split in ("validation", "test"):
-        part = data.filter(F.col("split") == split)
-        if part.isEmpty():
+        metrics, cm = evaluate(lr_model.transform(data.filter(F.col("split") == split)), labels)
+        if not cm.sum():  # an empty split (e.g. validation ratio 0): nothing to report
             continue
-        metrics, cm = evaluate(lr_model.transform(part), labels)
         result.metrics[split] = metrics
         result.confusion[split] = cm.tolist()
 

@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 MANIFEST = "_manifest.json"
 
 
+def local_path(url: str) -> str:
+    """`file:/x` and `file:///x` -> `/x`, for libraries that want a plain path (pyarrow, torch)."""
+    if url.startswith("file://"):
+        return url.removeprefix("file://")
+    return url.removeprefix("file:")
+
+
 def absolute_uri(path: str) -> str:
     """Local relative paths become absolute; URIs (scheme://) pass through."""
     if "://" in path or path.startswith("file:"):
@@ -55,9 +62,6 @@ class HadoopFS:
 
     def exists(self, path: str) -> bool:
         return self._fs(path).exists(self._path(path))
-
-    def is_dir(self, path: str) -> bool:
-        return self._fs(path).getFileStatus(self._path(path)).isDirectory()
 
     def delete(self, path: str) -> None:
         self._fs(path).delete(self._path(path), True)
@@ -95,7 +99,7 @@ class HadoopFS:
         """
         root = self.qualify(path)
         if root.startswith("file:"):
-            return _list_local(root.removeprefix("file:"))
+            return _list_local(local_path(root))
         out = []
         it = self._fs(root).listFiles(self._path(root), True)
         prefix = len(root.rstrip("/")) + 1
@@ -159,9 +163,10 @@ class Catalog:
         self.require(name, stage_hint)
         return self.spark.read.parquet(self.path(name))
 
-    def is_current(self, name: str, fingerprint: str) -> bool:
+    def current(self, name: str, fingerprint: str) -> dict[str, Any] | None:
+        """The dataset's manifest if it was made from these inputs and config, else None."""
         m = self.manifest(name)
-        return m is not None and m.get("fingerprint") == fingerprint
+        return m if m is not None and m.get("fingerprint") == fingerprint else None
 
     def write(
         self,

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from models.data import META_FILE, make_dataloader
-from pipelines.catalog import HadoopFS, fingerprint
+from pipelines.catalog import HadoopFS, fingerprint, local_path
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ class SparkDatasetConverter:
     @property
     def local_path(self) -> str:
         """The path pyarrow reads (file: URIs become plain paths)."""
-        url = self.cache_dir_url
-        return (
-            url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
-        )
+        return local_path(self.cache_dir_url)
 
     @contextmanager
     def make_torch_dataloader(

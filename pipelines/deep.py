@@ -27,7 +27,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog, fingerprint
+from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
 from pipelines.errors import DataError, SparkloomError
@@ -76,9 +76,7 @@ class DeepResult:
 def local_dir(url: str) -> str:
     """torch.save needs a filesystem path: local or a shared mount on a cluster."""
     if url.startswith("file:"):
-        return (
-            url.removeprefix("file://") if url.startswith("file://") else url.removeprefix("file:")
-        )
+        return local_path(url)
     if "://" in url:
         raise DataError(
             f"checkpoints need a mounted filesystem path, not {url}; set pipeline.data_root to a "
@@ -197,9 +195,10 @@ def run_deep(
     upstream = catalog.require("features", "features")
     fp = fingerprint(cfg.stage_hash(stage), upstream["fingerprint"])
     out_name = f"{stage}_model"
-    if not force and catalog.is_current(out_name, fp):
+    m = None if force else catalog.current(out_name, fp)
+    if m is not None:
         log.info("%s: model is current (same inputs and config); skipped", stage)
-        return DeepResult(**{**catalog.manifest(out_name)["result"], "skipped": True})
+        return DeepResult(**{**m["result"], "skipped": True})
 
     started = time.perf_counter()
     labels: list[str] = upstream["labels"]

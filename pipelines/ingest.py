@@ -20,7 +20,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog, HadoopFS, absolute_uri, fingerprint
+from pipelines.catalog import Catalog, HadoopFS, absolute_uri, fingerprint, local_path
 from pipelines.config import Config, IngestConfig, SplitConfig
 from pipelines.errors import DataError
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 CORRUPT = "_corrupt_record"
 CLEAN_COLUMNS = ["id", "text", "label", "label_index", "split"]
 SPLIT_KEY = "_split_key"
-REASONS = ("malformed_record", "null_text", "empty_text", "invalid_utf8", "null_label", "null_id")
 
 
 # --- locating the input -----------------------------------------------------------------------
@@ -52,7 +51,7 @@ def resolve_input_path(path: str) -> str:
 def check_local_input(ing: IngestConfig) -> None:
     """Fail before Spark starts when a local input path is missing (URIs are checked later)."""
     path = resolve_input_path(ing.path)
-    local = path.removeprefix("file://") if path.startswith("file://") else path
+    local = local_path(path)
     if "://" not in local and not os.path.exists(local):
         raise DataError(
             f"input path {local} does not exist; set ingest.path to an existing file or folder"
@@ -62,11 +61,16 @@ def check_local_input(ing: IngestConfig) -> None:
 # --- readers: every format to (id, text, label, source, malformed, bad_utf8) ------------------
 
 
-def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
+def require_input(spark: SparkSession, ing: IngestConfig) -> str:
+    """The resolved input path, checked through Hadoop (so URIs are checked too)."""
     path = resolve_input_path(ing.path)
-    fs = HadoopFS(spark)
-    if not fs.exists(path):
+    if not HadoopFS(spark).exists(path):
         raise DataError(f"input path {path} does not exist; set ingest.path to existing data")
+    return path
+
+
+def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
+    path = require_input(spark, ing)
     reader = {
         "csv": _read_delimited,
         "tsv": _read_delimited,
@@ -277,13 +281,13 @@ def run_ingest(
     spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
 ) -> IngestResult:
     ing = cfg.require_ingest()
-    path = resolve_input_path(ing.path)
-    raw = read_raw(spark, ing)
+    path = require_input(spark, ing)
     fp = fingerprint(cfg.stage_hash("ingest"), HadoopFS(spark).fingerprint(path))
-    if not force and catalog.is_current("ingested", fp):
-        m = catalog.manifest("ingested")
+    m = None if force else catalog.current("ingested", fp)
+    if m is not None:
         log.info("ingest: output is current (same inputs and config); skipped")
         return IngestResult(**{**m["result"], "skipped": True})
+    raw = read_raw(spark, ing)
 
     has_id = ing.columns.id is not None or ing.format == "text_dirs"  # text_dirs: the file path
     annotated = with_reason(raw, has_id=has_id).persist()

@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 
 from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
-from pipelines.catalog import Catalog
+from pipelines.catalog import Catalog, local_path
 from pipelines.config import Config, flatten
 from pipelines.deep import DeepResult, run_deep
 from pipelines.ingest import IngestResult, run_ingest
@@ -127,7 +127,7 @@ def _deep(stage: str):
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
         if cfg.mlflow.log_models and not result.skipped:
-            model_dir = catalog.fs.qualify(catalog.path(f"{stage}_model")).removeprefix("file:")
+            model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
             outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
         return result
 

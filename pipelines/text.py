@@ -169,9 +169,10 @@ def run_features(
 ) -> FeaturesResult:
     upstream = catalog.require("ingested", "ingest")
     fp = fingerprint(cfg.stage_hash("features"), upstream["fingerprint"])
-    if not force and catalog.is_current("features", fp):
+    m = None if force else catalog.current("features", fp)
+    if m is not None:
         log.info("features: output is current (same inputs and config); skipped")
-        return FeaturesResult(**{**catalog.manifest("features")["result"], "skipped": True})
+        return FeaturesResult(**{**m["result"], "skipped": True})
 
     data = catalog.read("ingested", "ingest")
     model = build_feature_pipeline(cfg.features).fit(data.filter(F.col("split") == "train"))
