@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import ConfigError
 
-STAGES = ("ingest", "features", "baseline", "lstm", "textcnn")
+STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet")
+TEXT_MODELS = ("lstm", "textcnn")  # train on the token ids of the features stage
+IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
+IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
 # which sections decide a stage's output (its own and those upstream of it)
 DEPENDS = {
     "ingest": ("ingest",),
@@ -28,8 +31,10 @@ DEPENDS = {
     "baseline": ("ingest", "features", "baseline"),
     "lstm": ("ingest", "features", "lstm"),
     "textcnn": ("ingest", "features", "textcnn"),
+    "cnn": ("ingest", "cnn"),
+    "alexnet": ("ingest", "alexnet"),
 }
-Stage = Literal["ingest", "features", "baseline", "lstm", "textcnn"]
+Stage = Literal["ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet"]
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
     "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
@@ -69,9 +74,11 @@ class MlflowConfig(Section):
 
 
 class ColumnsConfig(Section):
-    id: str | None = None  # None: a deterministic id is made from label and text
+    id: str | None = None  # None: a deterministic id is made from label and content
     text: str = "text"
     label: str = "label"
+    image: str = "image"  # image_parquet: a numeric array of pixels (row-major H, W[, C])
+    shape: str | None = "shape"  # image_parquet: [H, W] or [H, W, C] per row; None: ingest.image
 
 
 class CsvConfig(Section):
@@ -99,15 +106,34 @@ class SplitConfig(Section):
         return self
 
 
+class ImageConfig(Section):
+    """What every image becomes at ingest: size, channels, and how to get there."""
+
+    height: int = Field(28, ge=1)
+    width: int = Field(28, ge=1)
+    channels: Literal[1, 3] = 1  # 1: grayscale, 3: RGB
+    # center_crop: scale the shorter side to fit, crop the middle; pad: scale the longer side
+    # to fit, pad with black; stretch: scale each side on its own (changes the aspect ratio)
+    resize: Literal["center_crop", "pad", "stretch"] = "center_crop"
+    max_value: float = Field(255.0, gt=0)  # image_parquet: the value of a white pixel
+
+
 class IngestConfig(Section):
-    format: Literal["csv", "tsv", "json", "parquet", "text_dirs"]
+    format: Literal[
+        "csv", "tsv", "json", "parquet", "text_dirs", "image_dirs", "idx", "image_parquet"
+    ]
     path: (
         str  # local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a package ships
     )
     columns: ColumnsConfig = ColumnsConfig()
     csv: CsvConfig = CsvConfig()
-    file_glob: str = "*"  # text_dirs: which files count as documents
+    file_glob: str = "*"  # text_dirs/image_dirs: which files count as documents or images
+    image: ImageConfig = ImageConfig()
     split: SplitConfig = SplitConfig()
+
+    @property
+    def modality(self) -> Literal["text", "image"]:
+        return "image" if self.format in IMAGE_FORMATS else "text"
 
 
 # --- features ----------------------------------------------------------------------------------
@@ -291,6 +317,32 @@ class TextCNNModelConfig(Section):
     dropout: float = Field(0.5, ge=0, lt=1)
 
 
+class CNNModelConfig(Section):
+    conv1_channels: int = Field(32, ge=1)
+    conv2_channels: int = Field(64, ge=1)
+    kernel_size: int = Field(5, ge=1)
+    hidden_dim: int = Field(128, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    batch_norm: bool = False
+    init: Literal["he", "default"] = "he"
+
+
+class AlexNetModelConfig(Section):
+    width_mult: float = Field(1.0, gt=0)  # scales the paper's 96-256-384-384-256 convs and 4096 FCs
+    batch_norm: bool = True
+    dropout: float = Field(0.5, ge=0, lt=1)
+    init: Literal["he", "default"] = "he"
+    stem: Literal["auto", "imagenet", "small"] = "auto"  # auto: small below 64x64 inputs
+
+
+class AugmentConfig(Section):
+    """Training batches only, on the training processes, seeded; evaluation is never augmented."""
+
+    crop_padding: int = Field(0, ge=0)  # random crop after zero padding this much; 0: off
+    horizontal_flip: bool = False  # off for digits: a mirrored 2 is not a 2
+    standardize: bool = True  # per channel, with the training split's mean/std from ingest
+
+
 class LSTMStageConfig(Section):
     model: LSTMModelConfig = LSTMModelConfig()
     training: TrainingConfig = TrainingConfig()
@@ -299,6 +351,20 @@ class LSTMStageConfig(Section):
 
 class TextCNNStageConfig(Section):
     model: TextCNNModelConfig = TextCNNModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    distributor: DistributorConfig = DistributorConfig()
+
+
+class CNNStageConfig(Section):
+    model: CNNModelConfig = CNNModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    training: TrainingConfig = TrainingConfig()
+    distributor: DistributorConfig = DistributorConfig()
+
+
+class AlexNetStageConfig(Section):
+    model: AlexNetModelConfig = AlexNetModelConfig()
+    augment: AugmentConfig = AugmentConfig()
     training: TrainingConfig = TrainingConfig()
     distributor: DistributorConfig = DistributorConfig()
 
@@ -312,10 +378,21 @@ class Config(Section):
     baseline: BaselineConfig = BaselineConfig()
     lstm: LSTMStageConfig = LSTMStageConfig()
     textcnn: TextCNNStageConfig = TextCNNStageConfig()
+    cnn: CNNStageConfig = CNNStageConfig()
+    alexnet: AlexNetStageConfig = AlexNetStageConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
-        deep = [s for s in self.pipeline.stages if s in ("lstm", "textcnn")]
+        stages = self.pipeline.stages
+        if self.ingest is not None:
+            kind = self.ingest.modality
+            wrong = [s for s in stages if s in (IMAGE_MODELS if kind == "text" else TEXT_MODELS)]
+            if wrong:
+                raise ValueError(
+                    f"stages {wrong} do not fit ingest.format={self.ingest.format} ({kind} data); "
+                    f"use {list(TEXT_MODELS if kind == 'text' else IMAGE_MODELS)} for {kind}"
+                )
+        deep = [s for s in stages if s in TEXT_MODELS]
         if deep and not self.features.sequence.enabled:
             raise ValueError(
                 f"stages {deep} train on token ids; set features.sequence.enabled=true"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -21,8 +22,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.catalog import Catalog, HadoopFS, absolute_uri, fingerprint, local_path
-from pipelines.config import Config, IngestConfig, SplitConfig
+from pipelines.config import Config, ImageConfig, IngestConfig, SplitConfig
 from pipelines.errors import DataError
+from pipelines.images import IDX_RECORDS, channel_stats, idx_header, idx_records, prepare_images
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,9 @@ def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
         "json": _read_json,
         "parquet": _read_parquet,
         "text_dirs": _read_text_dirs,
+        "image_dirs": _read_image_dirs,
+        "idx": _read_idx,
+        "image_parquet": _read_image_parquet,
     }[ing.format]
     return reader(spark, ing, path)
 
@@ -158,38 +163,192 @@ def _read_parquet(spark: SparkSession, ing: IngestConfig, path: str) -> DataFram
     return _unified(df, ing, F.lit(False), bad)
 
 
-def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
-    """One document per file; the label is the name of the first folder under `path`.
+def binary_files(spark: SparkSession, path: str, glob: str) -> DataFrame:
+    """(path, rel, content) of every file under `path` matching `glob`, zero-byte ones included.
 
     Spark's file sources skip zero-byte files without a word, so those are found in
-    the listing and added back as empty documents: they must show up in quarantine.
+    the listing and added back with empty content: they must show up in quarantine.
     """
     root = HadoopFS(spark).qualify(path).rstrip("/") + "/"
     files = (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", ing.file_glob)
+        .option("pathGlobFilter", glob)
         .load(path)
         .select("path", "content")
     )
     empty = [
         (root + rel, bytearray())
         for rel, size, _ in HadoopFS(spark).list_files(path)
-        if size == 0 and fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], ing.file_glob)
+        if size == 0 and fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], glob)
     ]
     if empty:
         files = files.unionByName(spark.createDataFrame(empty, files.schema))
-    rel = F.substring(F.col("path"), len(root) + 1, 1 << 20)
+    return files.withColumn("rel", F.substring(F.col("path"), len(root) + 1, 1 << 20))
+
+
+def _folder_label(rel: Column) -> Column:
+    """The first folder under the root; files directly in the root have no label."""
     parts = F.split(rel, "/")
+    return F.when(F.size(parts) > 1, parts.getItem(0))
+
+
+def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    """One document per file; the label is the name of the first folder under `path`."""
+    files = binary_files(spark, path, ing.file_glob)
     text = F.col("content").cast("string")
     return files.select(
-        rel.alias("id"),
+        F.col("rel").alias("id"),
         text.alias("text"),
-        F.when(F.size(parts) > 1, parts.getItem(0)).alias("label"),
+        _folder_label(F.col("rel")).alias("label"),
         F.col("path").alias("source"),
         F.lit(False).alias("malformed"),
         (~F.is_valid_utf8(text)).alias("bad_utf8"),
     )
+
+
+# --- image readers: every format to (id, label, source, content, pixels, shape, reason) -------
+
+
+def _raw_image(df: DataFrame, id: Column, label: Column, source: Column, content: Column,
+               pixels: Column, shape: Column, reason: Column) -> DataFrame:  # fmt: skip
+    return df.select(
+        id.cast("string").alias("id"),
+        label.cast("string").alias("label"),
+        source.alias("source"),
+        content.cast("binary").alias("content"),
+        pixels.cast(T.ArrayType(T.DoubleType())).alias("pixels"),
+        shape.cast(T.ArrayType(T.IntegerType())).alias("shape"),
+        reason.cast("string").alias("reason"),
+    )
+
+
+def _read_image_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    """One image file per row; the label is the first folder under `path`; the id its path."""
+    files = binary_files(spark, path, ing.file_glob)
+    none = F.lit(None)
+    return _raw_image(files, F.col("rel"), _folder_label(F.col("rel")), F.col("path"),
+                      F.col("content"), none, none, none)  # fmt: skip
+
+
+def idx_pairs(spark: SparkSession, path: str) -> list[tuple[str, str, int, list[int]]]:
+    """(images file, labels file, records, image dims) for every IDX pair under `path`.
+
+    A labels file sits next to its images file with `images` -> `labels` and
+    `idx3`/`idx4` -> `idx1` in the name (MNIST's naming). Headers are checked here,
+    on the driver, so a bad file fails before any work with an error naming it.
+    """
+    fs = HadoopFS(spark)
+    root = fs.qualify(path).rstrip("/")
+    names = [rel for rel, _, _ in fs.list_files(path)]
+    if not names:
+        raise DataError(f"no files under {path}; set ingest.path to a folder of IDX files")
+    full = [f"{root}/{r}" if r else root for r in names]
+    headers = _idx_headers(spark, full)
+    bad = {p: h["error"] for p, h in headers.items() if "error" in h}
+    if bad:
+        p, why = sorted(bad.items())[0]
+        raise DataError(
+            f"{p}: {why}; ingest.format=idx needs MNIST-style IDX files (gzip or not) "
+            f"under ingest.path ({len(bad)} bad file(s))"
+        )
+    images = {p: h["dims"] for p, h in headers.items() if len(h["dims"]) >= 3}
+    labels = {p: h["dims"] for p, h in headers.items() if len(h["dims"]) == 1}
+    pairs, used = [], set()
+    for img, dims in sorted(images.items()):
+        folder, _, name = img.rpartition("/")
+        want = f"{folder}/" + name.replace("images", "labels", 1).replace("idx3", "idx1").replace(
+            "idx4", "idx1"
+        )
+        if want not in labels:
+            raise DataError(f"IDX images file {img} has no labels file; expected {want} next to it")
+        if labels[want][0] != dims[0]:
+            raise DataError(
+                f"{img} holds {dims[0]} images but {want} holds {labels[want][0]} labels; "
+                "an IDX pair must have one label per image"
+            )
+        used.add(want)
+        pairs.append((img, want, dims[0], dims[1:]))
+    extra = sorted(set(labels) - used) + sorted(set(headers) - set(images) - set(labels))
+    if extra:
+        raise DataError(
+            f"{extra[0]} is not part of an images/labels IDX pair; remove it from ingest.path "
+            "or name it like train-images-idx3-ubyte / train-labels-idx1-ubyte"
+        )
+    return pairs
+
+
+def _idx_headers(spark: SparkSession, files: list[str]) -> dict[str, dict]:
+    header = F.udf(lambda b: json.dumps(idx_header(bytes(b))), T.StringType())
+    # the first 64 KiB hold the header, gzip-compressed or not
+    head = F.substring(F.col("content"), 1, 1 << 16)
+    rows = spark.read.format("binaryFile").load(files).select("path", header(head)).collect()
+    return {r[0]: json.loads(r[1]) for r in rows}
+
+
+def _read_idx(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    """One row per IDX image record, joined with its label by position."""
+    pairs = idx_pairs(spark, path)
+    root = HadoopFS(spark).qualify(path).rstrip("/")
+    files = spark.read.format("binaryFile").load([p for pair in pairs for p in pair[:2]])
+    records = files.select("path", "content").mapInPandas(idx_records, IDX_RECORDS)
+    shape = (
+        F.array(*[F.lit(d) for d in pairs[0][3]])
+        if len({tuple(p[3]) for p in pairs}) == 1
+        else None
+    )
+    if shape is None:
+        shape = F.element_at(
+            F.map_from_entries(
+                F.array(*[F.struct(F.lit(p[0]), F.array(*map(F.lit, p[3]))) for p in pairs])
+            ),
+            F.col("file"),
+        )
+    label_of = F.create_map(*[x for p in pairs for x in (F.lit(p[1]), F.lit(p[0]))])
+    images = records.filter(F.col("label").isNull() & F.col("file").isin([p[0] for p in pairs]))
+    labels = records.filter(F.col("file").isin([p[1] for p in pairs])).select(
+        label_of[F.col("file")].alias("file"), "index", F.col("label").alias("y")
+    )
+    joined = images.join(labels, ["file", "index"], "left")
+    rel = F.substring(F.col("file"), len(root) + 2, 1 << 20)
+    return _raw_image(
+        joined,
+        F.concat_ws("#", F.when(rel == "", F.col("file")).otherwise(rel), F.lpad(F.col("index").cast("string"), 7, "0")),
+        F.col("y"), F.col("file"), F.col("content"), F.lit(None),
+        F.when(F.col("content").isNotNull(), shape), F.col("reason"),
+    )  # fmt: skip
+
+
+def _read_image_parquet(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
+    """A numeric array column (row-major [H, W] or [H, W, C]) plus a shape column, or binary
+    image bytes: raw uint8 pixels when there is a shape, an encoded file when there is not."""
+    c = ing.columns
+    df = spark.read.parquet(path)
+    for key, name in (("label", c.label), ("image", c.image), ("id", c.id), ("shape", c.shape)):
+        if name is not None and name not in df.columns:
+            hint = (
+                " or set ingest.columns.shape=null to use ingest.image's size"
+                if key == "shape"
+                else ""
+            )
+            raise DataError(
+                f"column '{name}' (ingest.columns.{key}) is not in the Parquet columns "
+                f"{df.columns}; set ingest.columns.{key} to one of them{hint}"
+            )
+    kind = df.schema[c.image].dataType
+    shape = F.col(c.shape) if c.shape else F.lit(None)
+    none = F.lit(None)
+    if isinstance(kind, T.ArrayType) and isinstance(kind.elementType, T.NumericType):
+        content, pixels = none, F.col(c.image)
+    elif isinstance(kind, T.BinaryType):
+        content, pixels = F.col(c.image), none
+    else:
+        raise DataError(
+            f"Parquet column '{c.image}' holds {kind.simpleString()}; ingest.format=image_parquet "
+            "needs an array of numbers or binary image bytes there"
+        )
+    return _raw_image(df, F.col(c.id) if c.id else none, F.col(c.label),
+                      F.col("_metadata.file_path"), content, pixels, shape, none)  # fmt: skip
 
 
 # --- validation, ids, split: pure DataFrame -> DataFrame --------------------------------------
@@ -209,12 +368,29 @@ def with_reason(raw: DataFrame, has_id: bool) -> DataFrame:
     return raw.withColumn("reason", reason)
 
 
-def with_ids(df: DataFrame) -> DataFrame:
-    """Deterministic ids for data without one: hash of label and text, `-k` on repeats.
+def with_image_reason(raw: DataFrame, ic: ImageConfig, has_id: bool) -> DataFrame:
+    """Decodes and resizes `raw` images (pipelines.images); adds `reason` like `with_reason`."""
+    df = prepare_images(raw, ic)
+    found = F.coalesce(F.col("reason"), F.col("image_reason"))
+    reason = F.when(found.isNotNull(), found).when(
+        F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label"
+    )
+    if has_id:
+        reason = reason.when(F.col("id").isNull() | (F.length(F.col("id")) == 0), "null_id")
+    return df.withColumn("reason", reason).drop("image_reason")
+
+
+def with_ids(df: DataFrame, content: str = "text") -> DataFrame:
+    """Deterministic ids for data without one: hash of label and content, `-k` on repeats.
 
     Independent of file order and partitioning, so a re-run gives the same ids.
     """
-    base = F.substring(F.sha2(F.concat_ws("\u001f", "label", "text"), 256), 1, 20)
+    body = F.col(content)
+    if isinstance(df.schema[content].dataType, T.BinaryType):
+        base = F.sha2(F.concat(F.encode(F.col("label"), "UTF-8"), F.lit(b"\x1f"), body), 256)
+    else:
+        base = F.sha2(F.concat_ws("\u001f", F.col("label"), body), 256)
+    base = F.substring(base, 1, 20)
     df = df.withColumn(SPLIT_KEY, base)
     nth = F.row_number().over(Window.partitionBy(SPLIT_KEY).orderBy("source"))
     return df.withColumn(
@@ -277,6 +453,16 @@ class IngestResult:
         return m
 
 
+def annotate(spark: SparkSession, ing: IngestConfig) -> tuple[DataFrame, bool]:
+    """Every input row with `reason` (null when usable); and whether rows come with ids."""
+    raw = read_raw(spark, ing)
+    # text_dirs, image_dirs: the file path; idx: file and position
+    has_id = ing.columns.id is not None or ing.format in ("text_dirs", "image_dirs", "idx")
+    if ing.modality == "image":
+        return with_image_reason(raw, ing.image, has_id), has_id
+    return with_reason(raw, has_id=has_id), has_id
+
+
 def run_ingest(
     spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
 ) -> IngestResult:
@@ -287,16 +473,16 @@ def run_ingest(
     if m is not None:
         log.info("ingest: output is current (same inputs and config); skipped")
         return IngestResult(**{**m["result"], "skipped": True})
-    raw = read_raw(spark, ing)
 
-    has_id = ing.columns.id is not None or ing.format == "text_dirs"  # text_dirs: the file path
-    annotated = with_reason(raw, has_id=has_id).persist()
+    payload = "image" if ing.modality == "image" else "text"
+    annotated, has_id = annotate(spark, ing)
+    annotated = annotated.persist()
     common = {"fingerprint": fp, "config_hash": cfg.stage_hash("ingest"), "input": path}
     try:
         rows_in = annotated.count()
         good = annotated.filter(F.col("reason").isNull())
         if not has_id:
-            good = with_ids(good)
+            good = with_ids(good, payload)
         good = with_split(good, ing.split)
         if good.isEmpty():
             raise DataError(
@@ -305,9 +491,10 @@ def run_ingest(
             )
         indexer = fit_label_index(good)
         labels = list(indexer.labels)
-        clean = indexer.transform(good).select(*CLEAN_COLUMNS)
+        clean = indexer.transform(good).select("id", payload, "label", "label_index", "split")
+        kept = ["text"] if payload == "text" else []  # undecodable images: the source says where
         quarantine = annotated.filter(F.col("reason").isNotNull()).select(
-            "id", "text", "label", "source", "reason"
+            "id", *kept, "label", "source", "reason"
         )
         reasons: dict[str, int] = {}
 
@@ -327,7 +514,10 @@ def run_ingest(
                     f"row accounting failed: {result.rows_in} in != {result.rows_out} out + "
                     f"{result.rows_quarantined} quarantined; nothing was committed. Please report this"
                 )
-            return {**common, "labels": labels, "result": asdict(result)}
+            extra = {}
+            if payload == "image":
+                extra["image"] = image_manifest(d, ing.image)
+            return {**common, "labels": labels, "result": asdict(result), **extra}
 
         catalog.write_parquet("quarantine", quarantine, quarantine_manifest)
         catalog.write("label_index", indexer.save, {**common, "labels": labels})
@@ -336,6 +526,14 @@ def run_ingest(
     finally:
         annotated.unpersist()
     return IngestResult(**m["result"])
+
+
+def image_manifest(data: DataFrame, ic: ImageConfig) -> dict:
+    """Shape and the training split's per-channel mean/std (of x/255), stored with the data
+    so training, evaluation and scoring standardize the same way."""
+    train = data.filter(F.col("split") == "train")
+    stats = channel_stats(train, ic.channels, ic.height, ic.width)
+    return {"shape": [ic.channels, ic.height, ic.width], **stats}
 
 
 def _reason_counts(df: DataFrame) -> dict[str, int]:
