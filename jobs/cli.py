@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn")
+STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet")
 log = logging.getLogger("sparkloom")
 
 
@@ -68,7 +68,7 @@ def _print_outcome(cfg, outcome) -> None:
     print()
     for stage, result in outcome.results.items():
         print(f"{stage:>9}: {result.summary()}{' [skipped: up to date]' if result.skipped else ''}")
-    for stage in ("lstm", "textcnn"):
+    for stage in ("lstm", "textcnn", "cnn", "alexnet"):
         deep = outcome.results.get(stage)
         if deep is not None and "test" in deep.confusion:
             print()

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,10 +281,26 @@ def _vector_column(arr: pa.StructArray, name: str, fmt: str) -> torch.Tensor:
     return csr if fmt == "sparse" else csr.to_dense()
 
 
+def _binary_column(arr: pa.Array, name: str, shape: list[int]) -> torch.Tensor:
+    """Fixed-size raw uint8 records (e.g. images as (C, H, W) bytes) -> (B, *shape) uint8."""
+    if arr.null_count:
+        raise ValueError(f"column '{name}' has null rows; fill or filter them before training")
+    arr = arr.cast(pa.large_binary()) if not pa.types.is_large_binary(arr.type) else arr
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+        arr.offset : arr.offset + len(arr) + 1
+    ]
+    size = int(np.prod(shape))
+    if len(arr) and (np.diff(offsets) != size).any():
+        raise ValueError(f"column '{name}' has records that are not {size} bytes ({shape})")
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return torch.from_numpy(data.copy()).view(len(arr), *shape)
+
+
 def to_tensors(
     table: pa.Table, meta: dict | None = None, pad_value: int | float = 0
 ) -> dict[str, Any]:
-    """One Arrow table -> {column: tensor}; strings and binaries stay Python lists."""
+    """One Arrow table -> {column: tensor}; strings and binaries stay Python lists, except
+    binaries with a shape in `meta` (raw uint8 records such as images), which become tensors."""
     meta = meta or {}
     shapes = meta.get("shapes", {})
     vector_formats = meta.get("vectors", {})
@@ -296,6 +312,8 @@ def to_tensors(
             out[name] = _vector_column(col, name, vector_formats.get(name, "dense"))
         elif _is_list(t):
             out.update(_list_column(col, name, shapes.get(name), pad_value))
+        elif (pa.types.is_binary(t) or pa.types.is_large_binary(t)) and name in shapes:
+            out[name] = _binary_column(col, name, shapes[name])
         elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
             out[name] = col.to_pylist()
         elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
@@ -327,7 +345,11 @@ class ParquetBatches(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         pad_value: int | float = 0,
+        transform: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None,
     ):
+        """`transform(batch, generator)` runs on every batch (augmentation, standardization);
+        its generator is seeded from (seed, epoch, rank, batch number), so a batch gets the
+        same random draws however many DataLoader workers there are."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path, self.batch_size, self.columns = path, batch_size, columns
@@ -341,6 +363,7 @@ class ParquetBatches(IterableDataset):
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.epoch = 0
+        self.transform = transform
         _, self.groups, self.schema, self.meta = list_row_groups(path)
         if columns:
             missing = [c for c in columns if c not in self.schema.names]
@@ -367,8 +390,16 @@ class ParquetBatches(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         plan = self.plan(worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, num_workers])
-        for table in self._shuffled_batches(plan, rng):
-            yield to_tensors(table, self.meta, self.pad_value)
+        first = plan.num_batches_per_rank * worker // num_workers  # this worker's first batch
+        for i, table in enumerate(self._shuffled_batches(plan, rng)):
+            batch = to_tensors(table, self.meta, self.pad_value)
+            if self.transform is not None:
+                g = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, self.epoch, self.rank, first + i])
+                        .generate_state(1, np.uint64)[0] >> 1)
+                )  # fmt: skip
+                batch = self.transform(batch, g)
+            yield batch
 
     def _shuffled_batches(self, plan: EpochPlan, rng: np.random.Generator) -> Iterator[pa.Table]:
         fs, _ = resolve(self.path)
@@ -409,6 +440,16 @@ class ParquetBatches(IterableDataset):
         if pending_rows:
             drain(pa.concat_tables(pending), final=True)
         yield from batches
+
+
+class ColumnTransform:
+    """Applies `fn(tensor, generator)` to one column of a batch (picklable, for workers)."""
+
+    def __init__(self, column: str, fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
+        self.column, self.fn = column, fn
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        return {**batch, self.column: self.fn(batch[self.column], generator)}
 
 
 def make_dataloader(

@@ -8,12 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
 from models.lstm import LSTMClassifier, LSTMConfig
 from models.textcnn import TextCNN, TextCNNConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "lstm": (LSTMConfig, LSTMClassifier),
     "textcnn": (TextCNNConfig, TextCNN),
+    "cnn": (CNNConfig, SmallCNN),
+    "alexnet": (AlexNetConfig, AlexNet),
 }
 
 
@@ -46,3 +49,21 @@ class Scorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids)["logits"].softmax(-1)
+
+
+class ImageScorer(nn.Module):
+    """Raw pixels (B, C, H, W) in 0-255 (uint8 or float) -> class probabilities (B, C).
+
+    Carries the training split's per-channel mean/std as buffers, so whoever scores
+    standardizes exactly as training did.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255.0 - self.mean) / self.std  # (B, C, H, W)
+        return self.model(images=x)["logits"].softmax(-1)

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.data import make_dataloader
+from models.augment import AugmentConfig, ImageBatchTransform
+from models.data import ColumnTransform, make_dataloader
 from models.registry import build_model, model_config
 
 # --- config -----------------------------------------------------------------------------------
@@ -61,10 +62,31 @@ class DataConfig:
         }
     )
 
+    # images: {"column", "shape": [C, H, W], "mean", "std", "augment": {...}}; the column holds
+    # raw uint8 records that the loader standardizes (and, for training batches, augments)
+    image: dict[str, Any] | None = None
+    id_column: str | None = None  # read along, to name misclassified test examples
+    num_errors: int = 0  # misclassified test examples to return (ids, true and predicted)
+
     def columns(self) -> list[str]:
         """Parquet columns to read: the inputs, less the masks the loader derives."""
-        cols = set(self.inputs.values())
+        cols = set(self.inputs.values()) | ({self.id_column} if self.id_column else set())
         return sorted(c for c in cols if not (c.endswith("_mask") and c[: -len("_mask")] in cols))
+
+    def transform(self, train: bool) -> ColumnTransform | None:
+        if not self.image:
+            return None
+        im = self.image
+        fn = ImageBatchTransform(tuple(im["shape"]), im["mean"], im["std"],
+                                 AugmentConfig(**im.get("augment", {})), train=train)  # fmt: skip
+        return ColumnTransform(im.get("column", "image"), fn)
+
+    def loader(self, path: str, train: bool, seed: int) -> torch.utils.data.DataLoader:
+        return make_dataloader(
+            path, self.batch_size if train else self.eval_batch_size, shuffle=train, seed=seed,
+            num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer,
+            columns=self.columns(), transform=self.transform(train),
+        )  # fmt: skip
 
 
 @dataclass
@@ -323,16 +345,15 @@ def model_inputs(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, path: str, cfg: RunConfig, ctx: Dist, num_classes: int
+    model: nn.Module, path: str, cfg: RunConfig, ctx: Dist, num_classes: int, num_errors: int = 0
 ) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix over the whole split, summed across ranks."""
+    """Loss, accuracy and confusion matrix over the whole split, summed across ranks; with
+    `num_errors`, also up to that many misclassified examples (id, true, predicted, p)."""
     model.eval()
-    loader = make_dataloader(
-        path, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers,
-        columns=cfg.data.columns(),
-    )  # fmt: skip
+    loader = cfg.data.loader(path, train=False, seed=cfg.seed)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=ctx.device)
+    errors: list[dict[str, Any]] = []
     for batch in loader:
         x = model_inputs(batch, cfg.data.inputs, ctx.device)
         with autocast(cfg, ctx):
@@ -341,7 +362,16 @@ def evaluate(
         loss_sum += out["loss"].double() * labels.numel()
         pred = out["logits"].argmax(-1)
         cm += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+        if len(errors) < num_errors and cfg.data.id_column in batch:
+            prob = out["logits"].float().softmax(-1).max(-1).values
+            for i in (pred != labels).nonzero().flatten().tolist()[: num_errors - len(errors)]:
+                errors.append({"id": batch[cfg.data.id_column][i], "label": int(labels[i]),
+                               "pred": int(pred[i]), "prob": float(prob[i])})  # fmt: skip
     loss_sum, cm = all_sum(loss_sum, ctx), all_sum(cm, ctx)
+    if num_errors and ctx.world_size > 1:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, errors)
+        errors = [e for part in gathered for e in part][:num_errors]
     cm = cm.view(num_classes, num_classes).cpu()
     n = int(cm.sum())
     model.train()
@@ -350,6 +380,7 @@ def evaluate(
         "accuracy": float(cm.diag().sum().item() / max(1, n)),
         "confusion": cm.tolist(),
         "examples": n,
+        "errors": errors,
     }
 
 
@@ -401,11 +432,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     num_classes = model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
     ddp = wrap(model, ctx)
-    train = make_dataloader(
-        cfg.data.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed,
-        num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        columns=cfg.data.columns(),
-    )  # fmt: skip
+    train = cfg.data.loader(cfg.data.train, train=True, seed=cfg.seed)
     batches_per_epoch = len(train.dataset)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     opt = build_optimizer(ddp, cfg.optimizer)
@@ -512,7 +539,10 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     }
     for split, path in (("validation", cfg.data.validation), ("test", cfg.data.test)):
         if path:
-            ev = evaluate(ddp, path, cfg, ctx, num_classes)
+            ev = evaluate(ddp, path, cfg, ctx, num_classes,
+                          num_errors=cfg.data.num_errors if split == "test" else 0)  # fmt: skip
+            if split == "test":
+                result["errors"] = ev["errors"]
             prefix = "val" if split == "validation" else split
             result["metrics"] |= {
                 f"{prefix}_loss": ev["loss"],

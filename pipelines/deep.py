@@ -1,4 +1,4 @@
-"""Deep text models through TorchDistributor: data to Parquet, launch, collect, store.
+"""Deep models (text and image) through TorchDistributor: data to Parquet, launch, collect, store.
 
 The driver writes each split once through the converter, builds the plain
 config `models.train.train_fn` takes, launches it with TorchDistributor and
@@ -28,7 +28,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.catalog import Catalog, fingerprint, local_path
-from pipelines.config import Config, DistributorConfig, TrainingConfig
+from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
 from pipelines.errors import DataError, SparkloomError
 from pipelines.text import load_vocabulary
@@ -59,6 +59,7 @@ class DeepResult:
     train_seconds: float
     wall_seconds: float
     model_config: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # misclassified test examples
     skipped: bool = False
 
     def summary(self) -> str:
@@ -86,20 +87,21 @@ def local_dir(url: str) -> str:
 
 
 def run_config(
-    cfg: Config, stage: str, paths: dict[str, str], vocab_size: int, num_classes: int,
-    checkpoint_dir: str, status_dir: str, cpu_threads: int | None,
+    cfg: Config, stage: str, paths: dict[str, str], model_extra: dict[str, Any],
+    data_extra: dict[str, Any], checkpoint_dir: str, status_dir: str, cpu_threads: int | None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The plain dict `train_fn` takes (everything picklable, nothing Spark)."""
+    """The plain dict `train_fn` takes (everything picklable, nothing Spark).
+
+    model_extra: what the data decides about the model (vocabulary size, image shape,
+    number of classes); data_extra: how batches map to model inputs.
+    """
     section = getattr(cfg, stage)
     t: TrainingConfig = section.training
     model = section.model.model_dump()
     if stage == "textcnn":
         model["filter_sizes"] = tuple(model["filter_sizes"])
     return {
-        "model": {
-            "name": stage,
-            "config": {**model, "vocab_size": vocab_size, "num_classes": num_classes},
-        },
+        "model": {"name": stage, "config": {**model, **model_extra}},
         "data": {
             "train": paths["train"],
             "validation": paths.get("validation"),
@@ -107,6 +109,7 @@ def run_config(
             "batch_size": t.batch_size,
             "eval_batch_size": t.eval_batch_size,
             "num_workers": t.num_workers,
+            **data_extra,
         },
         "optimizer": t.optimizer.model_dump(),
         "schedule": t.schedule.model_dump(),
@@ -189,10 +192,68 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
     return f"training failed: {culprit}{tail} (status files in {status_dir})"
 
 
+NUM_ERRORS = 64  # misclassified test examples a run returns (shown as a grid of images)
+
+
+@dataclass
+class DeepInputs:
+    """What one kind of data gives a deep stage: rows, model/data settings, files to keep."""
+
+    data: Any  # DataFrame of id, the model's input columns, label, split
+    shapes: dict[str, list[int]]
+    model_extra: dict[str, Any]
+    data_extra: dict[str, Any]
+    files: dict[str, str]  # name -> text, saved with the model
+
+
+def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
+    vocabulary = load_vocabulary(catalog)
+    data = catalog.read("features", "features")
+    if "token_ids" not in data.columns:
+        raise DataError("the features dataset has no token_ids; set features.sequence.enabled=true")
+    data = data.select(
+        "id", F.col("token_ids").alias("input_ids"), F.col("label_index").cast("int").alias("label"),
+        "split",
+    )  # fmt: skip
+    return DeepInputs(
+        data, {}, {"vocab_size": len(vocabulary), "num_classes": len(labels)}, {},
+        {"vocab.txt": "".join(w + "\n" for w in vocabulary)},
+    )  # fmt: skip
+
+
+def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> DeepInputs:
+    stats = upstream.get("image")
+    if not stats:
+        raise DataError(
+            "the ingested dataset holds no images; set ingest.format to an image format"
+        )
+    c, h, w = stats["shape"]
+    data = catalog.read("ingested", "ingest").select(
+        "id", "image", F.col("label_index").cast("int").alias("label"), "split"
+    )
+    preprocess = {"column": "image", "shape": stats["shape"], "mean": stats["mean"],
+                  "std": stats["std"]}  # fmt: skip
+    return DeepInputs(
+        data,
+        {"image": stats["shape"]},
+        {"in_channels": c, "height": h, "width": w, "num_classes": len(upstream["labels"])},
+        {
+            "inputs": {"images": "image", "labels": "label"},
+            "image": {**preprocess, "augment": getattr(cfg, stage).augment.model_dump()},
+            "id_column": "id",
+            "num_errors": NUM_ERRORS,
+        },
+        {"preprocess.json": json.dumps(preprocess, indent=2)},
+    )
+
+
 def run_deep(
     spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
 ) -> DeepResult:
-    upstream = catalog.require("features", "features")
+    image = stage in IMAGE_MODELS
+    upstream = (
+        catalog.require("ingested", "ingest") if image else catalog.require("features", "features")
+    )
     fp = fingerprint(cfg.stage_hash(stage), upstream["fingerprint"])
     out_name = f"{stage}_model"
     m = None if force else catalog.current(out_name, fp)
@@ -202,21 +263,12 @@ def run_deep(
 
     started = time.perf_counter()
     labels: list[str] = upstream["labels"]
-    vocabulary = load_vocabulary(catalog)
-    data = catalog.read("features", "features")
-    if "token_ids" not in data.columns:
-        raise DataError("the features dataset has no token_ids; set features.sequence.enabled=true")
-    data = data.select(
-        "id",
-        F.col("token_ids").alias("input_ids"),
-        F.col("label_index").cast("int").alias("label"),
-        "split",
-    )
+    inputs = image_inputs(cfg, stage, catalog, upstream) if image else text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
     paths = {}
     for split in SPLITS:
-        part = data.filter(F.col("split") == split).drop("split")
-        converter = make_spark_converter(part, cache)
+        part = inputs.data.filter(F.col("split") == split).drop("split")
+        converter = make_spark_converter(part, cache, shapes=inputs.shapes)
         if len(converter):
             paths[split] = converter.local_path
     if "train" not in paths:
@@ -228,7 +280,7 @@ def run_deep(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     dc = getattr(cfg, stage).distributor
     train_config = run_config(
-        cfg, stage, paths, len(vocabulary), len(labels), checkpoint_dir,
+        cfg, stage, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
         os.path.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
@@ -248,6 +300,7 @@ def run_deep(
         train_seconds=out["train_seconds"],
         wall_seconds=time.perf_counter() - started,
         model_config=out["model"]["config"],
+        errors=out.get("errors", []),
     )
     export_dir = out["export_dir"]
 
@@ -256,10 +309,9 @@ def run_deep(
         local_tmp = local_dir(tmp)
         for name in ("state_dict.pt", "model.json"):
             shutil.copy(os.path.join(export_dir, name), os.path.join(local_tmp, name))
-        with open(os.path.join(local_tmp, "vocab.txt"), "w") as f:
-            f.write("".join(w + "\n" for w in vocabulary))
-        with open(os.path.join(local_tmp, "labels.json"), "w") as f:
-            json.dump(labels, f)
+        for name, text in {**inputs.files, "labels.json": json.dumps(labels)}.items():
+            with open(os.path.join(local_tmp, name), "w") as f:
+                f.write(text)
 
     catalog.write(out_name, save, {"fingerprint": fp, "config_hash": cfg.stage_hash(stage),
                                    "result": asdict(result), "train_config": train_config})  # fmt: skip

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import math
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 from pyspark import keyword_only
-from pyspark.ml import Transformer
+from pyspark.ml import PipelineModel, Transformer
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasInputCol, HasOutputCol
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import ImageConfig
+from pipelines.catalog import Catalog, fingerprint
+from pipelines.config import Config, ImageConfig
+
+log = logging.getLogger(__name__)
 
 RAW_SCHEMA = T.StructType(
     [
@@ -282,6 +287,53 @@ class PixelVectorizer(
         mean, std = self.getOrDefault(self.mean), self.getOrDefault(self.std)
         pixels = standardized(F.col(self.getInputCol()), mean, std)
         return df.withColumn(self.getOutputCol(), array_to_vector(pixels))
+
+
+# --- the features stage for images: pixel vectors for the MLlib baseline ----------------------
+
+
+@dataclass
+class ImageFeaturesResult:
+    rows: int
+    num_features: int
+    skipped: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        return {"rows": self.rows, "num_features": self.num_features}
+
+    def summary(self) -> str:
+        return f"{self.rows} images as standardized pixel vectors of {self.num_features} features"
+
+
+def run_image_features(
+    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
+) -> ImageFeaturesResult:
+    """`features` = standardized pixels as an ML vector, and the PipelineModel that makes it.
+
+    The deep image models read `ingested` directly (uint8 is a quarter of the size and
+    augmentation wants raw pixels); this stage exists for the MLlib baseline.
+    """
+    upstream = catalog.require("ingested", "ingest")
+    fp = fingerprint(cfg.stage_hash("features"), upstream["fingerprint"])
+    m = None if force else catalog.current("features", fp)
+    if m is not None:
+        log.info("features: output is current (same inputs and config); skipped")
+        return ImageFeaturesResult(**{**m["result"], "skipped": True})
+    stats = upstream["image"]
+    model = PipelineModel(stages=[PixelVectorizer(mean=stats["mean"], std=stats["std"])])
+    data = catalog.read("ingested", "ingest")
+    out = model.transform(data).select("id", "label", "label_index", "split", "features")
+    common = {"fingerprint": fp, "config_hash": cfg.stage_hash("features"),
+              "labels": upstream["labels"], "image": stats}  # fmt: skip
+    size = int(np.prod(stats["shape"]))
+
+    def manifest(tmp: str) -> dict:
+        rows = spark.read.parquet(tmp).count()
+        return {**common, "result": asdict(ImageFeaturesResult(rows, size))}
+
+    catalog.write("feature_model", model.save, common)
+    m = catalog.write_parquet("features", out, manifest, partition_by=["split"])
+    return ImageFeaturesResult(**m["result"])
 
 
 def decode_grid(images: list[bytes], channels: int, height: int, width: int) -> np.ndarray:

@@ -127,3 +127,28 @@ def learning_curves_figure(history: list[dict[str, float]], title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def misclassified_figure(
+    images: np.ndarray, true: list[str], predicted: list[str], probs: list[float], title: str,
+    columns: int = 8,
+):  # fmt: skip
+    """A grid of images (N, H, W, C) uint8, each titled `true -> predicted (p)`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = min(columns, max(1, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t, p, pr in zip(axes.flat, images, true, predicted, probs, strict=False):
+        gray = img.shape[-1] == 1
+        ax.imshow(img[:, :, 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255)
+        ax.set_title(f"{t} \u2192 {p} ({pr:.2f})", fontsize=8, color="firebrick")
+    fig.suptitle(f"{title}: {n} misclassified (true \u2192 predicted, p)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -15,14 +15,16 @@ from pyspark.sql import SparkSession
 from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog, local_path
-from pipelines.config import Config, flatten
+from pipelines.config import IMAGE_MODELS, Config, flatten
 from pipelines.deep import DeepResult, run_deep
+from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.report import (
     classification_metrics,
     classification_report,
     confusion_figure,
     learning_curves_figure,
+    misclassified_figure,
 )
 from pipelines.text import FeaturesResult, run_features
 
@@ -66,8 +68,11 @@ def _ingest(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Inges
     return result
 
 
-def _features(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> FeaturesResult:
-    result = run_features(spark, cfg, catalog, force)
+def _features(
+    spark, cfg: Config, catalog: Catalog, force: bool, outcome
+) -> FeaturesResult | ImageFeaturesResult:
+    image = cfg.ingest is not None and cfg.ingest.modality == "image"
+    result = (run_image_features if image else run_features)(spark, cfg, catalog, force)
     tracking.log_metrics(result.metrics())
     return result
 
@@ -91,7 +96,9 @@ def _baseline(
         report.append(classification_report(cm, result.labels, title))
     mlflow.log_text("\n".join(report), "classification_report.md")
     if cfg.mlflow.log_models and model is not None:
-        outcome.model_uri = tracking.log_spark_model(model, "model", result.labels)
+        image = cfg.ingest is not None and cfg.ingest.modality == "image"
+        col = ("binary", "image") if image else ("string", "text")
+        outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result
 
 
@@ -124,6 +131,8 @@ def _deep(stage: str):
         })  # fmt: skip
         mlflow.log_text("\n".join(report), "classification_report.md")
         mlflow.log_dict(result.model_config, "model_config.json")
+        if result.errors and stage in IMAGE_MODELS:
+            _log_misclassified(catalog, stage, result)
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
         if cfg.mlflow.log_models and not result.skipped:
@@ -134,12 +143,35 @@ def _deep(stage: str):
     return run
 
 
+def _log_misclassified(catalog: Catalog, stage: str, result: DeepResult) -> None:
+    """The test images the model got wrong, as a PNG grid and a JSON list."""
+    from pyspark.sql import functions as F
+
+    mlflow.log_dict({"errors": result.errors}, "misclassified_test.json")
+    ids = [e["id"] for e in result.errors]
+    shape = catalog.manifest("ingested")["image"]["shape"]
+    rows = catalog.read("ingested", "ingest").filter(F.col("id").isin(ids)).select("id", "image")
+    by_id = {r["id"]: bytes(r["image"]) for r in rows.collect()}
+    shown = [e for e in result.errors if e["id"] in by_id]
+    if not shown:
+        return
+    grid = decode_grid([by_id[e["id"]] for e in shown], *shape)
+    names = result.labels
+    fig = misclassified_figure(
+        grid, [names[e["label"]] for e in shown], [names[e["pred"]] for e in shown],
+        [e["prob"] for e in shown], f"{stage}, test split",
+    )  # fmt: skip
+    tracking.log_figure(fig, "plots/misclassified_test.png")
+
+
 _STAGES = {
     "ingest": _ingest,
     "features": _features,
     "baseline": _baseline,
     "lstm": _deep("lstm"),
     "textcnn": _deep("textcnn"),
+    "cnn": _deep("cnn"),
+    "alexnet": _deep("alexnet"),
 }
 _OUTPUT = {
     "ingest": "ingested",
@@ -147,4 +179,6 @@ _OUTPUT = {
     "baseline": "baseline_model",
     "lstm": "lstm_model",
     "textcnn": "textcnn_model",
+    "cnn": "cnn_model",
+    "alexnet": "alexnet_model",
 }

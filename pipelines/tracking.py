@@ -7,6 +7,7 @@ to its child run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -79,14 +80,17 @@ def log_figure(fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def log_spark_model(model, artifact_path: str, labels: list[str]) -> str:
-    """Log a fitted Spark PipelineModel with its label index; returns the model URI."""
+def log_spark_model(
+    model, artifact_path: str, labels: list[str], input_col: tuple[str, str] = ("string", "text")
+) -> str:
+    """Log a fitted Spark PipelineModel with its label index; returns the model URI.
+    `input_col`: (MLflow type, name) of the column the model reads."""
     import pyspark
     from mlflow.models.signature import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string", "text")]),
+        inputs=Schema([ColSpec(*input_col)]),
         outputs=Schema([ColSpec("double", "prediction")]),
     )
     info = mlflow.spark.log_model(
@@ -128,12 +132,19 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
     import torch
     from mlflow.models import infer_signature
 
-    from models.registry import Scorer
+    from models.registry import ImageScorer, Scorer
     from models.train import load_exported
 
     mlflow.log_artifacts(model_dir, artifact_path=f"{artifact_path}-files")
-    scorer = Scorer(load_exported(model_dir, name)).eval()
-    example = np.array([[2, 3, 4, 0], [5, 6, 0, 0]], dtype=np.int64)
+    model = load_exported(model_dir, name)
+    preprocess = Path(model_dir) / "preprocess.json"
+    if preprocess.exists():  # images: raw 0-255 pixels in, standardized inside the scorer
+        p = json.loads(preprocess.read_text())
+        scorer = ImageScorer(model, p["mean"], p["std"]).eval()
+        example = np.random.default_rng(0).integers(0, 256, (2, *p["shape"]), dtype=np.uint8)
+    else:
+        scorer = Scorer(model).eval()
+        example = np.array([[2, 3, 4, 0], [5, 6, 0, 0]], dtype=np.int64)
     with torch.no_grad():
         probs = scorer(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(

@@ -1,0 +1,116 @@
+"""The image pipeline end to end on scikit-learn's digits: IDX files -> Spark ingest ->
+pixel baseline -> a small CNN through a real TorchDistributor (gloo, 2 processes) -> MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from models.data import make_dataloader
+from models.registry import ImageScorer
+from models.train import load_exported
+from pipelines.catalog import Catalog, local_path
+from pipelines.converter import make_spark_converter
+from pipelines.runner import run_pipeline
+from pipelines.sample_data import digits, write_idx
+from tests.conftest import make_config
+
+CNN = {
+    "model": {"conv1_channels": 8, "conv2_channels": 16, "kernel_size": 3, "hidden_dim": 32,
+              "dropout": 0.1},
+    "augment": {"crop_padding": 1},
+    "training": {"epochs": 8, "batch_size": 32, "optimizer": {"lr": 0.01},
+                 "early_stopping": {"patience": 8}},
+}  # fmt: skip
+
+
+def digits_config(tmp_path, stages, **sections):
+    images, labels = digits()
+    write_idx(images, labels, tmp_path / "idx")
+    return make_config(
+        tmp_path,
+        pipeline={"stages": stages},
+        ingest={"format": "idx", "path": str(tmp_path / "idx"),
+                "image": {"height": 8, "width": 8, "channels": 1}},
+        baseline={"tuning": "none", "grid": {"reg_param": [0.01], "max_iter": [100]}},
+        **sections,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
+    cfg = digits_config(tmp_path, ["ingest", "features", "baseline", "cnn"], cnn=CNN)
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+
+    ingest = outcome.results["ingest"]
+    assert (ingest.rows_in, ingest.rows_out, ingest.rows_quarantined) == (1797, 1797, 0)
+    baseline, cnn = outcome.results["baseline"], outcome.results["cnn"]
+    assert baseline.metrics["test"]["accuracy"] >= 0.90
+    assert cnn.metrics["test_accuracy"] >= 0.90  # a 10-class guess gets 0.10
+    assert cnn.world_size == 2
+    # loss at initialisation: the first epoch's training loss starts from ~ln(10)
+    assert cnn.history[0]["train_loss"] < math.log(10) + 0.3
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run = outcome.stage_run_ids["cnn"]
+    files = {a.path for a in client.list_artifacts(run, "plots")}
+    assert {"plots/confusion_test.png", "plots/misclassified_test.png",
+            "plots/learning_curves.png"} <= files  # fmt: skip
+    metrics = client.get_run(run).data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(cnn.metrics["test_accuracy"])
+    assert 0 <= metrics["test_recall_3"] <= 1 and 0 <= metrics["test_precision_7"] <= 1
+    errors = cnn.errors
+    wrong = round((1 - cnn.metrics["test_accuracy"]) * sum(map(sum, cnn.confusion["test"])))
+    assert len(errors) == min(wrong, 64) and all(e["label"] != e["pred"] for e in errors)
+
+    # the stored model scores raw pixels the way training standardized them
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    model_dir = local_path(catalog.fs.qualify(catalog.path("cnn_model")))
+    with open(os.path.join(model_dir, "preprocess.json")) as f:
+        pre = json.load(f)
+    assert (
+        pre["shape"] == [1, 8, 8] and pre["mean"] == catalog.manifest("ingested")["image"]["mean"]
+    )
+    scorer = ImageScorer(load_exported(model_dir, "cnn"), pre["mean"], pre["std"]).eval()
+    test = catalog.read("ingested", "ingest").filter("split = 'test'").orderBy("id").collect()
+    pixels = torch.from_numpy(
+        np.frombuffer(b"".join(bytes(r["image"]) for r in test), np.uint8).reshape(-1, 1, 8, 8).copy()
+    )  # fmt: skip
+    with torch.no_grad():
+        predicted = scorer(pixels).argmax(-1).numpy()
+    truth = np.array([r["label_index"] for r in test])
+    assert (predicted == truth).mean() == pytest.approx(cnn.metrics["test_accuracy"], abs=1e-9)
+
+
+def test_image_batches_from_the_converter_are_uint8_and_standardized_once(spark, tmp_path):
+    """Spark image bytes -> converter cache -> loader tensors: exact pixels, eval untouched."""
+    from models.augment import AugmentConfig, ImageBatchTransform
+    from models.data import ColumnTransform
+
+    images, labels = digits()
+    rows = [(f"i{k}", bytearray(images[k].tobytes()), int(labels[k])) for k in range(100)]
+    df = spark.createDataFrame(rows, "id string, image binary, label int")
+    conv = make_spark_converter(df, str(tmp_path / "cache"), shapes={"image": [1, 8, 8]})
+    raw = next(iter(make_dataloader(conv.local_path, 100, shuffle=False)))
+    assert raw["image"].dtype == torch.uint8 and raw["image"].shape == (100, 1, 8, 8)
+    order = [int(i[1:]) for i in raw["id"]]
+    assert torch.equal(raw["image"][:, 0], torch.from_numpy(images[order]))
+
+    def tf(train):
+        fn = ImageBatchTransform((1, 8, 8), [0.3], [0.4], AugmentConfig(crop_padding=2), train)
+        return ColumnTransform("image", fn)
+
+    def epoch(train, seed):
+        loader = make_dataloader(conv.local_path, 25, shuffle=train, seed=seed, transform=tf(train))
+        return torch.cat([b["image"] for b in loader])
+
+    assert torch.equal(epoch(True, 1), epoch(True, 1))  # seeded: the same augmented epoch
+    assert not torch.equal(epoch(True, 1), epoch(True, 2))
+    expected = (raw["image"].float() / 255 - 0.3) / 0.4
+    assert torch.equal(epoch(False, 1), expected)  # evaluation: standardized, never augmented
