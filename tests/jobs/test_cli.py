@@ -42,7 +42,7 @@ def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
         "sparkloom: error: bad config: unknown key 'ingest.splt'; did you mean 'ingest.split'? "
-        "(keys allowed under ingest: format, path, columns, csv, file_glob, split)"
+        "(keys allowed under ingest: format, path, columns, csv, file_glob, image, split)"
     ]
     assert p.stdout == ""
 

@@ -71,6 +71,12 @@ def test_later_files_win(tmp_path):
         ("features.stopwords.language=klingon", "unknown language 'klingon'"),
         ("baseline.features_col=word2vec", "needs features.word2vec.enabled=true"),
         ("novalue", "is not key=value"),
+        (
+            "pipeline.stages=[ingest,cnn]",
+            "stages ['cnn'] do not fit ingest.format=csv (text data); use ['lstm', 'textcnn']",
+        ),
+        ("ingest.image.channels=2", "ingest.image.channels: input should be 1 or 3"),
+        ("alexnet.model.stem=huge", "alexnet.model.stem: input should be 'auto', 'imagenet' or"),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(tmp_path, override, expected):

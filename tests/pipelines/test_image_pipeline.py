@@ -22,11 +22,11 @@ from pipelines.sample_data import digits, write_idx
 from tests.conftest import make_config
 
 CNN = {
-    "model": {"conv1_channels": 8, "conv2_channels": 16, "kernel_size": 3, "hidden_dim": 32,
+    "model": {"conv1_channels": 16, "conv2_channels": 32, "kernel_size": 3, "hidden_dim": 64,
               "dropout": 0.1},
     "augment": {"crop_padding": 1},
-    "training": {"epochs": 8, "batch_size": 32, "optimizer": {"lr": 0.01},
-                 "early_stopping": {"patience": 8}},
+    "training": {"epochs": 12, "batch_size": 32, "optimizer": {"lr": 0.01},
+                 "early_stopping": {"patience": 12}},
 }  # fmt: skip
 
 
