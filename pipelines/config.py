@@ -343,30 +343,29 @@ class AugmentConfig(Section):
     standardize: bool = True  # per channel, with the training split's mean/std from ingest
 
 
-class LSTMStageConfig(Section):
+class DeepStageConfig(Section):
+    """What every deep stage has; each model adds its `model` section (images: `augment`)."""
+
+    training: TrainingConfig = TrainingConfig()
+    distributor: DistributorConfig = DistributorConfig()
+
+
+class LSTMStageConfig(DeepStageConfig):
     model: LSTMModelConfig = LSTMModelConfig()
-    training: TrainingConfig = TrainingConfig()
-    distributor: DistributorConfig = DistributorConfig()
 
 
-class TextCNNStageConfig(Section):
+class TextCNNStageConfig(DeepStageConfig):
     model: TextCNNModelConfig = TextCNNModelConfig()
-    training: TrainingConfig = TrainingConfig()
-    distributor: DistributorConfig = DistributorConfig()
 
 
-class CNNStageConfig(Section):
+class CNNStageConfig(DeepStageConfig):
     model: CNNModelConfig = CNNModelConfig()
     augment: AugmentConfig = AugmentConfig()
-    training: TrainingConfig = TrainingConfig()
-    distributor: DistributorConfig = DistributorConfig()
 
 
-class AlexNetStageConfig(Section):
+class AlexNetStageConfig(DeepStageConfig):
     model: AlexNetModelConfig = AlexNetModelConfig()
     augment: AugmentConfig = AugmentConfig()
-    training: TrainingConfig = TrainingConfig()
-    distributor: DistributorConfig = DistributorConfig()
 
 
 class Config(Section):
