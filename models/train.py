@@ -20,6 +20,7 @@ fail right after that optimizer step (used by the fault-injection tests).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -630,9 +631,14 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             box = [result if ctx.main else None]
             dist.broadcast_object_list(box, src=0)
             result = box[0]
+            dist.barrier()  # no rank tears down its end while a peer is still in a collective
         return result
     finally:
         if dist.is_initialized():
+            # DDP's reducer keeps the process group alive from a reference cycle; left to the
+            # collector at interpreter exit, gloo's threads die mid-teardown (SIGABRT, about 1
+            # run in 15 under load). Free it now, while the interpreter is whole.
+            gc.collect()
             dist.destroy_process_group()
 
 
