@@ -223,9 +223,16 @@ def _raw_image(df: DataFrame, id: Column, label: Column, source: Column, content
     )
 
 
+def _fewer_partitions(files: DataFrame, per_core: int = 4) -> DataFrame:
+    """Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
+    partitions and every job over them 157 short tasks; a few partitions per core do."""
+    target = per_core * files.sparkSession.sparkContext.defaultParallelism
+    return files.coalesce(target) if files.rdd.getNumPartitions() > target else files
+
+
 def _read_image_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
     """One image file per row; the label is the first folder under `path`; the id its path."""
-    files = binary_files(spark, path, ing.file_glob)
+    files = _fewer_partitions(binary_files(spark, path, ing.file_glob))
     none = F.lit(None)
     return _raw_image(files, F.col("rel"), _folder_label(F.col("rel")), F.col("path"),
                       F.col("content"), none, none, none)  # fmt: skip
