@@ -187,6 +187,13 @@ def binary_files(spark: SparkSession, path: str, glob: str) -> DataFrame:
     return files.withColumn("rel", F.substring(F.col("path"), len(root) + 1, 1 << 20))
 
 
+def _fewer_partitions(files: DataFrame, per_core: int = 4) -> DataFrame:
+    """Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
+    partitions and every job over them 157 short tasks; a few partitions per core do."""
+    target = per_core * files.sparkSession.sparkContext.defaultParallelism
+    return files.coalesce(target) if files.rdd.getNumPartitions() > target else files
+
+
 def _folder_label(rel: Column) -> Column:
     """The first folder under the root; files directly in the root have no label."""
     parts = F.split(rel, "/")
@@ -195,7 +202,7 @@ def _folder_label(rel: Column) -> Column:
 
 def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
     """One document per file; the label is the name of the first folder under `path`."""
-    files = binary_files(spark, path, ing.file_glob)
+    files = _fewer_partitions(binary_files(spark, path, ing.file_glob))
     text = F.col("content").cast("string")
     return files.select(
         F.col("rel").alias("id"),
@@ -221,13 +228,6 @@ def _raw_image(df: DataFrame, id: Column, label: Column, source: Column, content
         shape.cast(T.ArrayType(T.IntegerType())).alias("shape"),
         reason.cast("string").alias("reason"),
     )
-
-
-def _fewer_partitions(files: DataFrame, per_core: int = 4) -> DataFrame:
-    """Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
-    partitions and every job over them 157 short tasks; a few partitions per core do."""
-    target = per_core * files.sparkSession.sparkContext.defaultParallelism
-    return files.coalesce(target) if files.rdd.getNumPartitions() > target else files
 
 
 def _read_image_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
