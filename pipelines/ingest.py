@@ -184,14 +184,12 @@ def binary_files(spark: SparkSession, path: str, glob: str) -> DataFrame:
     ]
     if empty:
         files = files.unionByName(spark.createDataFrame(empty, files.schema))
+    # Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
+    # partitions and every job over them 157 short tasks; a few partitions per core do
+    target = 4 * spark.sparkContext.defaultParallelism
+    if files.rdd.getNumPartitions() > target:
+        files = files.coalesce(target)
     return files.withColumn("rel", F.substring(F.col("path"), len(root) + 1, 1 << 20))
-
-
-def _fewer_partitions(files: DataFrame, per_core: int = 4) -> DataFrame:
-    """Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
-    partitions and every job over them 157 short tasks; a few partitions per core do."""
-    target = per_core * files.sparkSession.sparkContext.defaultParallelism
-    return files.coalesce(target) if files.rdd.getNumPartitions() > target else files
 
 
 def _folder_label(rel: Column) -> Column:
@@ -202,7 +200,7 @@ def _folder_label(rel: Column) -> Column:
 
 def _read_text_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
     """One document per file; the label is the name of the first folder under `path`."""
-    files = _fewer_partitions(binary_files(spark, path, ing.file_glob))
+    files = binary_files(spark, path, ing.file_glob)
     text = F.col("content").cast("string")
     return files.select(
         F.col("rel").alias("id"),
@@ -232,7 +230,7 @@ def _raw_image(df: DataFrame, id: Column, label: Column, source: Column, content
 
 def _read_image_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
     """One image file per row; the label is the first folder under `path`; the id its path."""
-    files = _fewer_partitions(binary_files(spark, path, ing.file_glob))
+    files = binary_files(spark, path, ing.file_glob)
     none = F.lit(None)
     return _raw_image(files, F.col("rel"), _folder_label(F.col("rel")), F.col("path"),
                       F.col("content"), none, none, none)  # fmt: skip
