@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.bert import BertClassifier, BertConfig, BertPretrainer
 from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
 from models.lstm import LSTMClassifier, LSTMConfig
 from models.textcnn import TextCNN, TextCNNConfig
@@ -17,6 +18,8 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "textcnn": (TextCNNConfig, TextCNN),
     "cnn": (CNNConfig, SmallCNN),
     "alexnet": (AlexNetConfig, AlexNet),
+    "bert_pretrain": (BertConfig, BertPretrainer),  # MLM + NSP
+    "bert": (BertConfig, BertClassifier),  # sequence classification (fine-tuning)
 }
 
 

@@ -1,0 +1,340 @@
+"""BERT (Devlin et al., 2019) on transformers: pretraining (MLM + NSP) and sequence classification.
+
+Sizes follow Turc et al. (2019), "Well-Read Students Learn Better": BERT-Tiny to BERT-Base.
+Both models hold the transformers modules under transformers' own attribute names (`bert`, `cls`,
+`classifier`), so their state dicts are exactly those of BertForPreTraining and
+BertForSequenceClassification: checkpoints move between here and Hugging Face with no renaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from models.heads import padding_mask
+
+
+class BertDims(NamedTuple):
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    intermediate_size: int
+
+
+# (L, H, A, I) from Turc et al. (2019); intermediate is 4H throughout.
+BERT_PRESETS: dict[str, BertDims] = {
+    "tiny": BertDims(2, 128, 2, 512),
+    "mini": BertDims(4, 256, 4, 1024),
+    "small": BertDims(4, 512, 8, 2048),
+    "medium": BertDims(8, 512, 8, 2048),
+    "base": BertDims(12, 768, 12, 3072),
+}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+ENCODER_PREFIXES = ("bert.embeddings.", "bert.encoder.", "bert.pooler.")
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    preset: str | None = "mini"  # a BERT_PRESETS name; None: all four sizes below are given
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    num_classes: int = 0  # 0: the pretraining model; >= 2: the classifier
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    # Each one, when set, overrides the preset's value.
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset is None:
+            unset = [k for k in BertDims._fields if getattr(self, k) is None]
+            if unset:
+                raise ValueError(
+                    f"BertConfig.preset is None, so every size must be given; set {unset} or "
+                    f"pick a preset from {sorted(BERT_PRESETS)}"
+                )
+        elif self.preset not in BERT_PRESETS:
+            raise ValueError(
+                f"unknown BertConfig.preset {self.preset!r}; choose one of "
+                f"{list(BERT_PRESETS)} (or None with all four sizes set)"
+            )
+        for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", *BertDims._fields):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"BertConfig.{name} must be >= 1, got {value}")
+        dims = self.dims
+        if dims.hidden_size % dims.num_attention_heads:
+            raise ValueError(
+                f"BertConfig: hidden_size {dims.hidden_size} must be divisible by "
+                f"num_attention_heads {dims.num_attention_heads}"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"BertConfig.pad_token_id must be in [0, vocab_size={self.vocab_size}), "
+                f"got {self.pad_token_id}"
+            )
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ValueError(
+                f"BertConfig.num_classes must be 0 (pretraining) or >= 2 (classifier), "
+                f"got {self.num_classes}"
+            )
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"BertConfig.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
+                f"got {self.attn_implementation!r}"
+            )
+
+    @property
+    def dims(self) -> BertDims:
+        """(layers, hidden, heads, intermediate): the preset's, with the overrides applied."""
+        base = BERT_PRESETS[self.preset] if self.preset is not None else BertDims(0, 0, 0, 0)
+        given = {k: getattr(self, k) for k in BertDims._fields if getattr(self, k) is not None}
+        return base._replace(**given)
+
+    def to_hf(self) -> transformers.BertConfig:
+        extra = {"num_labels": self.num_classes} if self.num_classes else {}
+        return transformers.BertConfig(
+            vocab_size=self.vocab_size,
+            **self.dims._asdict(),
+            hidden_dropout_prob=self.hidden_dropout,
+            attention_probs_dropout_prob=self.attention_dropout,
+            max_position_embeddings=self.max_position_embeddings,
+            type_vocab_size=self.type_vocab_size,
+            pad_token_id=self.pad_token_id,
+            attn_implementation=self.attn_implementation,
+            **extra,
+        )
+
+    @classmethod
+    def from_hf(cls, hf: transformers.BertConfig, **overrides: Any) -> BertConfig:
+        """Our config for a transformers one; raises if ours cannot rebuild the same model."""
+        # Ours always builds with transformers' defaults for these; a checkpoint trained with
+        # others would load but compute something else after an export + rebuild.
+        defaults = transformers.BertConfig()
+        for name in ("hidden_act", "layer_norm_eps", "is_decoder", "add_cross_attention"):
+            if getattr(hf, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"the Hugging Face config sets {name}={getattr(hf, name)!r}; BertConfig only "
+                    f"builds models with {name}={getattr(defaults, name)!r}"
+                )
+        return cls(
+            vocab_size=hf.vocab_size,
+            preset=None,
+            **{k: getattr(hf, k) for k in BertDims._fields},
+            max_position_embeddings=hf.max_position_embeddings,
+            type_vocab_size=hf.type_vocab_size,
+            hidden_dropout=hf.hidden_dropout_prob,
+            attention_dropout=hf.attention_probs_dropout_prob,
+            pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+            **overrides,
+        )
+
+
+def _mlm_metrics(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, correct, count) over the positions whose label is not -100."""
+    chosen = labels != -100  # (B, T)
+    count = chosen.sum()
+    loss = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )  # (B*T, V) against (B*T,)
+    # Sum / max(count, 1) rather than the mean: a batch that drew no masked position gives 0,
+    # not NaN, and the value is the mean otherwise.
+    loss = loss / count.clamp(min=1)
+    correct = ((logits.argmax(-1) == labels) & chosen).sum()
+    return loss, correct, count
+
+
+class BertPretrainer(nn.Module):
+    """BertForPreTraining's encoder and heads: masked LM + next sentence prediction.
+
+    Returns "logits" = the NSP logits (B, 2), so the shared evaluate() (argmax accuracy of
+    "logits" against "labels") scores NSP; the MLM scores are "prediction_logits" (B, T, V).
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        if cfg.num_classes != 0:
+            raise ValueError(
+                f"BertPretrainer needs BertConfig.num_classes=0, got {cfg.num_classes}; "
+                f"num_classes is for BertClassifier"
+            )
+        self.cfg = cfg
+        hf = transformers.BertForPreTraining(cfg.to_hf())
+        # Its parts, not the wrapper: the state dict keys stay transformers' ("bert.*", "cls.*"),
+        # and the MLM decoder stays tied to the word embeddings (one shared Parameter).
+        self.bert = hf.bert  # BertEmbeddings -> BertEncoder -> BertPooler
+        self.cls = hf.cls  # BertPreTrainingHeads: MLM decoder and NSP classifier
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """`labels` is an alias of `next_sentence_label` (evaluate() passes NSP labels by that
+        name). The loss is the sum of the losses whose labels are given; None without any."""
+        nsp_labels = next_sentence_label if next_sentence_label is not None else labels
+        mask = padding_mask(input_ids, attention_mask, self.cfg.pad_token_id)  # (B, T)
+        out = self.bert(input_ids, attention_mask=mask.long(), token_type_ids=token_type_ids)
+        # sequence (B, T, H) and pooled [CLS] (B, H) -> MLM (B, T, V) and NSP (B, 2) logits
+        mlm_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output)
+        result: dict[str, torch.Tensor | None] = {
+            "logits": nsp_logits,
+            "prediction_logits": mlm_logits,
+            "mlm_loss": None,
+            "mlm_correct": None,
+            "mlm_count": None,
+            "nsp_loss": None,
+            "nsp_correct": None,
+        }
+        if mlm_labels is not None:
+            mlm_loss, mlm_correct, mlm_count = _mlm_metrics(mlm_logits, mlm_labels)
+            result |= {"mlm_loss": mlm_loss, "mlm_correct": mlm_correct, "mlm_count": mlm_count}
+        if nsp_labels is not None:
+            result["nsp_loss"] = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=-100)
+            result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_labels).sum()
+        losses = [loss for loss in (result["mlm_loss"], result["nsp_loss"]) if loss is not None]
+        result["loss"] = sum(losses) if losses else None
+        return result
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def encoder_state_from_pretraining(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BertPretrainer (or BertForPreTraining) state dict -> the weights a BertClassifier
+    shares with it: embeddings, encoder and pooler. Both use transformers' names, so the keys
+    carry over as they are; the MLM and NSP heads ("cls.*") are dropped."""
+    return {k: v for k, v in state_dict.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+class BertClassifier(nn.Module):
+    """BertForSequenceClassification: pooled [CLS] -> dropout -> linear, cross-entropy loss.
+
+    transformers initialises the classifier with std 0.02 and zero bias, so the first logits
+    are near zero and the loss at init is ~ln(num_classes).
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        if cfg.num_classes < 2:
+            raise ValueError(
+                f"BertClassifier needs BertConfig.num_classes >= 2, got {cfg.num_classes}"
+            )
+        self.cfg = cfg
+        hf = transformers.BertForSequenceClassification(cfg.to_hf())
+        # Its parts under transformers' names: the state dict is BertForSequenceClassification's.
+        self.bert = hf.bert
+        self.dropout = hf.dropout
+        self.classifier = hf.classifier
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        mask = padding_mask(input_ids, attention_mask, self.cfg.pad_token_id)  # (B, T)
+        out = self.bert(input_ids, attention_mask=mask.long(), token_type_ids=token_type_ids)
+        logits = self.classifier(self.dropout(out.pooler_output))  # (B, H) -> (B, C)
+        loss = None if labels is None else F.cross_entropy(logits, labels, ignore_index=-100)
+        return {"logits": logits, "loss": loss}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @classmethod
+    def from_pretraining(
+        cls, cfg: BertConfig, pretrainer_state_dict: dict[str, torch.Tensor]
+    ) -> BertClassifier:
+        """A classifier whose embeddings, encoder and pooler are the pretrainer's; only the
+        classification head is new. Raises ValueError unless every shared weight loads."""
+        model = cls(cfg)
+        state = encoder_state_from_pretraining(pretrainer_state_dict)
+        own = model.state_dict()
+        missing = sorted(k for k in own if k.startswith(ENCODER_PREFIXES) and k not in state)
+        unexpected = sorted(k for k in state if k not in own)
+        mismatched = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in sorted(state.items())
+            if k in own and v.shape != own[k].shape
+        ]
+        problems = [
+            f"{what}: {_names(keys)}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch (pretrained vs configured)", mismatched),
+            )
+            if keys
+        ]
+        if problems:
+            raise ValueError(
+                "the pretraining state dict does not fit this BertClassifier; "
+                + "; ".join(problems)
+                + ". Build the classifier with the pretrainer's sizes and vocabulary."
+            )
+        model.load_state_dict(state, strict=False)
+        return model
+
+    @classmethod
+    def from_hf_directory(
+        cls, path: str, num_classes: int, attn_implementation: str = "sdpa"
+    ) -> BertClassifier:
+        """A local Hugging Face BERT directory (config.json + model.safetensors or
+        pytorch_model.bin, as save_pretrained writes it) with a new `num_classes` head, unless
+        the directory's own head already has that many classes."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(
+                f"no config.json in {path!r}: expected a local Hugging Face BERT directory "
+                f"(config.json + one of {WEIGHT_FILES}, as save_pretrained writes it)"
+            )
+        if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
+            raise FileNotFoundError(f"no weights in {path!r}: expected one of {WEIGHT_FILES}")
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "bert":
+            raise ValueError(f"{path!r} holds a {model_type!r} model, not a BERT one")
+        hf = transformers.BertForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_classes,
+            local_files_only=True,
+            ignore_mismatched_sizes=True,  # a saved head with another class count starts anew
+            attn_implementation=attn_implementation,
+        )
+        cfg = BertConfig.from_hf(
+            hf.config, num_classes=num_classes, attn_implementation=attn_implementation
+        )
+        # Built from our config and loaded strictly: proof that build_model(asdict(cfg)) plus
+        # the exported state dict rebuilds this very model.
+        model = cls(cfg)
+        model.load_state_dict(hf.state_dict())
+        return model
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
