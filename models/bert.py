@@ -169,6 +169,8 @@ class BertPretrainer(nn.Module):
     "logits" against "labels") scores NSP; the MLM scores are "prediction_logits" (B, T, V).
     """
 
+    num_labels = 2  # what "logits" classify: is B the next segment (0) or random (1)
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         if cfg.num_classes != 0:

@@ -40,6 +40,7 @@ from torch import nn
 
 from models.augment import AugmentConfig, ImageBatchTransform
 from models.data import ColumnTransform, make_dataloader
+from models.masking import MaskingConfig, MLMBatchTransform
 from models.registry import build_model, model_config
 
 # --- config -----------------------------------------------------------------------------------
@@ -66,15 +67,25 @@ class DataConfig:
     # images: {"column", "shape": [C, H, W], "mean", "std", "augment": {...}}; the column holds
     # raw uint8 records that the loader standardizes (and, for training batches, augments)
     image: dict[str, Any] | None = None
+    # masked-LM batches: {"mask_token_id", "vocab_size", "special_ids", "first_normal_id",
+    # "probability"}; masks are drawn per batch (dynamic masking), seeded, also for evaluation
+    mlm: dict[str, Any] | None = None
     id_column: str | None = None  # read along, to name misclassified test examples
     num_errors: int = 0  # misclassified test examples to return (ids, true and predicted)
 
     def columns(self) -> list[str]:
         """Parquet columns to read: the inputs, less the masks the loader derives."""
         cols = set(self.inputs.values()) | ({self.id_column} if self.id_column else set())
+        cols -= (
+            {self.mlm.get("label_column", "mlm_labels")} if self.mlm else set()
+        )  # made by masking
         return sorted(c for c in cols if not (c.endswith("_mask") and c[: -len("_mask")] in cols))
 
-    def transform(self, train: bool) -> ColumnTransform | None:
+    def transform(self, train: bool) -> ColumnTransform | MLMBatchTransform | None:
+        if self.mlm:
+            m = dict(self.mlm)
+            masking = MaskingConfig(probability=m.pop("probability", 0.15))
+            return MLMBatchTransform(cfg=masking, **m)
         if not self.image:
             return None
         im = self.image
@@ -355,6 +366,7 @@ def evaluate(
     loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=ctx.device)
     errors: list[dict[str, Any]] = []
+    mlm = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
     for batch in loader:
         x = model_inputs(batch, cfg.data.inputs, ctx.device)
         with autocast(cfg, ctx):
@@ -363,12 +375,16 @@ def evaluate(
         loss_sum += out["loss"].double() * labels.numel()
         pred = out["logits"].argmax(-1)
         cm += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+        if "mlm_count" in out:
+            n_masked = out["mlm_count"].double()
+            mlm += torch.stack([out["mlm_loss"].double() * n_masked,
+                                out["mlm_correct"].double(), n_masked])  # fmt: skip
         if len(errors) < num_errors and cfg.data.id_column in batch:
             prob = out["logits"].float().softmax(-1).max(-1).values
             for i in (pred != labels).nonzero().flatten().tolist()[: num_errors - len(errors)]:
                 errors.append({"id": batch[cfg.data.id_column][i], "label": int(labels[i]),
                                "pred": int(pred[i]), "prob": float(prob[i])})  # fmt: skip
-    loss_sum, cm = all_sum(loss_sum, ctx), all_sum(cm, ctx)
+    loss_sum, cm, mlm = all_sum(loss_sum, ctx), all_sum(cm, ctx), all_sum(mlm, ctx)
     if num_errors and ctx.world_size > 1:
         gathered: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(gathered, errors)
@@ -382,6 +398,23 @@ def evaluate(
         "confusion": cm.tolist(),
         "examples": n,
         "errors": errors,
+        **mlm_metrics(mlm),
+    }
+
+
+MLM_KEYS = ("mlm_loss", "mlm_accuracy", "perplexity")
+
+
+def mlm_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """MLM loss per masked token, accuracy on masked tokens, perplexity = exp(MLM loss)."""
+    loss_sum, correct, count = (float(x) for x in sums.tolist())
+    if not count:
+        return {}
+    loss = loss_sum / count
+    return {
+        "mlm_loss": loss,
+        "mlm_accuracy": correct / count,
+        "perplexity": math.exp(min(loss, 50)),
     }
 
 
@@ -430,7 +463,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model["name"], cfg.model.get("config", {}))
-    num_classes = model.cfg.num_classes
+    num_classes = getattr(model, "num_labels", None) or model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
     ddp = wrap(model, ctx)
     train = cfg.data.loader(cfg.data.train, train=True, seed=cfg.seed)
@@ -505,6 +538,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         if cfg.data.validation:
             val = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+            record |= {f"val_{k}": val[k] for k in MLM_KEYS if k in val}
         metric = record.get(cfg.early_stopping.metric)
         is_best = improved(record, state, cfg.early_stopping)
         if is_best:
@@ -548,6 +582,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             result["metrics"] |= {
                 f"{prefix}_loss": ev["loss"],
                 f"{prefix}_accuracy": ev["accuracy"],
+                **{f"{prefix}_{k}": ev[k] for k in MLM_KEYS if k in ev},
             }
             result["confusion"][split] = ev["confusion"]
     if cfg.checkpoint.dir and ctx.main:
