@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet")
+STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
+                  "bert_pretrain", "bert")  # fmt: skip
 log = logging.getLogger("sparkloom")
 
 
@@ -68,7 +69,7 @@ def _print_outcome(cfg, outcome) -> None:
     print()
     for stage, result in outcome.results.items():
         print(f"{stage:>9}: {result.summary()}{' [skipped: up to date]' if result.skipped else ''}")
-    for stage in ("lstm", "textcnn", "cnn", "alexnet"):
+    for stage in ("lstm", "textcnn", "cnn", "alexnet", "bert"):
         deep = outcome.results.get(stage)
         if deep is not None and "test" in deep.confusion:
             print()
@@ -104,7 +105,7 @@ def _print_comparison(outcome) -> None:
     rows = []
     for stage, result in outcome.results.items():
         cm = getattr(result, "confusion", {}).get("test")
-        if cm is not None and stage != "ingest":
+        if cm is not None and stage not in ("ingest", "bert_pretrain"):  # NSP is no classifier
             m = classification_metrics(np.array(cm), result.labels)
             rows.append(
                 f"| {stage} | {m['accuracy']:.4f} | {m['f1']:.4f} | {int(m['num_examples'])} |"

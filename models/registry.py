@@ -23,7 +23,12 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def build_model(name: str, config: dict[str, Any]) -> nn.Module:
+def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None = None) -> nn.Module:
+    """The model `name` from its config; `init` starts it from saved weights:
+    {"kind": "bert_pretraining", "path": state_dict.pt of a BertPretrainer} or
+    {"kind": "hf_directory", "path": a local Hugging Face BERT directory}."""
+    if init:
+        return _from_weights(name, config, init)
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {sorted(MODELS)}")
     config_cls, model_cls = MODELS[name]
@@ -32,6 +37,17 @@ def build_model(name: str, config: dict[str, Any]) -> nn.Module:
     except TypeError as e:
         raise ValueError(f"bad config for model '{name}': {e}") from None
     return model_cls(cfg)
+
+
+def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn.Module:
+    if name != "bert":
+        raise ValueError(f"model '{name}' cannot start from saved weights; only 'bert' can")
+    if init["kind"] == "bert_pretraining":
+        state = torch.load(init["path"], map_location="cpu", weights_only=True)
+        return BertClassifier.from_pretraining(BertConfig(**config), state)
+    if init["kind"] == "hf_directory":
+        return BertClassifier.from_hf_directory(init["path"], config["num_classes"])
+    raise ValueError(f"unknown init kind {init['kind']!r}; use bert_pretraining or hf_directory")
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

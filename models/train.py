@@ -462,7 +462,7 @@ def improved(record: dict[str, float], state: dict[str, Any], es: EarlyStoppingC
 def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model["name"], cfg.model.get("config", {}))
+    model = build_model(cfg.model["name"], cfg.model.get("config", {}), cfg.model.get("init"))
     num_classes = getattr(model, "num_labels", None) or model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
     ddp = wrap(model, ctx)

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import ConfigError
 
-STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet")
-TEXT_MODELS = ("lstm", "textcnn")  # train on the token ids of the features stage
+STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
+          "bert")  # fmt: skip
+TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
 # which sections decide a stage's output (its own and those upstream of it)
@@ -33,8 +34,12 @@ DEPENDS = {
     "textcnn": ("ingest", "features", "textcnn"),
     "cnn": ("ingest", "cnn"),
     "alexnet": ("ingest", "alexnet"),
+    "bert_pretrain": ("ingest", "bert_pretrain"),
+    "bert": ("ingest", "bert_pretrain", "bert"),
 }
-Stage = Literal["ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet"]
+Stage = Literal[
+    "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert"
+]
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
     "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
@@ -368,6 +373,47 @@ class AlexNetStageConfig(DeepStageConfig):
     augment: AugmentConfig = AugmentConfig()
 
 
+class WordPieceConfig(Section):
+    vocab_size: int = Field(8000, ge=16)
+    lowercase: bool = True
+    min_frequency: int = Field(2, ge=1)
+    sample_docs: int = Field(100_000, ge=1)  # training documents Spark draws for the driver
+    vocab_file: str | None = None  # a local BERT vocab.txt to use instead of training one
+
+
+class BertModelConfig(Section):
+    preset: Literal["tiny", "mini", "small", "medium", "base"] = "mini"
+    max_position_embeddings: int = Field(512, ge=8)
+    hidden_dropout: float = Field(0.1, ge=0, lt=1)
+    attention_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class BertPretrainStageConfig(DeepStageConfig):
+    """MLM + NSP on the ingested text's training split (validation/test for the metrics)."""
+
+    tokenizer: WordPieceConfig = WordPieceConfig()
+    model: BertModelConfig = BertModelConfig()
+    max_length: int = Field(128, ge=8)  # [CLS] A [SEP] B [SEP]
+    mask_probability: float = Field(0.15, gt=0, lt=1)  # dynamic: new masks every batch
+
+    @model_validator(mode="after")
+    def _fits(self) -> BertPretrainStageConfig:
+        if self.max_length > self.model.max_position_embeddings:
+            raise ValueError(
+                f"bert_pretrain.max_length {self.max_length} exceeds model.max_position_embeddings "
+                f"{self.model.max_position_embeddings}; lower one or raise the other"
+            )
+        return self
+
+
+class BertFinetuneStageConfig(DeepStageConfig):
+    """Sequence classification on the ingested text, from our pretraining or a local model."""
+
+    init_from: str = "bert_pretrain"  # our bert_pretrain stage's model, or a local HF directory
+    max_length: int = Field(256, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
 class Config(Section):
     pipeline: PipelineConfig
     spark: SparkConfig = SparkConfig()
@@ -379,6 +425,8 @@ class Config(Section):
     textcnn: TextCNNStageConfig = TextCNNStageConfig()
     cnn: CNNStageConfig = CNNStageConfig()
     alexnet: AlexNetStageConfig = AlexNetStageConfig()
+    bert_pretrain: BertPretrainStageConfig = BertPretrainStageConfig()
+    bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
@@ -391,7 +439,7 @@ class Config(Section):
                     f"stages {wrong} do not fit ingest.format={self.ingest.format} ({kind} data); "
                     f"use {list(TEXT_MODELS if kind == 'text' else IMAGE_MODELS)} for {kind}"
                 )
-        deep = [s for s in stages if s in TEXT_MODELS]
+        deep = [s for s in stages if s in ("lstm", "textcnn")]
         if deep and not self.features.sequence.enabled:
             raise ValueError(
                 f"stages {deep} train on token ids; set features.sequence.enabled=true"

@@ -27,6 +27,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
+from pipelines import subword
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
@@ -97,7 +98,7 @@ def run_config(
     """
     section = getattr(cfg, stage)
     t: TrainingConfig = section.training
-    model = section.model.model_dump()
+    model = section.model.model_dump() if hasattr(section, "model") else {}
     if stage == "textcnn":
         model["filter_sizes"] = tuple(model["filter_sizes"])
     return {
@@ -204,6 +205,7 @@ class DeepInputs:
     model_extra: dict[str, Any]
     data_extra: dict[str, Any]
     files: dict[str, str]  # name -> text, saved with the model
+    init: dict[str, str] | None = None  # weights to start from (see models.registry.build_model)
 
 
 def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
@@ -247,13 +249,101 @@ def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> D
     )
 
 
+NSP_LABELS = ["is_next", "random_next"]  # BERT pretraining's classes (Hugging Face's order)
+BERT_INPUTS = {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
+               "attention_mask": "input_ids_mask", "labels": "label"}  # fmt: skip
+
+
+def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> str:
+    """The WordPiece tokenizer as JSON: a local vocab.txt, or trained on a sample of the
+    training split; kept as the `bert_tokenizer` dataset so fine-tuning and scoring reuse it."""
+    tc = cfg.bert_pretrain.tokenizer
+    if tc.vocab_file:
+        return subword.load_wordpiece(tc.vocab_file, tc.lowercase).to_str()
+    train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
+    texts = subword.sample_texts(train, "text", tc.sample_docs, cfg.bert_pretrain.training.seed)
+    tok = subword.train_wordpiece(texts, tc.vocab_size, tc.lowercase, tc.min_frequency)
+    log.info("bert_pretrain: WordPiece vocabulary of %d trained on %d documents",
+             tok.get_vocab_size(), len(texts))  # fmt: skip
+    return tok.to_str()
+
+
+def bert_pretrain_inputs(spark: SparkSession, cfg: Config, catalog: Catalog) -> DeepInputs:
+    bc = cfg.bert_pretrain
+    tokenizer_json = bert_tokenizer(spark, cfg, catalog)
+    tok = subword._tokenizer(tokenizer_json)
+    docs = catalog.read("ingested", "ingest")
+    parts = []
+    for split in SPLITS:  # pairs never cross splits
+        ex = subword.pretraining_examples(
+            docs.filter(F.col("split") == split), tokenizer_json, bc.max_length, bc.training.seed
+        )
+        parts.append(ex.withColumn("split", F.lit(split)))
+    data = parts[0].unionByName(parts[1]).unionByName(parts[2]).select(
+        F.col("example_id").alias("id"), "input_ids", "token_type_ids",
+        F.col("next_sentence_label").alias("label"), "split",
+    )  # fmt: skip
+    special = [tok.token_to_id(t) for t in subword.SPECIAL_TOKENS if tok.token_to_id(t) is not None]
+    vocab = tok.get_vocab_size()
+    return DeepInputs(
+        data, {},
+        {"vocab_size": vocab, "num_classes": 0, "pad_token_id": tok.token_to_id("[PAD]")},
+        {"inputs": {**BERT_INPUTS, "mlm_labels": "mlm_labels"},
+         "mlm": {"mask_token_id": tok.token_to_id("[MASK]"), "vocab_size": vocab,
+                 "special_ids": special, "first_normal_id": max(special) + 1,
+                 "probability": bc.mask_probability}},
+        {"tokenizer.json": tokenizer_json},
+    )  # fmt: skip
+
+
+def bert_finetune_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
+    bc = cfg.bert
+    if bc.init_from == "bert_pretrain":
+        pre = catalog.require("bert_pretrain_model", "bert_pretrain")
+        model_dir = local_dir(catalog.path("bert_pretrain_model"))
+        with open(os.path.join(model_dir, "tokenizer.json")) as f:
+            tokenizer_json = f.read()
+        config = {**pre["result"]["model_config"], "num_classes": len(labels)}
+        init = {"kind": "bert_pretraining", "path": os.path.join(model_dir, "state_dict.pt")}
+    else:
+        tok_path = os.path.join(bc.init_from, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            raise DataError(
+                f"bert.init_from={bc.init_from}: no tokenizer.json there; give a local Hugging "
+                "Face BERT directory (config.json, weights, tokenizer.json) or bert_pretrain"
+            )
+        with open(tok_path) as f:
+            tokenizer_json = f.read()
+        config = {"num_classes": len(labels)}
+        init = {"kind": "hf_directory", "path": bc.init_from}
+    config["hidden_dropout"] = bc.dropout
+    text = catalog.read("ingested", "ingest")
+    enc = subword.encode(tokenizer_json, bc.max_length, F.col("text"))
+    data = text.select(
+        "id", enc["input_ids"].alias("input_ids"), enc["token_type_ids"].alias("token_type_ids"),
+        F.col("label_index").cast("int").alias("label"), "split",
+    )  # fmt: skip
+    return DeepInputs(
+        data, {}, config, {"inputs": BERT_INPUTS}, {"tokenizer.json": tokenizer_json}, init
+    )
+
+
 def run_deep(
     spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
 ) -> DeepResult:
     image = stage in IMAGE_MODELS
+    from_ingest = image or stage in ("bert_pretrain", "bert")
     upstream = (
-        catalog.require("ingested", "ingest") if image else catalog.require("features", "features")
+        catalog.require("ingested", "ingest")
+        if from_ingest
+        else catalog.require("features", "features")
     )
+    if stage == "bert" and cfg.bert.init_from == "bert_pretrain":
+        pre = catalog.require("bert_pretrain_model", "bert_pretrain")
+        upstream = {
+            **upstream,
+            "fingerprint": fingerprint(upstream["fingerprint"], pre["fingerprint"]),
+        }
     fp = fingerprint(cfg.stage_hash(stage), upstream["fingerprint"])
     out_name = f"{stage}_model"
     m = None if force else catalog.current(out_name, fp)
@@ -262,8 +352,15 @@ def run_deep(
         return DeepResult(**{**m["result"], "skipped": True})
 
     started = time.perf_counter()
-    labels: list[str] = upstream["labels"]
-    inputs = image_inputs(cfg, stage, catalog, upstream) if image else text_inputs(catalog, labels)
+    labels: list[str] = NSP_LABELS if stage == "bert_pretrain" else upstream["labels"]
+    if image:
+        inputs = image_inputs(cfg, stage, catalog, upstream)
+    elif stage == "bert_pretrain":
+        inputs = bert_pretrain_inputs(spark, cfg, catalog)
+    elif stage == "bert":
+        inputs = bert_finetune_inputs(cfg, catalog, labels)
+    else:
+        inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
     paths = {}
     for split in SPLITS:
@@ -283,6 +380,8 @@ def run_deep(
         cfg, stage, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
         os.path.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
+    if inputs.init:
+        train_config["model"]["init"] = inputs.init
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
              stage, dc.num_processes, dc.local_mode, checkpoint_dir)  # fmt: skip
     out = launch(spark, train_config, dc)

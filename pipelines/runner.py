@@ -124,6 +124,9 @@ def _deep(stage: str):
                 learning_curves_figure(result.history, f"{stage} learning curves"),
                 "plots/learning_curves.png",
             )
+        # masked-LM pretraining: MLM loss, accuracy on masked tokens, perplexity per split
+        tracking.log_metrics({k: v for k, v in result.metrics.items()
+                              if k.endswith(("mlm_loss", "mlm_accuracy", "perplexity"))})  # fmt: skip
         tracking.log_metrics({
             "train_seconds": result.train_seconds, "stage_seconds": result.wall_seconds,
             "num_parameters": result.num_parameters, "world_size": result.world_size,
@@ -137,7 +140,10 @@ def _deep(stage: str):
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
         if cfg.mlflow.log_models and not result.skipped:
             model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
-            outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
+            if stage == "bert_pretrain":  # an encoder to fine-tune, not a scorer: files only
+                mlflow.log_artifacts(model_dir, artifact_path="model-files")
+            else:
+                outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
         return result
 
     return run
@@ -172,6 +178,8 @@ _STAGES = {
     "textcnn": _deep("textcnn"),
     "cnn": _deep("cnn"),
     "alexnet": _deep("alexnet"),
+    "bert_pretrain": _deep("bert_pretrain"),
+    "bert": _deep("bert"),
 }
 _OUTPUT = {
     "ingest": "ingested",
@@ -181,4 +189,6 @@ _OUTPUT = {
     "textcnn": "textcnn_model",
     "cnn": "cnn_model",
     "alexnet": "alexnet_model",
+    "bert_pretrain": "bert_pretrain_model",
+    "bert": "bert_model",
 }

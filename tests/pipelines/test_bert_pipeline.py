@@ -1,0 +1,58 @@
+"""BERT end to end on the tiny corpus: Spark builds the WordPiece vocabulary and the
+pretraining pairs, TorchDistributor (gloo, 2 processes) pretrains, then fine-tunes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.catalog import Catalog, local_path
+from pipelines.runner import run_pipeline
+from tests.conftest import make_config
+
+TRAINING = {"batch_size": 16, "optimizer": {"lr": 0.002}, "early_stopping": {"patience": 20}}
+
+
+@pytest.mark.slow
+def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path, text_dirs):
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "bert_pretrain", "bert"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        bert_pretrain={
+            "tokenizer": {"vocab_size": 120, "min_frequency": 1},
+            "model": {"preset": "tiny", "max_position_embeddings": 64},
+            "max_length": 32,
+            "training": {**TRAINING, "epochs": 4},
+        },
+        bert={"max_length": 32, "training": {**TRAINING, "epochs": 20, "optimizer": {"lr": 0.004}}},
+    )
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    pre, fine = outcome.results["bert_pretrain"], outcome.results["bert"]
+
+    vocab = pre.model_config["vocab_size"]
+    first = pre.history[0]
+    assert abs(first["val_mlm_loss"] - math.log(vocab)) < 1.0  # near ln(vocab) after one epoch
+    assert pre.history[-1]["val_mlm_loss"] < first["val_mlm_loss"]
+    assert pre.world_size == 2 and pre.labels == ["is_next", "random_next"]
+    assert "test_perplexity" in pre.metrics and "test_mlm_accuracy" in pre.metrics
+    assert fine.metrics["test_accuracy"] >= 0.9  # three separable topics
+    assert fine.model_config["vocab_size"] == vocab and fine.model_config["num_classes"] == 3
+
+    # fine-tuning started from the pretrained encoder: its word embeddings moved only a little
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    path = lambda name: local_path(catalog.fs.qualify(catalog.path(name)))  # noqa: E731
+    a = torch.load(os.path.join(path("bert_pretrain_model"), "state_dict.pt"), weights_only=True)
+    b = torch.load(os.path.join(path("bert_model"), "state_dict.pt"), weights_only=True)
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.allclose(a[key], b[key], atol=0.1) and not torch.equal(a[key], b[key])
+    assert os.path.exists(os.path.join(path("bert_model"), "tokenizer.json"))
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    m = client.get_run(outcome.stage_run_ids["bert_pretrain"]).data.metrics
+    assert m["test_perplexity"] == pytest.approx(math.exp(m["test_mlm_loss"]))
+    assert "epoch_val_mlm_loss" in m
