@@ -393,6 +393,10 @@ class BertPretrainStageConfig(DeepStageConfig):
 
     tokenizer: WordPieceConfig = WordPieceConfig()
     model: BertModelConfig = BertModelConfig()
+    # NSP accuracy saturates early; the total loss (MLM + NSP) is what keeps improving
+    training: TrainingConfig = TrainingConfig(
+        early_stopping=EarlyStoppingSection(metric="val_loss")
+    )
     max_length: int = Field(128, ge=8)  # [CLS] A [SEP] B [SEP]
     mask_probability: float = Field(0.15, gt=0, lt=1)  # dynamic: new masks every batch
 
