@@ -152,6 +152,7 @@ class RunConfig:
     cpu_threads: int | None = None
     timeout_s: int = 600  # process-group timeout: a hung rank fails the job after this
     log_every_steps: int = 0
+    eval_at_start: bool = True  # validation metrics of the untrained model (loss at init)
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
     fault: str | None = None  # test hook, as SPARKLOOM_FAULT
 
@@ -494,6 +495,12 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
                 "scheduler": sched.state_dict(), "rng": rng_state(), "config": cfg_dict(cfg),
                 **state}  # fmt: skip
 
+    initial: dict[str, float] = {}
+    if cfg.eval_at_start and cfg.data.validation and not latest:
+        ev = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
+        initial = {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
+                   **{f"val_{k}": ev[k] for k in MLM_KEYS if k in ev}}  # fmt: skip
+        log(ctx, "before training " + " ".join(f"{k} {v:.4f}" for k, v in initial.items()))
     ddp.train()
     samples = 0
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
@@ -564,6 +571,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         "global_step": state["global_step"],
         "best_checkpoint": best_path,
         "resumed_from": resumed_from,
+        "initial": initial,
         "num_parameters": num_parameters,
         "world_size": ctx.world_size,
         "train_seconds": time.perf_counter() - started,

@@ -61,6 +61,7 @@ class DeepResult:
     wall_seconds: float
     model_config: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)  # misclassified test examples
+    initial: dict[str, float] = field(default_factory=dict)  # validation metrics before training
     skipped: bool = False
 
     def summary(self) -> str:
@@ -400,6 +401,7 @@ def run_deep(
         wall_seconds=time.perf_counter() - started,
         model_config=out["model"]["config"],
         errors=out.get("errors", []),
+        initial=out.get("initial", {}),
     )
     export_dir = out["export_dir"]
 

@@ -124,6 +124,7 @@ def _deep(stage: str):
                 learning_curves_figure(result.history, f"{stage} learning curves"),
                 "plots/learning_curves.png",
             )
+        tracking.log_metrics(result.initial, prefix="init_")  # the untrained model, e.g. ~ln(C)
         # masked-LM pretraining: MLM loss, accuracy on masked tokens, perplexity per split
         tracking.log_metrics({k: v for k, v in result.metrics.items()
                               if k.endswith(("mlm_loss", "mlm_accuracy", "perplexity"))})  # fmt: skip

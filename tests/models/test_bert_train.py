@@ -55,6 +55,7 @@ def test_pretraining_reports_mlm_and_nsp_metrics_and_learns(tmp_path):
     out = train_fn(cfg)
     first, last = out["history"][0], out["history"][-1]
     assert abs(first["train_loss"] - (math.log(VOCAB) + math.log(2))) < 0.6  # MLM + NSP at init
+    assert abs(out["initial"]["val_mlm_loss"] - math.log(VOCAB)) < 0.2
     assert last["val_mlm_loss"] < first["val_mlm_loss"] - 1.0
     assert last["val_perplexity"] == math.exp(last["val_mlm_loss"])
     m = out["metrics"]

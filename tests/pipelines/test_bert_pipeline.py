@@ -35,9 +35,9 @@ def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path
     pre, fine = outcome.results["bert_pretrain"], outcome.results["bert"]
 
     vocab = pre.model_config["vocab_size"]
-    first = pre.history[0]
-    assert abs(first["val_mlm_loss"] - math.log(vocab)) < 1.0  # near ln(vocab) after one epoch
-    assert pre.history[-1]["val_mlm_loss"] < first["val_mlm_loss"]
+    start = pre.initial["val_mlm_loss"]
+    assert abs(start - math.log(vocab)) < 0.3  # the untrained model guesses uniformly
+    assert pre.history[-1]["val_mlm_loss"] < start
     assert pre.world_size == 2 and pre.labels == ["is_next", "random_next"]
     assert "test_perplexity" in pre.metrics and "test_mlm_accuracy" in pre.metrics
     assert fine.metrics["test_accuracy"] >= 0.9  # three separable topics
@@ -55,4 +55,4 @@ def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path
     client = MlflowClient(cfg.mlflow.tracking_uri)
     m = client.get_run(outcome.stage_run_ids["bert_pretrain"]).data.metrics
     assert m["test_perplexity"] == pytest.approx(math.exp(m["test_mlm_loss"]))
-    assert "epoch_val_mlm_loss" in m
+    assert "epoch_val_mlm_loss" in m and m["init_val_mlm_loss"] == pytest.approx(start)
