@@ -208,23 +208,12 @@ def nsp_pairs(chunks: DataFrame, seed: int, max_length: int, cls_id: int, sep_id
         ((F.col("idx") + step + 1) % n).alias("p2"),
         (F.abs(F.xxhash64(F.col("example_id"), F.lit(seed + 1))) % 2 == 1).alias("want_random"),
     )
-    other = indexed.select(
-        F.col("idx").alias("pidx"), F.col("doc_id").alias("pdoc"), F.col("a_ids").alias("pa")
-    )
-    j = base.join(
-        other.withColumnRenamed("pidx", "p1")
-        .withColumnRenamed("pdoc", "d1")
-        .withColumnRenamed("pa", "a1"),
-        "p1",
-        "left",
-    )
-    j = j.join(
-        other.withColumnRenamed("pidx", "p2")
-        .withColumnRenamed("pdoc", "d2")
-        .withColumnRenamed("pa", "a2"),
-        "p2",
-        "left",
-    )
+
+    def partner(k: int) -> DataFrame:  # the candidate's doc and A segment, keyed by p<k>
+        return indexed.select(F.col("idx").alias(f"p{k}"), F.col("doc_id").alias(f"d{k}"),
+                              F.col("a_ids").alias(f"a{k}"))  # fmt: skip
+
+    j = base.join(partner(1), "p1", "left").join(partner(2), "p2", "left")
     random_b = F.when(F.col("d1") != F.col("doc_id"), F.col("a1")).when(
         F.col("d2") != F.col("doc_id"), F.col("a2")
     )
