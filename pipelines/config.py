@@ -453,6 +453,11 @@ class Config(Section):
         return self
 
     @property
+    def modality(self) -> Literal["text", "image"]:
+        """What the pipeline's data is (text without an ingest section)."""
+        return self.ingest.modality if self.ingest is not None else "text"
+
+    @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.pipeline.name
 

@@ -257,7 +257,7 @@ BERT_INPUTS = {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
 
 def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> str:
     """The WordPiece tokenizer as JSON: a local vocab.txt, or trained on a sample of the
-    training split; kept as the `bert_tokenizer` dataset so fine-tuning and scoring reuse it."""
+    training split; saved with the model as tokenizer.json, so fine-tuning and scoring reuse it."""
     tc = cfg.bert_pretrain.tokenizer
     if tc.vocab_file:
         return subword.load_wordpiece(tc.vocab_file, tc.lowercase).to_str()
@@ -272,7 +272,7 @@ def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> str:
 def bert_pretrain_inputs(spark: SparkSession, cfg: Config, catalog: Catalog) -> DeepInputs:
     bc = cfg.bert_pretrain
     tokenizer_json = bert_tokenizer(spark, cfg, catalog)
-    tok = subword._tokenizer(tokenizer_json)
+    tok = subword.tokenizer_from_json(tokenizer_json)
     docs = catalog.read("ingested", "ingest")
     parts = []
     for split in SPLITS:  # pairs never cross splits

@@ -36,13 +36,6 @@ from pipelines.config import Config, ImageConfig
 
 log = logging.getLogger(__name__)
 
-RAW_SCHEMA = T.StructType(
-    [
-        T.StructField("content", T.BinaryType()),
-        T.StructField("pixels", T.ArrayType(T.DoubleType())),
-        T.StructField("shape", T.ArrayType(T.IntegerType())),
-    ]
-)
 PREPARED = T.StructType([T.StructField("image", T.BinaryType()), T.StructField("reason", T.StringType())])  # fmt: skip
 
 
@@ -171,6 +164,7 @@ IDX_RECORDS = T.StructType(
         T.StructField("index", T.LongType()),
         T.StructField("content", T.BinaryType()),
         T.StructField("label", T.StringType()),
+        T.StructField("shape", T.ArrayType(T.IntegerType())),  # an image record's [H, W(, C)]
         T.StructField("reason", T.StringType()),
     ]
 )
@@ -207,10 +201,11 @@ def idx_records(files: Iterator[pd.DataFrame], chunk: int = 8192) -> Iterator[pd
     """
     for pdf in files:
         for path, data in zip(pdf["path"], pdf["content"], strict=True):
-            h = idx_header(bytes(data))
+            raw = _open(bytes(data)).read()  # decompressed once; the header is its start
+            h = idx_header(raw)
             dims, offset = h["dims"], h["offset"]
             n, size = dims[0], int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
-            body = _open(bytes(data)).read()[offset:]
+            body = raw[offset:]
             have = min(n, len(body) // size)
             for start in range(0, n, chunk):
                 idx = np.arange(start, min(n, start + chunk))
@@ -219,6 +214,7 @@ def idx_records(files: Iterator[pd.DataFrame], chunk: int = 8192) -> Iterator[pd
                     "file": path, "index": idx,
                     "content": rec if len(dims) > 1 else None,
                     "label": [None if r is None else str(r[0]) for r in rec] if len(dims) == 1 else None,
+                    "shape": [dims[1:]] * len(idx) if len(dims) > 1 else None,
                     "reason": ["truncated" if i >= have else None for i in idx.tolist()],
                 })  # fmt: skip
 

@@ -29,7 +29,6 @@ from pipelines.images import IDX_RECORDS, channel_stats, idx_header, idx_records
 log = logging.getLogger(__name__)
 
 CORRUPT = "_corrupt_record"
-CLEAN_COLUMNS = ["id", "text", "label", "label_index", "split"]
 SPLIT_KEY = "_split_key"
 
 
@@ -236,8 +235,8 @@ def _read_image_dirs(spark: SparkSession, ing: IngestConfig, path: str) -> DataF
                       F.col("content"), none, none, none)  # fmt: skip
 
 
-def idx_pairs(spark: SparkSession, path: str) -> list[tuple[str, str, int, list[int]]]:
-    """(images file, labels file, records, image dims) for every IDX pair under `path`.
+def idx_pairs(spark: SparkSession, path: str) -> list[tuple[str, str]]:
+    """(images file, labels file) for every IDX pair under `path`.
 
     A labels file sits next to its images file with `images` -> `labels` and
     `idx3`/`idx4` -> `idx1` in the name (MNIST's naming). Headers are checked here,
@@ -273,7 +272,7 @@ def idx_pairs(spark: SparkSession, path: str) -> list[tuple[str, str, int, list[
                 "an IDX pair must have one label per image"
             )
         used.add(want)
-        pairs.append((img, want, dims[0], dims[1:]))
+        pairs.append((img, want))
     extra = sorted(set(labels) - used) + sorted(set(headers) - set(images) - set(labels))
     if extra:
         raise DataError(
@@ -295,22 +294,10 @@ def _read_idx(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
     """One row per IDX image record, joined with its label by position."""
     pairs = idx_pairs(spark, path)
     root = HadoopFS(spark).qualify(path).rstrip("/")
-    files = spark.read.format("binaryFile").load([p for pair in pairs for p in pair[:2]])
+    files = spark.read.format("binaryFile").load([p for pair in pairs for p in pair])
     records = files.select("path", "content").mapInPandas(idx_records, IDX_RECORDS)
-    shape = (
-        F.array(*[F.lit(d) for d in pairs[0][3]])
-        if len({tuple(p[3]) for p in pairs}) == 1
-        else None
-    )
-    if shape is None:
-        shape = F.element_at(
-            F.map_from_entries(
-                F.array(*[F.struct(F.lit(p[0]), F.array(*map(F.lit, p[3]))) for p in pairs])
-            ),
-            F.col("file"),
-        )
     label_of = F.create_map(*[x for p in pairs for x in (F.lit(p[1]), F.lit(p[0]))])
-    images = records.filter(F.col("label").isNull() & F.col("file").isin([p[0] for p in pairs]))
+    images = records.filter(F.col("file").isin([p[0] for p in pairs]))
     labels = records.filter(F.col("file").isin([p[1] for p in pairs])).select(
         label_of[F.col("file")].alias("file"), "index", F.col("label").alias("y")
     )
@@ -320,7 +307,7 @@ def _read_idx(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
         joined,
         F.concat_ws("#", F.when(rel == "", F.col("file")).otherwise(rel), F.lpad(F.col("index").cast("string"), 7, "0")),
         F.col("y"), F.col("file"), F.col("content"), F.lit(None),
-        F.when(F.col("content").isNotNull(), shape), F.col("reason"),
+        F.col("shape"), F.col("reason"),
     )  # fmt: skip
 
 
@@ -366,22 +353,25 @@ def with_reason(raw: DataFrame, has_id: bool) -> DataFrame:
         .when(F.col("text").isNull(), "null_text")
         .when(F.length(F.trim(F.col("text"))) == 0, "empty_text")
         .when(F.col("bad_utf8"), "invalid_utf8")
-        .when(F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label")
+    )
+    return raw.withColumn("reason", _label_and_id(reason, has_id))
+
+
+def _label_and_id(reason: Column, has_id: bool) -> Column:
+    """The checks every row shares, after the payload's own: a label, and an id if given."""
+    reason = reason.when(
+        F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label"
     )
     if has_id:
         reason = reason.when(F.col("id").isNull() | (F.length(F.col("id")) == 0), "null_id")
-    return raw.withColumn("reason", reason)
+    return reason
 
 
 def with_image_reason(raw: DataFrame, ic: ImageConfig, has_id: bool) -> DataFrame:
     """Decodes and resizes `raw` images (pipelines.images); adds `reason` like `with_reason`."""
     df = prepare_images(raw, ic)
     found = F.coalesce(F.col("reason"), F.col("image_reason"))
-    reason = F.when(found.isNotNull(), found).when(
-        F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label"
-    )
-    if has_id:
-        reason = reason.when(F.col("id").isNull() | (F.length(F.col("id")) == 0), "null_id")
+    reason = _label_and_id(F.when(found.isNotNull(), found), has_id)
     return df.withColumn("reason", reason).drop("image_reason")
 
 

@@ -71,7 +71,7 @@ def _ingest(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Inges
 def _features(
     spark, cfg: Config, catalog: Catalog, force: bool, outcome
 ) -> FeaturesResult | ImageFeaturesResult:
-    image = cfg.ingest is not None and cfg.ingest.modality == "image"
+    image = cfg.modality == "image"
     result = (run_image_features if image else run_features)(spark, cfg, catalog, force)
     tracking.log_metrics(result.metrics())
     return result
@@ -96,8 +96,7 @@ def _baseline(
         report.append(classification_report(cm, result.labels, title))
     mlflow.log_text("\n".join(report), "classification_report.md")
     if cfg.mlflow.log_models and model is not None:
-        image = cfg.ingest is not None and cfg.ingest.modality == "image"
-        col = ("binary", "image") if image else ("string", "text")
+        col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result
 

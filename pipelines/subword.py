@@ -97,7 +97,7 @@ def sample_texts(df: DataFrame, column: str, max_docs: int, seed: int) -> list[s
 _CACHE: dict[str, object] = {}
 
 
-def _tokenizer(json_str: str):
+def tokenizer_from_json(json_str: str):
     """Built once per Python worker process, keyed by the tokenizer's content."""
     key = hashlib.sha1(json_str.encode()).hexdigest()
     if key not in _CACHE:
@@ -119,7 +119,7 @@ def encode(tokenizer_json: str, max_length: int, a: Column, b: Column | None = N
     """`[CLS] A [SEP]` (or `[CLS] A [SEP] B [SEP]`) ids and segment ids, truncated to max_length."""
 
     def run(first: pd.Series, second: pd.Series | None) -> pd.DataFrame:
-        tok = _tokenizer(tokenizer_json)
+        tok = tokenizer_from_json(tokenizer_json)
         tok.enable_truncation(max_length)
         items = list(first) if second is None else list(zip(first, second, strict=True))
         encs = tok.encode_batch([x if x is not None else "" for x in items])
@@ -153,7 +153,7 @@ def document_chunks(tokenizer_json: str, max_length: int, seed: int):
     budget = max_length - 3  # [CLS] A [SEP] B [SEP]
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        tok = _tokenizer(tokenizer_json)
+        tok = tokenizer_from_json(tokenizer_json)
         tok.no_truncation()  # whole sentences; pairs are trimmed to max_length when assembled
         for pdf in batches:
             rows = []
@@ -256,7 +256,7 @@ def pretraining_examples(
     docs: DataFrame, tokenizer_json: str, max_length: int, seed: int
 ) -> DataFrame:
     """Documents (id, text) -> BERT pretraining examples, deterministic for a seed."""
-    tok = _tokenizer(tokenizer_json)
+    tok = tokenizer_from_json(tokenizer_json)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     chunks = docs.select("id", "text").mapInPandas(
         document_chunks(tokenizer_json, max_length, seed), CHUNKS
