@@ -64,7 +64,9 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
             "plots/learning_curves.png"} <= files  # fmt: skip
     metrics = client.get_run(run).data.metrics
     assert metrics["test_accuracy"] == pytest.approx(cnn.metrics["test_accuracy"])
-    assert 0 <= metrics["test_recall_3"] <= 1 and 0 <= metrics["test_precision_7"] <= 1
+    cm = np.array(cnn.confusion["test"])  # per-class metrics are the confusion matrix's
+    assert metrics["test_recall_3"] == pytest.approx(cm[3, 3] / cm[3].sum())
+    assert metrics["test_precision_7"] == pytest.approx(cm[7, 7] / cm[:, 7].sum())
     errors = cnn.errors
     wrong = round((1 - cnn.metrics["test_accuracy"]) * sum(map(sum, cnn.confusion["test"])))
     assert len(errors) == min(wrong, 64) and all(e["label"] != e["pred"] for e in errors)
