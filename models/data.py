@@ -296,11 +296,16 @@ def _binary_column(arr: pa.Array, name: str, shape: list[int]) -> torch.Tensor:
     return torch.from_numpy(data.copy()).view(len(arr), *shape)
 
 
+PadValue = int | float | dict[str, int | float]  # one for all columns, or per column (default 0)
+
+
 def to_tensors(
-    table: pa.Table, meta: dict | None = None, pad_value: int | float = 0
+    table: pa.Table, meta: dict | None = None, pad_value: PadValue = 0
 ) -> dict[str, Any]:
     """One Arrow table -> {column: tensor}; strings and binaries stay Python lists, except
-    binaries with a shape in `meta` (raw uint8 records such as images), which become tensors."""
+    binaries with a shape in `meta` (raw uint8 records such as images), which become tensors.
+    Variable-length lists are padded with `pad_value` (e.g. {"mlm_labels": -100}: padding
+    that a loss must ignore)."""
     meta = meta or {}
     shapes = meta.get("shapes", {})
     vector_formats = meta.get("vectors", {})
@@ -311,7 +316,8 @@ def to_tensors(
         if _is_vector(t):
             out[name] = _vector_column(col, name, vector_formats.get(name, "dense"))
         elif _is_list(t):
-            out.update(_list_column(col, name, shapes.get(name), pad_value))
+            pad = pad_value.get(name, 0) if isinstance(pad_value, dict) else pad_value
+            out.update(_list_column(col, name, shapes.get(name), pad))
         elif (pa.types.is_binary(t) or pa.types.is_large_binary(t)) and name in shapes:
             out[name] = _binary_column(col, name, shapes[name])
         elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
@@ -344,7 +350,7 @@ class ParquetBatches(IterableDataset):
         shuffle_buffer: int = 16_384,
         rank: int | None = None,
         world_size: int | None = None,
-        pad_value: int | float = 0,
+        pad_value: PadValue = 0,
         transform: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None,
     ):
         """`transform(batch, generator)` runs on every batch (augmentation, standardization);

@@ -68,8 +68,10 @@ class DataConfig:
     # raw uint8 records that the loader standardizes (and, for training batches, augments)
     image: dict[str, Any] | None = None
     # masked-LM batches: {"mask_token_id", "vocab_size", "special_ids", "first_normal_id",
-    # "probability"}; masks are drawn per batch (dynamic masking), seeded, also for evaluation
+    # "probability"}; masks are drawn per batch (dynamic masking), seeded, also for evaluation.
+    # None with static masking: the masked ids and their labels are columns of the data
     mlm: dict[str, Any] | None = None
+    pad_values: dict[str, int | float] = field(default_factory=dict)  # per column; default 0
     id_column: str | None = None  # read along, to name misclassified test examples
     num_errors: int = 0  # misclassified test examples to return (ids, true and predicted)
 
@@ -97,7 +99,7 @@ class DataConfig:
         return make_dataloader(
             path, self.batch_size if train else self.eval_batch_size, shuffle=train, seed=seed,
             num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer,
-            columns=self.columns(), transform=self.transform(train),
+            columns=self.columns(), transform=self.transform(train), pad_value=self.pad_values,
         )  # fmt: skip
 
 

@@ -398,10 +398,21 @@ class BertPretrainStageConfig(DeepStageConfig):
         early_stopping=EarlyStoppingSection(metric="val_loss")
     )
     max_length: int = Field(128, ge=8)  # [CLS] A [SEP] B [SEP]
-    mask_probability: float = Field(0.15, gt=0, lt=1)  # dynamic: new masks every batch
+    mask_probability: float = Field(0.15, gt=0, lt=1)
+    # dynamic: a new mask every time a batch is made, in the training processes (RoBERTa);
+    # static: masks drawn once in Spark and stored with the data (the original BERT recipe),
+    # `static_copies` differently-masked copies of each training example (BERT's dupe_factor)
+    masking: Literal["dynamic", "static"] = "dynamic"
+    static_copies: int = Field(1, ge=1, le=100)
 
     @model_validator(mode="after")
     def _fits(self) -> BertPretrainStageConfig:
+        if self.static_copies > 1 and self.masking != "static":
+            raise ValueError(
+                f"bert_pretrain.static_copies={self.static_copies} applies to static masking only; "
+                "set bert_pretrain.masking=static, or drop static_copies (dynamic masking draws "
+                "a new mask every epoch anyway)"
+            )
         if self.max_length > self.model.max_position_embeddings:
             raise ValueError(
                 f"bert_pretrain.max_length {self.max_length} exceeds model.max_position_embeddings "

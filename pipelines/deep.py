@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from models.masking import IGNORE_INDEX
 from pipelines import subword
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
@@ -255,23 +256,28 @@ BERT_INPUTS = {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
                "attention_mask": "input_ids_mask", "labels": "label"}  # fmt: skip
 
 
-def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> str:
-    """The WordPiece tokenizer as JSON: a local vocab.txt, or trained on a sample of the
-    training split; saved with the model as tokenizer.json, so fine-tuning and scoring reuse it."""
+def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> tuple[str, dict]:
+    """The WordPiece tokenizer as JSON, and where it came from: a local vocab.txt, or trained
+    on a sample of the training split. Saved with the model as tokenizer.json (fine-tuning and
+    scoring reuse it) and logged to MLflow as the `tokenizer/` artifact."""
     tc = cfg.bert_pretrain.tokenizer
     if tc.vocab_file:
-        return subword.load_wordpiece(tc.vocab_file, tc.lowercase).to_str()
-    train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
-    texts = subword.sample_texts(train, "text", tc.sample_docs, cfg.bert_pretrain.training.seed)
-    tok = subword.train_wordpiece(texts, tc.vocab_size, tc.lowercase, tc.min_frequency)
-    log.info("bert_pretrain: WordPiece vocabulary of %d trained on %d documents",
-             tok.get_vocab_size(), len(texts))  # fmt: skip
-    return tok.to_str()
+        tok = subword.load_wordpiece(tc.vocab_file, tc.lowercase)
+        info = {"source": "vocab_file", "vocab_file": tc.vocab_file}
+    else:
+        train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
+        texts = subword.sample_texts(train, "text", tc.sample_docs, cfg.bert_pretrain.training.seed)
+        tok = subword.train_wordpiece(texts, tc.vocab_size, tc.lowercase, tc.min_frequency)
+        info = {"source": "trained", "documents": len(texts), "min_frequency": tc.min_frequency,
+                "requested_vocab_size": tc.vocab_size}  # fmt: skip
+        log.info("bert_pretrain: WordPiece vocabulary of %d trained on %d documents",
+                 tok.get_vocab_size(), len(texts))  # fmt: skip
+    return tok.to_str(), {**info, "vocab_size": tok.get_vocab_size(), "lowercase": tc.lowercase}
 
 
 def bert_pretrain_inputs(spark: SparkSession, cfg: Config, catalog: Catalog) -> DeepInputs:
     bc = cfg.bert_pretrain
-    tokenizer_json = bert_tokenizer(spark, cfg, catalog)
+    tokenizer_json, tokenizer_info = bert_tokenizer(spark, cfg, catalog)
     tok = subword.tokenizer_from_json(tokenizer_json)
     docs = catalog.read("ingested", "ingest")
     parts = []
@@ -286,14 +292,36 @@ def bert_pretrain_inputs(spark: SparkSession, cfg: Config, catalog: Catalog) -> 
     )  # fmt: skip
     special = [tok.token_to_id(t) for t in subword.SPECIAL_TOKENS if tok.token_to_id(t) is not None]
     vocab = tok.get_vocab_size()
+    mlm = {"mask_token_id": tok.token_to_id("[MASK]"), "vocab_size": vocab,
+           "special_ids": special, "first_normal_id": max(special) + 1,
+           "probability": bc.mask_probability}  # fmt: skip
+    data_extra: dict[str, Any] = {"inputs": {**BERT_INPUTS, "mlm_labels": "mlm_labels"}}
+    if bc.masking == "static":
+        data = static_masked(data, mlm, bc.static_copies, bc.training.seed)
+        data_extra["pad_values"] = {"mlm_labels": IGNORE_INDEX}  # padding is never predicted
+    else:
+        data_extra["mlm"] = mlm
     return DeepInputs(
         data, {},
         {"vocab_size": vocab, "num_classes": 0, "pad_token_id": tok.token_to_id("[PAD]")},
-        {"inputs": {**BERT_INPUTS, "mlm_labels": "mlm_labels"},
-         "mlm": {"mask_token_id": tok.token_to_id("[MASK]"), "vocab_size": vocab,
-                 "special_ids": special, "first_normal_id": max(special) + 1,
-                 "probability": bc.mask_probability}},
-        {"tokenizer.json": tokenizer_json},
+        data_extra,
+        {"tokenizer.json": tokenizer_json, "tokenizer_info.json": json.dumps(tokenizer_info)},
+    )  # fmt: skip
+
+
+def static_masked(data: DataFrame, mlm: dict, copies: int, seed: int) -> DataFrame:
+    """Static masking: `copies` differently-masked copies of each training example (one of
+    each validation/test example), masks seeded by (seed, split, id, copy)."""
+    n = F.when(F.col("split") == "train", F.lit(copies)).otherwise(F.lit(1))
+    data = data.withColumn("copy", F.explode(F.sequence(F.lit(0), n - 1)))
+    key = F.concat_ws("/", "split", "id", F.col("copy").cast("string"))
+    masked = subword.static_masks(F.col("input_ids"), key, mlm, seed)
+    return data.select(
+        F.when(F.col("copy") == 0, F.col("id"))
+        .otherwise(F.concat(F.col("id"), F.lit("@copy"), F.col("copy").cast("string")))
+        .alias("id"),
+        masked["input_ids"].alias("input_ids"), masked["mlm_labels"].alias("mlm_labels"),
+        "token_type_ids", "label", "split",
     )  # fmt: skip
 
 

@@ -138,8 +138,10 @@ def _deep(stage: str):
             _log_misclassified(catalog, stage, result)
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
+        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
+        if not result.skipped:
+            tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:
-            model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
             if stage == "bert_pretrain":  # an encoder to fine-tune, not a scorer: files only
                 mlflow.log_artifacts(model_dir, artifact_path="model-files")
             else:

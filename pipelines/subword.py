@@ -262,3 +262,44 @@ def pretraining_examples(
         document_chunks(tokenizer_json, max_length, seed), CHUNKS
     )
     return nsp_pairs(chunks, seed, max_length, cls_id, sep_id)
+
+
+# --- static masking -------------------------------------------------------------------------
+
+MASKED = T.StructType(
+    [
+        T.StructField("input_ids", T.ArrayType(T.IntegerType())),
+        T.StructField("mlm_labels", T.ArrayType(T.IntegerType())),
+    ]
+)
+
+
+def static_masks(ids: Column, key: Column, mlm: dict, seed: int) -> Column:
+    """Masked ids and MLM labels (-100 off the chosen positions), drawn once in Spark.
+
+    The same rule as the loader's dynamic masking (`models.masking.mask_tokens`), with the
+    random draws seeded by (seed, key) per row: the result does not depend on partitioning.
+    `mlm` holds mask_token_id, vocab_size, special_ids, first_normal_id and probability.
+    """
+
+    def run(id_lists: pd.Series, keys: pd.Series) -> pd.DataFrame:
+        import numpy as np
+        import torch
+
+        from models.masking import MaskingConfig, mask_tokens
+
+        cfg = MaskingConfig(probability=mlm["probability"])
+        special_ids = torch.tensor(mlm["special_ids"], dtype=torch.int64)
+        masked, labels = [], []
+        for row, k in zip(id_lists, keys, strict=True):
+            t = torch.from_numpy(np.asarray(row, dtype=np.int64)).unsqueeze(0)  # (1, T)
+            g = torch.Generator().manual_seed(_seeded(seed, k) >> 1)
+            m, y = mask_tokens(
+                t, torch.isin(t, special_ids), mlm["mask_token_id"], mlm["vocab_size"], cfg, g,
+                first_normal_id=mlm["first_normal_id"],
+            )  # fmt: skip
+            masked.append(m[0].tolist())
+            labels.append(y[0].tolist())
+        return pd.DataFrame({"input_ids": masked, "mlm_labels": labels})
+
+    return F.pandas_udf(run, MASKED)(ids, key)

@@ -157,3 +157,23 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
         serialization_format="pickle",
     )
     return info.model_uri
+
+
+def log_tokenizer(model_dir: str) -> None:
+    """The subword tokenizer saved with a model, as the run's `tokenizer/` artifact:
+    tokenizer.json (what the code loads), vocab.txt (one token per line, in id order: what
+    other BERT tools read) and tokenizer_info.json (where it came from), when present."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        vocab = json.load(f)["model"]["vocab"]  # token -> id (WordPiece)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.txt"), "w") as f:
+            f.writelines(f"{tok}\n" for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
+        mlflow.log_artifact(os.path.join(tmp, "vocab.txt"), "tokenizer")
+    mlflow.log_artifact(path, "tokenizer")
+    info = os.path.join(model_dir, "tokenizer_info.json")
+    if os.path.isfile(info):
+        mlflow.log_artifact(info, "tokenizer")
+    mlflow.log_metric("tokenizer_vocab_size", len(vocab))

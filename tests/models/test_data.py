@@ -109,6 +109,10 @@ def test_column_types_round_trip():
     assert out["image"].shape == (3, 2, 2) and out["image"][1].tolist() == [[4.0, 5.0], [6.0, 7.0]]
     assert out["flat_img"].shape == (3, 1, 2, 2)
     assert out["name"] == ["a", "b", "c"]
+    # per-column padding: labels padded with -100 are ignored by cross_entropy
+    per_col = to_tensors(table, pad_value={"ragged": -100})
+    assert per_col["ragged"].tolist() == [[1, -100, -100], [2, 3, 4], [-100, -100, -100]]
+    assert per_col["ragged_mask"].tolist() == out["ragged_mask"].tolist()
     # a slice (as the reader cuts batches) keeps its own rows
     part = to_tensors(table.slice(1, 2))
     assert part["ragged"].tolist() == [[2, 3, 4], [0, 0, 0]]

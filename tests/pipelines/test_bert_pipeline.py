@@ -3,8 +3,10 @@ pretraining pairs, TorchDistributor (gloo, 2 processes) pretrains, then fine-tun
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.catalog import Catalog, local_path
 from pipelines.runner import run_pipeline
+from pipelines.subword import SPECIAL_TOKENS, pretraining_examples
 from tests.conftest import make_config
 
 TRAINING = {"batch_size": 16, "optimizer": {"lr": 0.002}, "early_stopping": {"patience": 20}}
@@ -56,3 +59,45 @@ def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path
     m = client.get_run(outcome.stage_run_ids["bert_pretrain"]).data.metrics
     assert m["test_perplexity"] == pytest.approx(math.exp(m["test_mlm_loss"]))
     assert "epoch_val_mlm_loss" in m and m["init_val_mlm_loss"] == pytest.approx(start)
+
+
+@pytest.mark.slow
+def test_static_masking_pretrains_on_masks_made_in_spark(spark, tmp_path, text_dirs):
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "bert_pretrain"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        bert_pretrain={
+            "tokenizer": {"vocab_size": 120, "min_frequency": 1},
+            "model": {"preset": "tiny", "max_position_embeddings": 64},
+            "max_length": 32,
+            "masking": "static",
+            "static_copies": 2,
+            "training": {**TRAINING, "epochs": 2},
+        },
+    )
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    pre = outcome.results["bert_pretrain"]
+    vocab = pre.model_config["vocab_size"]
+    assert abs(pre.initial["val_mlm_loss"] - math.log(vocab)) < 0.3
+    assert pre.history[-1]["val_mlm_loss"] < pre.initial["val_mlm_loss"]
+
+    # an epoch is two differently-masked copies of every training pair
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    model_dir = local_path(catalog.fs.qualify(catalog.path("bert_pretrain_model")))
+    with open(os.path.join(model_dir, "tokenizer.json")) as f:
+        tokenizer_json = f.read()
+    train = catalog.read("ingested", "ingest").filter("split = 'train'")
+    pairs = pretraining_examples(train, tokenizer_json, 32, cfg.bert_pretrain.training.seed).count()
+    per_step = 16 * pre.world_size
+    assert 2 * pairs // per_step <= pre.history[0]["step"] <= -(-2 * pairs // per_step)
+
+    # the tokenizer is an artifact of its own: vocab.txt in id order, where it came from
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run_id = outcome.stage_run_ids["bert_pretrain"]
+    got = client.download_artifacts(run_id, "tokenizer", str(tmp_path / "dl"))
+    lines = Path(got, "vocab.txt").read_text().splitlines()
+    assert len(lines) == vocab and lines[:5] == SPECIAL_TOKENS
+    info = json.loads(Path(got, "tokenizer_info.json").read_text())
+    assert info["source"] == "trained" and info["vocab_size"] == vocab and info["documents"] > 0
+    assert client.get_run(run_id).data.metrics["tokenizer_vocab_size"] == vocab

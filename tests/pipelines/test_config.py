@@ -77,6 +77,14 @@ def test_later_files_win(tmp_path):
         ),
         ("ingest.image.channels=2", "ingest.image.channels: input should be 1 or 3"),
         ("alexnet.model.stem=huge", "alexnet.model.stem: input should be 'auto', 'imagenet' or"),
+        (
+            "bert_pretrain.static_copies=4",
+            "applies to static masking only; set bert_pretrain.masking=static",
+        ),
+        (
+            "bert_pretrain.masking=both",
+            "bert_pretrain.masking: input should be 'dynamic' or 'static'",
+        ),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(tmp_path, override, expected):

@@ -7,6 +7,7 @@ import random
 import pytest
 from pyspark.sql import functions as F
 
+from pipelines.deep import static_masked
 from pipelines.errors import DataError
 from pipelines.subword import (
     SPECIAL_TOKENS,
@@ -106,3 +107,59 @@ def test_random_b_comes_from_another_document(spark, tokenizer):
         text_b = tok.decode(b)
         own = all(w in words[doc] for w in text_b.replace(".", " ").split())
         assert own == (r["next_sentence_label"] == 0), (r["example_id"], text_b)
+
+
+def test_static_masks_follow_bert_rates_and_do_not_depend_on_partitioning(spark, docs, tokenizer):
+    js = tokenizer.to_str()
+    ex = pretraining_examples(docs, js, max_length=48, seed=7).select(
+        F.col("example_id").alias("id"), "input_ids", "token_type_ids",
+        F.col("next_sentence_label").alias("label"),
+        F.when(F.crc32("example_id") % 4 == 0, "test").otherwise("train").alias("split"),
+    )  # fmt: skip
+    special = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    mask_id, vocab = tokenizer.token_to_id("[MASK]"), tokenizer.get_vocab_size()
+    mlm = {"mask_token_id": mask_id, "vocab_size": vocab, "special_ids": special,
+           "first_normal_id": 5, "probability": 0.15}  # fmt: skip
+    out = static_masked(ex, mlm, copies=3, seed=11)
+    original = {r["id"]: r["input_ids"] for r in ex.collect()}
+    splits = {r["id"]: r["split"] for r in ex.collect()}
+    rows = out.collect()
+    n_train = sum(s == "train" for s in splits.values())
+    assert len(rows) == 3 * n_train + (len(original) - n_train)  # copies of train only
+    assert len({r["id"] for r in rows}) == len(rows)
+
+    chosen = eligible = masked = same = 0
+    copies: dict[str, list[list[int]]] = {}
+    for r in rows:
+        base = r["id"].split("@copy")[0]
+        ids, labels, orig = r["input_ids"], r["mlm_labels"], original[base]
+        assert len(ids) == len(labels) == len(orig) == len(r["token_type_ids"])
+        copies.setdefault(base, []).append(labels)
+        for tok, lab, o in zip(ids, labels, orig, strict=True):
+            if o in special:
+                assert lab == -100 and tok == o  # [CLS]/[SEP] never chosen
+                continue
+            eligible += 1
+            if lab == -100:
+                assert tok == o  # not chosen: left as it was
+                continue
+            assert lab == o  # the label is the original token
+            chosen += 1
+            masked += tok == mask_id
+            same += tok == o
+    assert eligible > 5000
+    assert chosen / eligible == pytest.approx(0.15, abs=0.02)
+    assert masked / chosen == pytest.approx(0.8, abs=0.04)
+    # unchanged: the 10% kept plus random draws that hit the same token (1 in ~115)
+    assert same / chosen == pytest.approx(0.1, abs=0.03)
+    # the copies of a training example carry different masks
+    multi = [v for v in copies.values() if len(v) == 3]
+    assert (
+        len(multi) == n_train
+        and sum(len({tuple(x) for x in v}) == 3 for v in multi) > 0.9 * n_train
+    )
+
+    again = static_masked(ex.repartition(5), mlm, copies=3, seed=11).collect()
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, again))
+    other_seed = static_masked(ex, mlm, copies=3, seed=12).collect()
+    assert sorted(map(tuple, rows)) != sorted(map(tuple, other_seed))
