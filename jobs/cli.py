@@ -1,4 +1,5 @@
-"""`sparkloom <stage> --conf FILE [key.sub=value ...]`: parse, load config, run, clean up."""
+"""`sparkloom <stage> --conf FILE [key.sub=value ...]`: parse, load config, run, clean up.
+`sparkloom generate --model ... --prompt ...`: sample from a trained GPT-2 (jobs/generate.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 
 STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
-                  "bert_pretrain", "bert")  # fmt: skip
+                  "bert_pretrain", "bert", "gpt2")  # fmt: skip
 log = logging.getLogger("sparkloom")
 
 
@@ -24,6 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["generate"]:  # sampling from a trained GPT-2: its own options
+        from jobs.generate import run
+
+        return run(argv[1:])
     args = parse_args(argv)
     _setup_logging(args.verbose)
     from pipelines.errors import SparkloomError

@@ -10,6 +10,7 @@ from torch import nn
 
 from models.bert import BertClassifier, BertConfig, BertPretrainer
 from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
+from models.gpt2 import GPT2LM, GPT2Config
 from models.lstm import LSTMClassifier, LSTMConfig
 from models.textcnn import TextCNN, TextCNNConfig
 
@@ -20,13 +21,14 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "alexnet": (AlexNetConfig, AlexNet),
     "bert_pretrain": (BertConfig, BertPretrainer),  # MLM + NSP
     "bert": (BertConfig, BertClassifier),  # sequence classification (fine-tuning)
+    "gpt2": (GPT2Config, GPT2LM),  # causal language model
 }
 
 
 def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None = None) -> nn.Module:
     """The model `name` from its config; `init` starts it from saved weights:
     {"kind": "bert_pretraining", "path": state_dict.pt of a BertPretrainer} or
-    {"kind": "hf_directory", "path": a local Hugging Face BERT directory}."""
+    {"kind": "hf_directory", "path": a local Hugging Face BERT or GPT-2 directory}."""
     if init:
         return _from_weights(name, config, init)
     if name not in MODELS:
@@ -40,8 +42,16 @@ def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None =
 
 
 def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn.Module:
+    if name == "gpt2" and init["kind"] == "hf_directory":  # continued pretraining
+        model = GPT2LM.from_hf_directory(init["path"])
+        if "vocab_size" in config and config["vocab_size"] != model.cfg.vocab_size:
+            raise ValueError(
+                f"the GPT-2 at {init['path']} has a vocabulary of {model.cfg.vocab_size}, the "
+                f"tokenizer {config['vocab_size']}; give the model's own tokenizer"
+            )
+        return model
     if name != "bert":
-        raise ValueError(f"model '{name}' cannot start from saved weights; only 'bert' can")
+        raise ValueError(f"model '{name}' cannot start from saved weights; only bert and gpt2 can")
     if init["kind"] == "bert_pretraining":
         state = torch.load(init["path"], map_location="cpu", weights_only=True)
         return BertClassifier.from_pretraining(BertConfig(**config), state)

@@ -153,7 +153,10 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     cpu_threads: int | None = None
     timeout_s: int = 600  # process-group timeout: a hung rank fails the job after this
-    log_every_steps: int = 0
+    log_every_steps: int = 0  # mean train loss, lr and tokens/s every N steps, in the result
+    eval_every_steps: int = 0  # also evaluate on validation every N steps (besides each epoch)
+    compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up from the GPU's name
     eval_at_start: bool = True  # validation metrics of the untrained model (loss at init)
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
     fault: str | None = None  # test hook, as SPARKLOOM_FAULT
@@ -363,17 +366,25 @@ def evaluate(
     model: nn.Module, path: str, cfg: RunConfig, ctx: Dist, num_classes: int, num_errors: int = 0
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix over the whole split, summed across ranks; with
-    `num_errors`, also up to that many misclassified examples (id, true, predicted, p)."""
+    `num_errors`, also up to that many misclassified examples (id, true, predicted, p).
+    A causal LM (no labels) reports the mean loss per predicted token, token accuracy and
+    perplexity instead."""
     model.eval()
     loader = cfg.data.loader(path, train=False, seed=cfg.seed)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=ctx.device)
     errors: list[dict[str, Any]] = []
     mlm = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count
+    lm = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss sum, correct, count, rows
     for batch in loader:
         x = model_inputs(batch, cfg.data.inputs, ctx.device)
         with autocast(cfg, ctx):
             out = model(**x)
+        if "lm_count" in out:  # next-token prediction: every target position counts
+            n_tok = out["lm_count"].double()
+            lm += torch.stack([out["lm_loss"].double() * n_tok, out["lm_correct"].double(),
+                               n_tok, n_tok.new_tensor(float(out["logits"].shape[0]))])  # fmt: skip
+            continue
         labels = x["labels"]
         loss_sum += out["loss"].double() * labels.numel()
         pred = out["logits"].argmax(-1)
@@ -388,6 +399,13 @@ def evaluate(
                 errors.append({"id": batch[cfg.data.id_column][i], "label": int(labels[i]),
                                "pred": int(pred[i]), "prob": float(prob[i])})  # fmt: skip
     loss_sum, cm, mlm = all_sum(loss_sum, ctx), all_sum(cm, ctx), all_sum(mlm, ctx)
+    if num_classes == 0:  # a language model
+        loss_total, correct, count, rows = (float(v) for v in all_sum(lm, ctx).tolist())
+        model.train()
+        loss = loss_total / max(1.0, count)
+        return {"loss": loss, "accuracy": correct / max(1.0, count), "confusion": [],
+                "examples": int(rows), "tokens": int(count), "errors": [],
+                "perplexity": math.exp(min(loss, 50))}  # fmt: skip
     if num_errors and ctx.world_size > 1:
         gathered: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(gathered, errors)
@@ -419,6 +437,24 @@ def mlm_metrics(sums: torch.Tensor) -> dict[str, float]:
         "mlm_accuracy": correct / count,
         "perplexity": math.exp(min(loss, 50)),
     }
+
+
+# Dense bf16 tensor-core peak per device, TFLOP/s, from the vendors' data sheets; matched in
+# order against torch.cuda.get_device_name(). Set RunConfig.peak_tflops for anything else.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+)  # fmt: skip
+
+
+def peak_flops(cfg: RunConfig, ctx: Dist) -> float | None:
+    """Peak FLOP/s of one device, for MFU: from the config, or the GPU's name; None on CPU."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if ctx.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(ctx.device)
+    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def autocast(cfg: RunConfig, ctx: Dist):
@@ -466,9 +502,13 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model["name"], cfg.model.get("config", {}), cfg.model.get("init"))
-    num_classes = getattr(model, "num_labels", None) or model.cfg.num_classes
+    lm = getattr(model, "task", "classify") == "lm"  # causal LM: no classes, tokens are targets
+    num_classes = 0 if lm else getattr(model, "num_labels", None) or model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
+    if cfg.compile:
+        model.compile()  # in place: the state dict keeps its keys, checkpoints stay portable
     ddp = wrap(model, ctx)
+    peak = peak_flops(cfg, ctx)
     train = cfg.data.loader(cfg.data.train, train=True, seed=cfg.seed)
     batches_per_epoch = len(train.dataset)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -477,7 +517,8 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     ckpt = Checkpoints(cfg.checkpoint, ctx)
 
     state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
-             "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False}  # fmt: skip
+             "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False,
+             "steps": [], "evals": []}  # fmt: skip
     resumed_from = None
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest:
@@ -486,7 +527,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, v) for k, v in state.items()})
         resumed_from = {"path": latest, "epoch": state["epoch"], "step": state["global_step"]}
         log(ctx, f"resuming from {latest}: epoch {state['epoch'] + 1}, step {state['global_step']}")
     log(ctx, f"{num_parameters:,} parameters, world size {ctx.world_size}, device {ctx.device}, "
@@ -505,12 +546,26 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         log(ctx, "before training " + " ".join(f"{k} {v:.4f}" for k, v in initial.items()))
     ddp.train()
     samples = 0
+
+    def throughput(tokens: float, n: int, seconds: float) -> dict[str, float]:
+        """Samples/s and, for language models, tokens/s (all ranks) and model FLOPs
+        utilisation: 6 x parameters x tokens/s over the devices' peak (Kaplan et al., 2020)."""
+        sums = all_sum(torch.tensor([tokens, float(n)], dtype=torch.float64), ctx).tolist()
+        out = {"samples_per_s": sums[1] / max(seconds, 1e-9)}
+        if lm:
+            out["tokens_per_s"] = sums[0] / max(seconds, 1e-9)
+            if peak:
+                out["mfu"] = 6 * num_parameters * out["tokens_per_s"] / (peak * ctx.world_size)
+        return out
+
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
         epoch_start = time.perf_counter()
         train.dataset.set_epoch(epoch)
         loss_sum = torch.zeros(1, dtype=torch.float64)
         loss_n = 0
+        epoch_tokens = epoch_samples = 0
+        window = {"loss": 0.0, "n": 0, "tokens": 0.0, "samples": 0, "start": time.perf_counter()}
         for i, batch in enumerate(train):
             if i < state["batch"]:
                 continue  # resumed mid-epoch: these batches were trained before the checkpoint
@@ -524,7 +579,16 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
                 (out["loss"] / cfg.grad_accum).backward()
             loss_sum += out["loss"].detach().double().cpu()
             loss_n += 1
-            samples += len(x["labels"])
+            rows = len(next(iter(x.values())))
+            tokens = float(out["lm_count"]) if "lm_count" in out else 0.0
+            samples, epoch_samples, epoch_tokens = (
+                samples + rows,
+                epoch_samples + rows,
+                epoch_tokens + tokens,
+            )
+            window["loss"] += float(out["loss"].detach())
+            window["n"], window["tokens"], window["samples"] = (
+                window["n"] + 1, window["tokens"] + tokens, window["samples"] + rows)  # fmt: skip
             if not last_micro:
                 continue
             if cfg.grad_clip > 0:
@@ -534,16 +598,50 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             state["global_step"] += 1
             state["batch"] = i + 1
-            if cfg.log_every_steps and state["global_step"] % cfg.log_every_steps == 0:
-                log(ctx, f"step {state['global_step']} loss {out['loss'].item():.4f}")
+            step = state["global_step"]
+            if cfg.log_every_steps and step % cfg.log_every_steps == 0:
+                # every rank's mean micro-batch loss since the last record, averaged
+                mean = all_sum(
+                    torch.tensor([window["loss"], window["n"]], dtype=torch.float64), ctx
+                )
+                rec = {"step": step, "train_loss": float(mean[0] / max(1.0, float(mean[1]))),
+                       "lr": sched.get_last_lr()[0],
+                       **throughput(window["tokens"], window["samples"],
+                                    time.perf_counter() - window["start"])}  # fmt: skip
+                state["steps"].append(rec)
+                window = {
+                    "loss": 0.0,
+                    "n": 0,
+                    "tokens": 0.0,
+                    "samples": 0,
+                    "start": time.perf_counter(),
+                }
+                log(
+                    ctx,
+                    f"step {step} "
+                    + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"),
+                )
+            if cfg.eval_every_steps and cfg.data.validation and step % cfg.eval_every_steps == 0:
+                ev = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
+                rec = {"step": step, "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
+                       **{f"val_{k}": ev[k] for k in MLM_KEYS if k in ev}}  # fmt: skip
+                state["evals"].append(rec)
+                log(
+                    ctx,
+                    f"step {step} "
+                    + " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"),
+                )
+                window["start"] = time.perf_counter()  # evaluation time is not training time
             every = cfg.checkpoint.every_steps
             if every and state["global_step"] % every == 0 and state["batch"] < batches_per_epoch:
                 ckpt.save(snapshot(), best=False)
             fault_hook(ctx.rank, state["global_step"], cfg.fault)
 
         train_loss = all_sum(loss_sum, ctx).item() / max(1, ctx.world_size * max(1, loss_n))
+        seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
-                  "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - epoch_start}  # fmt: skip
+                  "lr": sched.get_last_lr()[0], "seconds": seconds,
+                  **throughput(epoch_tokens, epoch_samples, seconds)}  # fmt: skip
         if cfg.data.validation:
             val = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -568,6 +666,8 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         unwrap(ddp).load_state_dict(Checkpoints.load(best_path)["model"])
     result: dict[str, Any] = {
         "history": state["history"],
+        "steps": state["steps"],  # every log_every_steps: train loss, lr, throughput
+        "evals": state["evals"],  # every eval_every_steps: validation metrics
         "best_epoch": state["best_epoch"],
         "stopped_early": state["stopped_early"],
         "global_step": state["global_step"],
@@ -594,7 +694,8 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
                 f"{prefix}_accuracy": ev["accuracy"],
                 **{f"{prefix}_{k}": ev[k] for k in MLM_KEYS if k in ev},
             }
-            result["confusion"][split] = ev["confusion"]
+            if ev["confusion"]:
+                result["confusion"][split] = ev["confusion"]
     if cfg.checkpoint.dir and ctx.main:
         export(unwrap(ddp), cfg.checkpoint.dir)
         result["export_dir"] = os.path.join(cfg.checkpoint.dir, "export")

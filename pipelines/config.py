@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert")  # fmt: skip
-TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert")  # text stages
+          "bert", "gpt2")  # fmt: skip
+TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
 # which sections decide a stage's output (its own and those upstream of it)
@@ -36,10 +36,12 @@ DEPENDS = {
     "alexnet": ("ingest", "alexnet"),
     "bert_pretrain": ("ingest", "bert_pretrain"),
     "bert": ("ingest", "bert_pretrain", "bert"),
+    "gpt2": ("ingest", "gpt2"),
 }
 Stage = Literal[
-    "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert"
-]
+    "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
+    "gpt2",
+]  # fmt: skip
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
     "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
@@ -277,6 +279,7 @@ class OptimizerSection(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam(W)'s; GPT-2 recipes use (0.9, 0.95)
 
 
 class ScheduleSection(Section):
@@ -300,6 +303,9 @@ class TrainingConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
     num_workers: int = Field(0, ge=0)  # DataLoader workers per process
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of each epoch only
+    log_every_steps: int = Field(0, ge=0)  # train loss, lr, throughput every N steps (0: off)
+    eval_every_steps: int = Field(0, ge=0)  # validation metrics every N steps too (0: per epoch)
+    compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
     seed: int = 42
     optimizer: OptimizerSection = OptimizerSection()
     schedule: ScheduleSection = ScheduleSection()
@@ -429,6 +435,65 @@ class BertFinetuneStageConfig(DeepStageConfig):
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class BPEConfig(Section):
+    vocab_size: int = Field(8192, ge=258)  # 256 byte symbols + <|endoftext|> + merges
+    min_frequency: int = Field(2, ge=1)
+    sample_docs: int = Field(100_000, ge=1)  # training documents Spark draws for the driver
+    # a local GPT-2 vocabulary instead of training one: a tokenizer.json, or a directory with
+    # tokenizer.json or vocab.json + merges.txt (it must have <|endoftext|>)
+    vocab_path: str | None = None
+
+
+class GPT2ModelConfig(Section):
+    preset: Literal["tiny", "mini", "small", "medium", "large"] = "tiny"  # small = GPT-2 124M
+    n_embd: int | None = Field(None, ge=8)  # None: the preset's
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    n_positions: int | None = Field(None, ge=8)  # None: the preset's, at least block_size
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class GenerateSection(Section):
+    """Sampling settings: the samples logged after training, and `sparkloom generate`'s defaults."""
+
+    prompts: list[str] = ["The", "In a statement, the company said", "The match"]
+    max_new_tokens: int = Field(60, ge=1)
+    temperature: float = Field(0.8, ge=0)  # 0: greedy
+    top_k: int = Field(40, ge=0)  # 0: off
+    top_p: float = Field(0.95, gt=0, le=1)  # 1: off
+    seed: int = 0
+
+
+class GPT2StageConfig(DeepStageConfig):
+    """Causal LM on the ingested text: byte-level BPE, packed blocks, GPT2LMHeadModel."""
+
+    tokenizer: BPEConfig = BPEConfig()
+    model: GPT2ModelConfig = GPT2ModelConfig()
+    block_size: int = Field(128, ge=8)  # context length; blocks hold block_size + 1 tokens
+    # a local Hugging Face GPT-2 directory to start from (continued pretraining); its own
+    # vocabulary must then be given as tokenizer.vocab_path
+    init_from: str | None = None
+    training: TrainingConfig = TrainingConfig(
+        early_stopping=EarlyStoppingSection(metric="val_loss"), log_every_steps=10
+    )
+    generate: GenerateSection = GenerateSection()
+
+    @model_validator(mode="after")
+    def _fits(self) -> GPT2StageConfig:
+        n = self.model.n_positions
+        if n is not None and self.block_size > n:
+            raise ValueError(
+                f"gpt2.block_size {self.block_size} exceeds model.n_positions {n}; lower "
+                "block_size or raise n_positions"
+            )
+        if self.init_from and not self.tokenizer.vocab_path:
+            raise ValueError(
+                "gpt2.init_from needs the model's own vocabulary: set gpt2.tokenizer.vocab_path "
+                "(usually the same directory)"
+            )
+        return self
+
+
 class Config(Section):
     pipeline: PipelineConfig
     spark: SparkConfig = SparkConfig()
@@ -442,6 +507,7 @@ class Config(Section):
     alexnet: AlexNetStageConfig = AlexNetStageConfig()
     bert_pretrain: BertPretrainStageConfig = BertPretrainStageConfig()
     bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
+    gpt2: GPT2StageConfig = GPT2StageConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

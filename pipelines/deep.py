@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from models.masking import IGNORE_INDEX
-from pipelines import subword
+from pipelines import lm, subword
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
@@ -63,10 +63,21 @@ class DeepResult:
     model_config: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)  # misclassified test examples
     initial: dict[str, float] = field(default_factory=dict)  # validation metrics before training
+    steps: list[dict[str, float]] = field(default_factory=list)  # every log_every_steps
+    evals: list[dict[str, float]] = field(default_factory=list)  # every eval_every_steps
+    data_stats: dict[str, float] = field(default_factory=dict)  # what the data step counted
     skipped: bool = False
 
     def summary(self) -> str:
         m = self.metrics
+        if not self.labels:  # a language model
+            return (
+                f"{self.model}: test loss {m.get('test_loss', float('nan')):.4f} "
+                f"(perplexity {m.get('test_perplexity', float('nan')):.1f}), val loss "
+                f"{m.get('val_loss', float('nan')):.4f}, {len(self.history)} epochs, "
+                f"{self.num_parameters:,} parameters, {self.world_size} processes, "
+                f"{self.train_seconds:.1f}s training"
+            )
         resumed = f", resumed from step {self.resumed_from['step']}" if self.resumed_from else ""
         return (
             f"{self.model}: test accuracy {m.get('test_accuracy', float('nan')):.4f}, "
@@ -128,6 +139,9 @@ def run_config(
         "seed": t.seed,
         "cpu_threads": cpu_threads,
         "timeout_s": section.distributor.timeout_s,
+        "log_every_steps": t.log_every_steps,
+        "eval_every_steps": t.eval_every_steps,
+        "compile": t.compile,
         "status_dir": status_dir,
         # test hook: "rank=R,step=S,mode=exit|raise|hang" (see models/train.py)
         "fault": os.environ.get("SPARKLOOM_FAULT"),
@@ -208,6 +222,7 @@ class DeepInputs:
     data_extra: dict[str, Any]
     files: dict[str, str]  # name -> text, saved with the model
     init: dict[str, str] | None = None  # weights to start from (see models.registry.build_model)
+    stats: dict[str, float] = field(default_factory=dict)  # counts from the data step (metrics)
 
 
 def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
@@ -357,11 +372,72 @@ def bert_finetune_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> De
     )
 
 
+def gpt2_tokenizer(cfg: Config, catalog: Catalog) -> tuple[str, dict]:
+    """Byte-level BPE as JSON, and where it came from: a local GPT-2 vocabulary, or trained
+    on a sample of the training split."""
+    tc = cfg.gpt2.tokenizer
+    if tc.vocab_path:
+        tok = subword.load_bytelevel_bpe(tc.vocab_path)
+        info = {"source": "vocab_path", "vocab_path": tc.vocab_path}
+    else:
+        train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
+        texts = subword.sample_texts(train, "text", tc.sample_docs, cfg.gpt2.training.seed)
+        tok = subword.train_bytelevel_bpe(texts, tc.vocab_size, tc.min_frequency)
+        info = {"source": "trained", "documents": len(texts), "min_frequency": tc.min_frequency,
+                "requested_vocab_size": tc.vocab_size}  # fmt: skip
+        log.info("gpt2: byte-level BPE vocabulary of %d trained on %d documents",
+                 tok.get_vocab_size(), len(texts))  # fmt: skip
+    return tok.to_str(), {**info, "vocab_size": tok.get_vocab_size(), "eot": subword.EOT}
+
+
+def gpt2_inputs(cfg: Config, catalog: Catalog) -> DeepInputs:
+    """Packed blocks per split (ingest split documents, so no block mixes splits)."""
+    from models.gpt2 import GPT2Config
+
+    gc = cfg.gpt2
+    tokenizer_json, tokenizer_info = gpt2_tokenizer(cfg, catalog)
+    tok = subword.tokenizer_from_json(tokenizer_json)
+    docs = catalog.read("ingested", "ingest")
+    parts, stats = [], {}
+    for split in SPLITS:
+        packed = lm.pack(docs.filter(F.col("split") == split), tokenizer_json, gc.block_size,
+                         gc.training.seed)  # fmt: skip
+        stats |= packed.stats(split)
+        log.info("gpt2: %s split: %d documents, %d tokens -> %d blocks of %d, %d tail tokens",
+                 split, packed.documents, packed.tokens, packed.num_blocks, gc.block_size + 1,
+                 packed.tail)  # fmt: skip
+        if packed.tokens > 0 and packed.num_blocks == 0:
+            raise DataError(
+                f"the {split} split has {packed.tokens} tokens, less than one block of "
+                f"{gc.block_size + 1}; lower gpt2.block_size or give that split more text"
+            )
+        parts.append(packed.blocks.select(F.col("block").cast("string").alias("id"), "tokens",
+                                          F.lit(split).alias("split")))  # fmt: skip
+    data = parts[0].unionByName(parts[1]).unionByName(parts[2])
+    model = {k: v for k, v in gc.model.model_dump().items() if v is not None}
+    model |= {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id(subword.EOT)}
+    init = None
+    if gc.init_from:
+        init = {"kind": "hf_directory", "path": gc.init_from}
+    else:
+        n_positions = GPT2Config(**model).n_positions  # the preset's, unless set
+        if gc.block_size > n_positions:
+            raise DataError(
+                f"gpt2.block_size {gc.block_size} exceeds the {gc.model.preset} preset's context "
+                f"of {n_positions}; lower block_size or set gpt2.model.n_positions"
+            )
+    return DeepInputs(
+        data, {}, model, {"inputs": {"tokens": "tokens"}},
+        {"tokenizer.json": tokenizer_json, "tokenizer_info.json": json.dumps(tokenizer_info)},
+        init, stats,
+    )  # fmt: skip
+
+
 def run_deep(
     spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
 ) -> DeepResult:
     image = stage in IMAGE_MODELS
-    from_ingest = image or stage in ("bert_pretrain", "bert")
+    from_ingest = image or stage in ("bert_pretrain", "bert", "gpt2")
     upstream = (
         catalog.require("ingested", "ingest")
         if from_ingest
@@ -381,13 +457,15 @@ def run_deep(
         return DeepResult(**{**m["result"], "skipped": True})
 
     started = time.perf_counter()
-    labels: list[str] = NSP_LABELS if stage == "bert_pretrain" else upstream["labels"]
+    labels: list[str] = {"bert_pretrain": NSP_LABELS, "gpt2": []}.get(stage, upstream["labels"])
     if image:
         inputs = image_inputs(cfg, stage, catalog, upstream)
     elif stage == "bert_pretrain":
         inputs = bert_pretrain_inputs(spark, cfg, catalog)
     elif stage == "bert":
         inputs = bert_finetune_inputs(cfg, catalog, labels)
+    elif stage == "gpt2":
+        inputs = gpt2_inputs(cfg, catalog)
     else:
         inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
@@ -430,6 +508,9 @@ def run_deep(
         model_config=out["model"]["config"],
         errors=out.get("errors", []),
         initial=out.get("initial", {}),
+        steps=out.get("steps", []),
+        evals=out.get("evals", []),
+        data_stats=inputs.stats,
     )
     export_dir = out["export_dir"]
 

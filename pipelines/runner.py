@@ -124,6 +124,11 @@ def _deep(stage: str):
                 "plots/learning_curves.png",
             )
         tracking.log_metrics(result.initial, prefix="init_")  # the untrained model, e.g. ~ln(C)
+        tracking.log_steps(result.steps, result.evals)  # per-step train loss, lr, tokens/s, MFU
+        tracking.log_metrics(result.data_stats)  # e.g. tokens, blocks and tail tokens per split
+        if not result.labels:  # a language model: loss, perplexity, token accuracy per split
+            tracking.log_metrics({k.replace("_accuracy", "_token_accuracy"): v
+                                  for k, v in result.metrics.items()})  # fmt: skip
         # masked-LM pretraining: MLM loss, accuracy on masked tokens, perplexity per split
         tracking.log_metrics({k: v for k, v in result.metrics.items()
                               if k.endswith(("mlm_loss", "mlm_accuracy", "perplexity"))})  # fmt: skip
@@ -132,23 +137,42 @@ def _deep(stage: str):
             "num_parameters": result.num_parameters, "world_size": result.world_size,
             "best_epoch": result.best_epoch or 0, "epochs_run": len(result.history),
         })  # fmt: skip
-        mlflow.log_text("\n".join(report), "classification_report.md")
+        if report:
+            mlflow.log_text("\n".join(report), "classification_report.md")
         mlflow.log_dict(result.model_config, "model_config.json")
         if result.errors and stage in IMAGE_MODELS:
             _log_misclassified(catalog, stage, result)
+        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
+        if stage == "gpt2" and not result.skipped:
+            _log_samples(cfg, model_dir)
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
-        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
         if not result.skipped:
             tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:
-            if stage == "bert_pretrain":  # an encoder to fine-tune, not a scorer: files only
+            if stage in ("bert_pretrain", "gpt2"):  # no classifier to score with: files only
                 mlflow.log_artifacts(model_dir, artifact_path="model-files")
             else:
                 outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
         return result
 
     return run
+
+
+def _log_samples(cfg: Config, model_dir: str) -> None:
+    """Text the trained model writes from the configured prompts, as samples.md/.json."""
+    from pipelines.generation import Sampling, complete
+
+    g = cfg.gpt2.generate
+    s = Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed)
+    texts, lengths = complete(model_dir, list(g.prompts), s)
+    samples = [{"prompt": p, "completion": t, "new_tokens": n}
+               for p, t, n in zip(g.prompts, texts, lengths, strict=True)]  # fmt: skip
+    mlflow.log_dict({"sampling": vars(s), "samples": samples}, "samples.json")
+    md = [f"Sampling: {vars(s)}\n"] + [f"**{x['prompt']}**{x['completion']}\n" for x in samples]
+    mlflow.log_text("\n".join(md), "samples.md")
+    for x in samples:
+        log.info("gpt2 sample: %r -> %r", x["prompt"], x["completion"])
 
 
 def _log_misclassified(catalog: Catalog, stage: str, result: DeepResult) -> None:
@@ -182,6 +206,7 @@ _STAGES = {
     "alexnet": _deep("alexnet"),
     "bert_pretrain": _deep("bert_pretrain"),
     "bert": _deep("bert"),
+    "gpt2": _deep("gpt2"),
 }
 _OUTPUT = {
     "ingest": "ingested",
@@ -193,4 +218,5 @@ _OUTPUT = {
     "alexnet": "alexnet_model",
     "bert_pretrain": "bert_pretrain_model",
     "bert": "bert_model",
+    "gpt2": "gpt2_model",
 }

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 
@@ -92,6 +93,61 @@ def sample_texts(df: DataFrame, column: str, max_docs: int, seed: int) -> list[s
         else df.select(column).sample(fraction=fraction, seed=seed)
     )
     return [r[0] for r in sample.limit(max_docs).collect() if r[0]]
+
+
+EOT = "<|endoftext|>"  # GPT-2's document separator; id 0 in byte-level vocabularies we train
+
+
+def _byte_level(tok):
+    from tokenizers import decoders, pre_tokenizers, processors
+
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts`: any text encodes (the 256
+    byte symbols are always in the vocabulary, nothing is ever unknown); EOT gets id 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 257 + 1:
+        raise DataError(
+            f"a byte-level vocabulary needs more than 257 entries (256 bytes + {EOT}); got "
+            f"vocab_size={vocab_size}"
+        )
+    tok = _byte_level(Tokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def load_bytelevel_bpe(path: str):
+    """An existing GPT-2 vocabulary from a local path: a directory (or file) with
+    tokenizer.json, or a directory with vocab.json + merges.txt. It must have EOT."""
+    from tokenizers import Tokenizer, models
+
+    p = path.rstrip("/")
+    if os.path.isfile(p):
+        tok = Tokenizer.from_file(p)
+    elif os.path.isfile(os.path.join(p, "tokenizer.json")):
+        tok = Tokenizer.from_file(os.path.join(p, "tokenizer.json"))
+    elif all(os.path.isfile(os.path.join(p, f)) for f in ("vocab.json", "merges.txt")):
+        bpe = models.BPE.from_file(os.path.join(p, "vocab.json"), os.path.join(p, "merges.txt"))
+        tok = _byte_level(Tokenizer(bpe))
+        tok.add_special_tokens([EOT])
+    else:
+        raise DataError(
+            f"no GPT-2 vocabulary at {path}: give a tokenizer.json, or a directory with "
+            "tokenizer.json or vocab.json + merges.txt"
+        )
+    if tok.token_to_id(EOT) is None:
+        raise DataError(f"the vocabulary at {path} has no {EOT} token; GPT-2 packing needs it")
+    return tok
 
 
 _CACHE: dict[str, object] = {}

@@ -124,6 +124,15 @@ def log_history(history: list[dict[str, float]]) -> None:
         )
 
 
+def log_steps(steps: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
+    """Per-step records as metric series over the global step: step_train_loss, step_lr,
+    step_tokens_per_s, step_mfu; and step_val_loss/perplexity at each evaluation interval."""
+    for rec in [*steps, *evals]:
+        mlflow.log_metrics(
+            {f"step_{k}": float(v) for k, v in rec.items() if k != "step"}, step=int(rec["step"])
+        )
+
+
 def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
     """Log a trained model two ways: the safe files (state dict, config, vocab, labels)
     as artifacts, and an `mlflow.pytorch` model for pyfunc scoring. Returns its URI."""
@@ -161,19 +170,20 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
 
 def log_tokenizer(model_dir: str) -> None:
     """The subword tokenizer saved with a model, as the run's `tokenizer/` artifact:
-    tokenizer.json (what the code loads), vocab.txt (one token per line, in id order: what
-    other BERT tools read) and tokenizer_info.json (where it came from), when present."""
+    tokenizer.json (what the code loads), the vocabulary in the files other tools read
+    (WordPiece: vocab.txt in id order; byte-level BPE: vocab.json + merges.txt) and
+    tokenizer_info.json (where it came from), when present."""
+    from tokenizers import Tokenizer
+
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        vocab = json.load(f)["model"]["vocab"]  # token -> id (WordPiece)
+    tok = Tokenizer.from_file(path)
     with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.txt"), "w") as f:
-            f.writelines(f"{tok}\n" for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1]))
-        mlflow.log_artifact(os.path.join(tmp, "vocab.txt"), "tokenizer")
+        for written in tok.model.save(tmp):
+            mlflow.log_artifact(written, "tokenizer")
     mlflow.log_artifact(path, "tokenizer")
     info = os.path.join(model_dir, "tokenizer_info.json")
     if os.path.isfile(info):
         mlflow.log_artifact(info, "tokenizer")
-    mlflow.log_metric("tokenizer_vocab_size", len(vocab))
+    mlflow.log_metric("tokenizer_vocab_size", tok.get_vocab_size())

@@ -1,0 +1,209 @@
+"""Text generation with a trained GPT-2: load it from anywhere we save it, sample from
+prompts on the driver, or over a Spark DataFrame of prompts in batch.
+
+A model is found from any of: a model directory (`state_dict.pt`, `model.json`,
+`tokenizer.json`, as the `gpt2_model` dataset holds it); an MLflow artifact URI of such a
+directory (`runs:/RUN_ID/model-files`, or a bare run id); or a training checkpoint `.pt`
+file (from `<stage>_work/.../checkpoints`) with the tokenizer given apart. Weights load with
+`torch.load(weights_only=True)`: nothing is unpickled as code.
+
+Sampling is seeded per row, from (seed, row key): a row's completion depends on its prompt,
+key and the settings, not on which other rows share its batch or partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from urllib.parse import urlparse
+
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines.errors import DataError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 60
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1: off
+    seed: int = 0
+    batch_size: int = 16  # prompts per forward pass
+
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model(model: str, tracking_uri: str | None = None, tokenizer: str | None = None) -> str:
+    """A local model directory for `model` (see the module docstring); MLflow artifacts are
+    downloaded to a temporary directory, a checkpoint is unpacked next to its tokenizer."""
+    if RUN_ID.match(model):
+        model = f"runs:/{model}/model-files"
+    scheme = urlparse(model).scheme
+    if len(scheme) > 1 and scheme != "file":  # runs:/, models:/, s3://, ...; not C:\ paths
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=model)
+        except Exception as e:  # MlflowException, OSError: say what was asked and where
+            raise DataError(
+                f"cannot fetch model {model} from MLflow at {mlflow.get_tracking_uri()}: "
+                f"{str(e).splitlines()[0]}; pass --tracking-uri, or a local model directory"
+            ) from None
+    path = model.removeprefix("file://").removeprefix("file:")
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return _from_checkpoint(path, tokenizer)
+    if not os.path.isdir(path):
+        raise DataError(
+            f"no model at {model}: give a model directory (state_dict.pt, model.json, "
+            "tokenizer.json), runs:/RUN_ID/model-files, a run id, or a checkpoint .pt file"
+        )
+    missing = [f for f in ("state_dict.pt", "model.json", "tokenizer.json")
+               if not os.path.isfile(os.path.join(path, f))]  # fmt: skip
+    if missing:
+        raise DataError(f"{path} is not a GPT-2 model directory: it lacks {missing}")
+    return path
+
+
+def _from_checkpoint(path: str, tokenizer: str | None) -> str:
+    import torch
+
+    if not tokenizer or not os.path.isfile(tokenizer):
+        raise DataError(
+            f"a checkpoint ({path}) holds no tokenizer: pass --tokenizer path/to/tokenizer.json "
+            "(the gpt2_model dataset has it)"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    run = json.loads(saved["config"])
+    if run["model"]["name"] != "gpt2":
+        raise DataError(f"{path} is a checkpoint of '{run['model']['name']}', not of gpt2")
+    out = tempfile.mkdtemp(prefix="sparkloom-gpt2-")
+    torch.save(saved["model"], os.path.join(out, "state_dict.pt"))
+    # the config that built the model: the checkpoint's, completed by the model's own defaults
+    from models.gpt2 import GPT2Config
+
+    config = asdict(GPT2Config(**run["model"]["config"]))
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump({"config": config}, f)
+    with open(tokenizer) as src, open(os.path.join(out, "tokenizer.json"), "w") as dst:
+        dst.write(src.read())
+    return out
+
+
+_LOADED: dict[str, tuple] = {}
+
+
+def load(model_dir: str):
+    """(GPT2LM in eval mode, tokenizer), once per process per directory."""
+    if model_dir not in _LOADED:
+        from models.train import load_exported
+        from pipelines.subword import tokenizer_from_json
+
+        with open(os.path.join(model_dir, "tokenizer.json")) as f:
+            tok = tokenizer_from_json(f.read())
+        _LOADED[model_dir] = (load_exported(model_dir, "gpt2"), tok)
+    return _LOADED[model_dir]
+
+
+def complete(model_dir: str, prompts: list[str], s: Sampling, keys: list[str] | None = None):
+    """Completions (text after the prompt) and their lengths in tokens, one per prompt."""
+    from models.generate import generate
+    from pipelines.subword import EOT
+
+    model, tok = load(model_dir)
+    eot = tok.token_to_id(EOT)
+    keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
+    texts, lengths = [], []
+    for i in range(0, len(prompts), s.batch_size):
+        chunk = prompts[i : i + s.batch_size]
+        ids = [e.ids or [eot] for e in tok.encode_batch(chunk, add_special_tokens=False)]
+        new = generate(
+            model, ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            top_p=s.top_p, seed=s.seed, keys=keys[i : i + s.batch_size],
+            eos_token_id=eot,
+        )  # fmt: skip
+        for row in new:
+            text_ids = row[:-1] if row and row[-1] == eot else row
+            texts.append(tok.decode(text_ids))
+            lengths.append(len(row))
+    return texts, lengths
+
+
+OUTPUT = T.StructType(
+    [
+        T.StructField("id", T.StringType()),
+        T.StructField("prompt", T.StringType()),
+        T.StructField("completion", T.StringType()),
+        T.StructField("new_tokens", T.IntegerType()),
+    ]
+)
+
+
+@dataclass
+class GenerateResult:
+    rows_in: int
+    rows_out: int
+    quarantined: int
+    output: str
+
+
+def generate_dataframe(
+    df: DataFrame, model_dir: str, s: Sampling, prompt_col: str = "prompt",
+    id_col: str | None = None,
+) -> tuple[DataFrame, DataFrame]:  # fmt: skip
+    """(completions, quarantine): one row of id, prompt, completion, new_tokens per prompt;
+    null or blank prompts go to quarantine with reason `empty_prompt`. Every executor loads
+    the model once from the files Spark ships to it (SparkContext.addFile)."""
+    if prompt_col not in df.columns:
+        raise DataError(f"no column '{prompt_col}' among {df.columns}; set --prompt-column")
+    if id_col and id_col not in df.columns:
+        raise DataError(f"no column '{id_col}' among {df.columns}; set --id-column")
+    spark = df.sparkSession
+    spark.sparkContext.addFile(model_dir, recursive=True)
+    name = os.path.basename(os.path.normpath(model_dir))
+    # no id column: the prompt itself is the key (equal prompts get equal completions)
+    rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)
+    rows = df.select(rid.alias("id"), F.col(prompt_col).cast("string").alias("prompt"))
+    blank = F.col("prompt").isNull() | (F.trim(F.col("prompt")) == "")
+    quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_prompt"))
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pyspark import SparkFiles
+
+        local = SparkFiles.get(name)
+        for pdf in batches:
+            texts, lengths = complete(local, pdf["prompt"].tolist(), s, pdf["id"].tolist())
+            yield pd.DataFrame({"id": pdf["id"], "prompt": pdf["prompt"], "completion": texts,
+                                "new_tokens": pd.Series(lengths, dtype="int32")})  # fmt: skip
+
+    return rows.filter(~blank).mapInPandas(run, OUTPUT), quarantine
+
+
+def write_generations(
+    df: DataFrame, model_dir: str, s: Sampling, output: str, prompt_col: str = "prompt",
+    id_col: str | None = None,
+) -> GenerateResult:  # fmt: skip
+    """Completions as Parquet at `output`, quarantine at `output`_quarantine; counts checked."""
+    df = df.localCheckpoint()  # the counts and the written rows come from the same input
+    out, quarantine = generate_dataframe(df, model_dir, s, prompt_col, id_col)
+    out.write.mode("overwrite").parquet(output)
+    quarantine.write.mode("overwrite").parquet(f"{output}_quarantine")
+    spark = df.sparkSession
+    rows_in = df.count()
+    rows_out = spark.read.parquet(output).count()
+    quarantined = spark.read.parquet(f"{output}_quarantine").count()
+    if rows_in != rows_out + quarantined:
+        raise DataError(
+            f"generation lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined"
+        )
+    return GenerateResult(rows_in, rows_out, quarantined, output)
