@@ -2,12 +2,14 @@
 #   make demo   installs everything and runs the text pipeline end to end
 #   make test   installs everything and runs the tests (CI runs exactly this)
 #   make demo-images   the image pipeline (pixel baseline, small CNN, AlexNet) on 5,000 MNIST digits
+#   make demo-bert     BERT on BBC News: WordPiece, MLM + NSP pretraining, fine-tuning
+#   make demo-gpt2     GPT-2 on BBC News: byte-level BPE, causal LM, samples
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONF   ?= conf/text_classification.yaml
 
-.PHONY: setup demo demo-images test test-fast lint format bench dist mlflow-ui clean
+.PHONY: setup demo demo-images demo-bert demo-gpt2 test test-fast lint format bench dist mlflow-ui clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +40,12 @@ $(VENV)/.demo-images: $(VENV)/.installed
 demo-images: $(VENV)/.demo-images
 	$(BIN)/python -m pipelines.sample_data mnist5k data/raw/mnist5k --format png
 	$(BIN)/sparkloom run --conf conf/image_classification.yaml
+
+demo-bert: $(VENV)/.demo-data
+	$(BIN)/sparkloom run --conf conf/bert.yaml
+
+demo-gpt2: $(VENV)/.demo-data
+	$(BIN)/sparkloom run --conf conf/gpt2.yaml
 
 test: setup
 	$(BIN)/pytest
