@@ -198,6 +198,13 @@ class GPT2LM(nn.Module):
         """Trainable parameters, the tied embedding/head counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def flops_per_token(self, seq_len: float) -> float:
+        """Training FLOPs per token (forward + backward), as nanoGPT counts them for MFU
+        (PaLM, Chowdhery et al. 2022, appendix B): 6 x the parameters less the position
+        embeddings (a lookup, no matmul), plus 12 x layers x width x context for attention."""
+        n = self.num_parameters() - self.transformer.wpe.weight.numel()
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+
     def to_hf(self) -> transformers.GPT2LMHeadModel:
         """A GPT2LMHeadModel sharing these very modules and weights (e.g. for save_pretrained)."""
         with torch.device("meta"):  # its own weights are replaced at once; don't allocate them

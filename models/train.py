@@ -227,7 +227,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def all_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    """Sum over ranks, in place; the tensor must be on ctx.device (NCCL takes CUDA only)."""
     if ctx.world_size > 1:
+        if t.device != ctx.device:
+            raise ValueError(f"all_sum of a tensor on {t.device}; put it on {ctx.device}")
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -384,6 +387,7 @@ def evaluate(
             n_tok = out["lm_count"].double()
             lm += torch.stack([out["lm_loss"].double() * n_tok, out["lm_correct"].double(),
                                n_tok, n_tok.new_tensor(float(out["logits"].shape[0]))])  # fmt: skip
+            del out  # (B, T, V) logits: not alive into the next forward
             continue
         labels = x["labels"]
         loss_sum += out["loss"].double() * labels.numel()
@@ -443,7 +447,8 @@ def mlm_metrics(sums: torch.Tensor) -> dict[str, float]:
 # order against torch.cuda.get_device_name(). Set RunConfig.peak_tflops for anything else.
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10G", 70.0),
+    ("GH200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("A10G", 70.0),
 )  # fmt: skip
 
 
@@ -453,8 +458,13 @@ def peak_flops(cfg: RunConfig, ctx: Dist) -> float | None:
         return cfg.peak_tflops * 1e12
     if ctx.device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(ctx.device)
-    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS if key in name), None)
+    tflops = peak_tflops_for(torch.cuda.get_device_name(ctx.device))
+    return tflops * 1e12 if tflops else None
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """The first PEAK_BF16_TFLOPS entry named in `device_name` (e.g. "NVIDIA H100 80GB HBM3")."""
+    return next((t for key, t in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def autocast(cfg: RunConfig, ctx: Dist):
@@ -505,10 +515,13 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     lm = getattr(model, "task", "classify") == "lm"  # causal LM: no classes, tokens are targets
     num_classes = 0 if lm else getattr(model, "num_labels", None) or model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
-    if cfg.compile:
-        model.compile()  # in place: the state dict keeps its keys, checkpoints stay portable
     ddp = wrap(model, ctx)
+    if cfg.compile:
+        # in place, on the DDP module: DDP's optimizer splits the graph at gradient buckets, so
+        # communication still overlaps backward; the state dict keeps its keys
+        ddp.compile()
     peak = peak_flops(cfg, ctx)
+    flops_per_token = getattr(model, "flops_per_token", None)  # else 6N (Kaplan et al., 2020)
     train = cfg.data.loader(cfg.data.train, train=True, seed=cfg.seed)
     batches_per_epoch = len(train.dataset)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
@@ -516,9 +529,11 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     sched = build_schedule(opt, cfg.schedule, steps_per_epoch * cfg.epochs)
     ckpt = Checkpoints(cfg.checkpoint, ctx)
 
+    # sums since the epoch's start and since the last step record: loss, micro-batches,
+    # tokens, samples; kept on the device (no sync per micro-batch), saved with checkpoints
     state = {"epoch": 0, "batch": 0, "global_step": 0, "history": [], "best": None,
              "best_loss": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False,
-             "steps": [], "evals": []}  # fmt: skip
+             "steps": [], "evals": [], "epoch_sums": [0.0] * 4, "window_sums": [0.0] * 4}  # fmt: skip
     resumed_from = None
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest:
@@ -533,10 +548,16 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     log(ctx, f"{num_parameters:,} parameters, world size {ctx.world_size}, device {ctx.device}, "
              f"{batches_per_epoch} batches/epoch/rank, {cfg.epochs} epochs")  # fmt: skip
 
+    def sums(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64, device=ctx.device)
+
+    epoch_sums, window_sums = sums(state["epoch_sums"]), sums(state["window_sums"])
+
     def snapshot() -> dict[str, Any]:
+        state["epoch_sums"], state["window_sums"] = epoch_sums.tolist(), window_sums.tolist()
         return {"model": unwrap(ddp).state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": rng_state(), "config": cfg_dict(cfg),
-                **state}  # fmt: skip
+                "model_config": model_config(unwrap(ddp)), **state}  # fmt: skip
 
     initial: dict[str, float] = {}
     if cfg.eval_at_start and cfg.data.validation and not latest:
@@ -547,25 +568,23 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     ddp.train()
     samples = 0
 
-    def throughput(tokens: float, n: int, seconds: float) -> dict[str, float]:
-        """Samples/s and, for language models, tokens/s (all ranks) and model FLOPs
-        utilisation: 6 x parameters x tokens/s over the devices' peak (Kaplan et al., 2020)."""
-        sums = all_sum(torch.tensor([tokens, float(n)], dtype=torch.float64), ctx).tolist()
-        out = {"samples_per_s": sums[1] / max(seconds, 1e-9)}
+    def summary(local: torch.Tensor, seconds: float) -> dict[str, float]:
+        """Mean train loss over all ranks' micro-batches, samples/s and, for language models,
+        tokens/s and model FLOPs utilisation (FLOPs per token x tokens/s over the peak)."""
+        loss, n, tokens, rows = all_sum(local.clone(), ctx).tolist()
+        out = {"train_loss": loss / max(1.0, n), "samples_per_s": rows / max(seconds, 1e-9)}
         if lm:
-            out["tokens_per_s"] = sums[0] / max(seconds, 1e-9)
+            out["tokens_per_s"] = tokens / max(seconds, 1e-9)
             if peak:
-                out["mfu"] = 6 * num_parameters * out["tokens_per_s"] / (peak * ctx.world_size)
+                seq = tokens / max(1.0, rows)  # tokens per row: the context length
+                fpt = flops_per_token(seq) if flops_per_token else 6 * num_parameters
+                out["mfu"] = fpt * out["tokens_per_s"] / (peak * ctx.world_size)
         return out
 
     while state["epoch"] < cfg.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
-        epoch_start = time.perf_counter()
+        epoch_start = window_start = time.perf_counter()
         train.dataset.set_epoch(epoch)
-        loss_sum = torch.zeros(1, dtype=torch.float64)
-        loss_n = 0
-        epoch_tokens = epoch_samples = 0
-        window = {"loss": 0.0, "n": 0, "tokens": 0.0, "samples": 0, "start": time.perf_counter()}
         for i, batch in enumerate(train):
             if i < state["batch"]:
                 continue  # resumed mid-epoch: these batches were trained before the checkpoint
@@ -577,18 +596,15 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             with sync, autocast(cfg, ctx):
                 out = ddp(**x)
                 (out["loss"] / cfg.grad_accum).backward()
-            loss_sum += out["loss"].detach().double().cpu()
-            loss_n += 1
             rows = len(next(iter(x.values())))
-            tokens = float(out["lm_count"]) if "lm_count" in out else 0.0
-            samples, epoch_samples, epoch_tokens = (
-                samples + rows,
-                epoch_samples + rows,
-                epoch_tokens + tokens,
-            )
-            window["loss"] += float(out["loss"].detach())
-            window["n"], window["tokens"], window["samples"] = (
-                window["n"] + 1, window["tokens"] + tokens, window["samples"] + rows)  # fmt: skip
+            samples += rows
+            for acc in (epoch_sums, window_sums):  # device-side adds: no sync here
+                acc[0] += out["loss"].detach().double()
+                acc[1] += 1
+                if "lm_count" in out:
+                    acc[2] += out["lm_count"]
+                acc[3] += rows
+            del out  # the logits are not kept alive into the next forward
             if not last_micro:
                 continue
             if cfg.grad_clip > 0:
@@ -600,48 +616,31 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             state["batch"] = i + 1
             step = state["global_step"]
             if cfg.log_every_steps and step % cfg.log_every_steps == 0:
-                # every rank's mean micro-batch loss since the last record, averaged
-                mean = all_sum(
-                    torch.tensor([window["loss"], window["n"]], dtype=torch.float64), ctx
-                )
-                rec = {"step": step, "train_loss": float(mean[0] / max(1.0, float(mean[1]))),
-                       "lr": sched.get_last_lr()[0],
-                       **throughput(window["tokens"], window["samples"],
-                                    time.perf_counter() - window["start"])}  # fmt: skip
+                rec = {"step": step, "lr": sched.get_last_lr()[0],
+                       **summary(window_sums, time.perf_counter() - window_start)}  # fmt: skip
                 state["steps"].append(rec)
-                window = {
-                    "loss": 0.0,
-                    "n": 0,
-                    "tokens": 0.0,
-                    "samples": 0,
-                    "start": time.perf_counter(),
-                }
-                log(
-                    ctx,
-                    f"step {step} "
-                    + " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"),
-                )
+                window_sums.zero_()
+                window_start = time.perf_counter()
+                log(ctx, f"step {step} " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                    if k != "step"))  # fmt: skip
             if cfg.eval_every_steps and cfg.data.validation and step % cfg.eval_every_steps == 0:
                 ev = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
                 rec = {"step": step, "val_loss": ev["loss"], "val_accuracy": ev["accuracy"],
                        **{f"val_{k}": ev[k] for k in MLM_KEYS if k in ev}}  # fmt: skip
                 state["evals"].append(rec)
-                log(
-                    ctx,
-                    f"step {step} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"),
-                )
-                window["start"] = time.perf_counter()  # evaluation time is not training time
+                log(ctx, f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in rec.items()
+                                                    if k != "step"))  # fmt: skip
+                window_start = time.perf_counter()  # evaluation time is not training time
             every = cfg.checkpoint.every_steps
             if every and state["global_step"] % every == 0 and state["batch"] < batches_per_epoch:
                 ckpt.save(snapshot(), best=False)
             fault_hook(ctx.rank, state["global_step"], cfg.fault)
 
-        train_loss = all_sum(loss_sum, ctx).item() / max(1, ctx.world_size * max(1, loss_n))
         seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
+        record = {"epoch": epoch + 1, "step": state["global_step"],
                   "lr": sched.get_last_lr()[0], "seconds": seconds,
-                  **throughput(epoch_tokens, epoch_samples, seconds)}  # fmt: skip
+                  **summary(epoch_sums, seconds)}  # fmt: skip
+        epoch_sums.zero_()
         if cfg.data.validation:
             val = evaluate(ddp, cfg.data.validation, cfg, ctx, num_classes)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -714,11 +713,14 @@ def export(model: nn.Module, directory: str) -> None:
         json.dump({"config": model_config(model)}, f, indent=2)
 
 
-def load_exported(directory: str, name: str) -> nn.Module:
-    with open(os.path.join(directory, "model.json")) as f:
+def load_exported(directory: str, name: str, prefix: str = "") -> nn.Module:
+    """The model `export` wrote: `prefix`model.json and `prefix`state_dict.pt in `directory`
+    (weights_only: nothing is unpickled as code)."""
+    with open(os.path.join(directory, f"{prefix}model.json")) as f:
         config = json.load(f)["config"]
     model = build_model(name, config)
-    model.load_state_dict(torch.load(os.path.join(directory, "state_dict.pt"), weights_only=True))
+    weights = os.path.join(directory, f"{prefix}state_dict.pt")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 

@@ -473,9 +473,12 @@ class GPT2StageConfig(DeepStageConfig):
     # a local Hugging Face GPT-2 directory to start from (continued pretraining); its own
     # vocabulary must then be given as tokenizer.vocab_path
     init_from: str | None = None
+    # evaluation batches hold (B, T, vocab) logits: small batches keep GPT-2 124M at 1024
+    # tokens within a GPU's memory
     training: TrainingConfig = TrainingConfig(
-        early_stopping=EarlyStoppingSection(metric="val_loss"), log_every_steps=10
-    )
+        early_stopping=EarlyStoppingSection(metric="val_loss"), log_every_steps=10,
+        eval_batch_size=16,
+    )  # fmt: skip
     generate: GenerateSection = GenerateSection()
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ key and the settings, not on which other rows share its batch or partition.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -92,7 +93,9 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
     # the config that built the model: the checkpoint's, completed by the model's own defaults
     from models.gpt2 import GPT2Config
 
-    config = asdict(GPT2Config(**run["model"]["config"]))
+    # the built model's own config (exact also for a run started from a Hugging Face model);
+    # checkpoints older than that field have only the run's model section
+    config = saved.get("model_config") or asdict(GPT2Config(**run["model"]["config"]))
     with open(os.path.join(out, "model.json"), "w") as f:
         json.dump({"config": config}, f)
     with open(tokenizer) as src, open(os.path.join(out, "tokenizer.json"), "w") as dst:
@@ -100,27 +103,35 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
     return out
 
 
-_LOADED: dict[str, tuple] = {}
+MODEL_FILES = ("state_dict.pt", "model.json", "tokenizer.json")
+_LOADED: dict[tuple, tuple] = {}
 
 
-def load(model_dir: str):
-    """(GPT2LM in eval mode, tokenizer), once per process per directory."""
-    if model_dir not in _LOADED:
+def load(model_dir: str, device: str = "cpu", prefix: str = ""):
+    """(GPT2LM in eval mode on `device`, tokenizer) from `prefix`+MODEL_FILES in model_dir,
+    once per process per model version (path and the weights' modification time: a
+    retrained model reloads)."""
+    weights = os.path.join(model_dir, f"{prefix}state_dict.pt")
+    key = (os.path.abspath(weights), os.path.getmtime(weights), device)
+    if key not in _LOADED:
         from models.train import load_exported
         from pipelines.subword import tokenizer_from_json
 
-        with open(os.path.join(model_dir, "tokenizer.json")) as f:
+        with open(os.path.join(model_dir, f"{prefix}tokenizer.json")) as f:
             tok = tokenizer_from_json(f.read())
-        _LOADED[model_dir] = (load_exported(model_dir, "gpt2"), tok)
-    return _LOADED[model_dir]
+        _LOADED[key] = (load_exported(model_dir, "gpt2", prefix).to(device), tok)
+    return _LOADED[key]
 
 
-def complete(model_dir: str, prompts: list[str], s: Sampling, keys: list[str] | None = None):
+def complete(
+    model_dir: str, prompts: list[str], s: Sampling, keys: list[str] | None = None,
+    device: str = "cpu", prefix: str = "",
+):  # fmt: skip
     """Completions (text after the prompt) and their lengths in tokens, one per prompt."""
     from models.generate import generate
     from pipelines.subword import EOT
 
-    model, tok = load(model_dir)
+    model, tok = load(model_dir, device, prefix)
     eot = tok.token_to_id(EOT)
     keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
     texts, lengths = [], []
@@ -169,8 +180,17 @@ def generate_dataframe(
     if id_col and id_col not in df.columns:
         raise DataError(f"no column '{id_col}' among {df.columns}; set --id-column")
     spark = df.sparkSession
-    spark.sparkContext.addFile(model_dir, recursive=True)
-    name = os.path.basename(os.path.normpath(model_dir))
+    # Spark ships single files to every executor (addFile takes no local directory outside
+    # local mode); names carry the weights' hash, so two models in one session never clash
+    tag = _content_tag(os.path.join(model_dir, "state_dict.pt"))
+    staged = os.path.join(tempfile.gettempdir(), f"sparkloom-ship-{tag}")  # same path each time
+    os.makedirs(staged, exist_ok=True)
+    for f in MODEL_FILES:
+        link = os.path.join(staged, f"{tag}-{f}")
+        if not os.path.lexists(link):
+            os.symlink(os.path.abspath(os.path.join(model_dir, f)), link)
+        spark.sparkContext.addFile(link)
+    threads = int(spark.conf.get("spark.task.cpus", "1"))
     # no id column: the prompt itself is the key (equal prompts get equal completions)
     rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)
     rows = df.select(rid.alias("id"), F.col(prompt_col).cast("string").alias("prompt"))
@@ -178,15 +198,29 @@ def generate_dataframe(
     quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_prompt"))
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pyspark import SparkFiles
+        import torch
+        from pyspark import SparkFiles, TaskContext
 
-        local = SparkFiles.get(name)
+        torch.set_num_threads(threads)  # one task's cores, not the whole machine's
+        gpus = TaskContext.get().resources().get("gpu") if TaskContext.get() else None
+        device = f"cuda:{gpus.addresses[0]}" if gpus and torch.cuda.is_available() else "cpu"
         for pdf in batches:
-            texts, lengths = complete(local, pdf["prompt"].tolist(), s, pdf["id"].tolist())
+            texts, lengths = complete(
+                SparkFiles.getRootDirectory(), pdf["prompt"].tolist(), s, pdf["id"].tolist(),
+                device, prefix=f"{tag}-",
+            )  # fmt: skip
             yield pd.DataFrame({"id": pdf["id"], "prompt": pdf["prompt"], "completion": texts,
                                 "new_tokens": pd.Series(lengths, dtype="int32")})  # fmt: skip
 
     return rows.filter(~blank).mapInPandas(run, OUTPUT), quarantine
+
+
+def _content_tag(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def write_generations(
@@ -194,6 +228,7 @@ def write_generations(
     id_col: str | None = None,
 ) -> GenerateResult:  # fmt: skip
     """Completions as Parquet at `output`, quarantine at `output`_quarantine; counts checked."""
+    output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
     df = df.localCheckpoint()  # the counts and the written rows come from the same input
     out, quarantine = generate_dataframe(df, model_dir, s, prompt_col, id_col)
     out.write.mode("overwrite").parquet(output)

@@ -117,4 +117,7 @@ def pack(
             F.transform(F.array_sort(F.collect_list(F.struct("offset", "ids"))), lambda p: p["ids"])
         ).alias("tokens")
     )
+    # stream order on disk too: the loader's seeded shuffle then sees the same row order
+    # whatever the shuffle partitions or adaptive execution did to the groupBy's output
+    blocks = blocks.repartitionByRange(n, "block").sortWithinPartitions("block")
     return Packed(blocks, documents, total, num_blocks, total - num_blocks * span)

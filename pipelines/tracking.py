@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,10 +128,14 @@ def log_history(history: list[dict[str, float]]) -> None:
 def log_steps(steps: list[dict[str, float]], evals: list[dict[str, float]]) -> None:
     """Per-step records as metric series over the global step: step_train_loss, step_lr,
     step_tokens_per_s, step_mfu; and step_val_loss/perplexity at each evaluation interval."""
-    for rec in [*steps, *evals]:
-        mlflow.log_metrics(
-            {f"step_{k}": float(v) for k, v in rec.items() if k != "step"}, step=int(rec["step"])
-        )
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"step_{k}", float(v), now, int(rec["step"]))
+               for rec in [*steps, *evals] for k, v in rec.items() if k != "step"]  # fmt: skip
+    client, run_id = mlflow.tracking.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(metrics), 1000):  # MLflow's batch limit: one call per 1000 values
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:

@@ -56,15 +56,36 @@ def test_causal_lm_trains_with_per_step_records(tmp_path):
 
 
 def test_a_run_resumed_mid_epoch_continues_with_the_same_losses(tmp_path, monkeypatch):
-    clean = train_fn(config(tmp_path / "a", epochs=1))
+    # records every 3 steps, checkpoints every 4: the record at step 6 spans the checkpoint
+    # at step 4, so the running sums must travel in the checkpoint
+    clean = train_fn(config(tmp_path / "a", epochs=1, log_every_steps=3))
     monkeypatch.setenv("SPARKLOOM_FAULT", "rank=0,step=6,mode=raise")
     with pytest.raises(RuntimeError, match="injected fault"):
-        train_fn(config(tmp_path / "b", epochs=1))
+        train_fn(config(tmp_path / "b", epochs=1, log_every_steps=3))
     monkeypatch.delenv("SPARKLOOM_FAULT")
-    resumed = train_fn(config(tmp_path / "b", epochs=1))
+    resumed = train_fn(config(tmp_path / "b", epochs=1, log_every_steps=3))
     assert resumed["resumed_from"]["step"] == 4  # the last checkpoint before the fault
     want = {s["step"]: s["train_loss"] for s in clean["steps"]}
     got = {s["step"]: s["train_loss"] for s in resumed["steps"]}
-    assert got[5] == pytest.approx(want[5], abs=1e-6)  # the first step after the checkpoint
+    assert list(got) == [3, 6, 9, 12]
     assert got == pytest.approx(want, abs=1e-6)
+    assert resumed["history"][0]["train_loss"] == pytest.approx(
+        clean["history"][0]["train_loss"], abs=1e-6
+    )  # the epoch's mean over all its batches, also those before the checkpoint
     assert resumed["metrics"] == pytest.approx(clean["metrics"], abs=1e-6)
+
+
+def test_mfu_counts_gpt2_small_flops_and_knows_the_gpus():
+    import torch
+
+    from models.gpt2 import GPT2LM, GPT2Config
+    from models.train import peak_tflops_for
+
+    with torch.device("meta"):
+        model = GPT2LM(GPT2Config(vocab_size=50257, preset="small"))
+    # 6 x (124,439,808 - 1024 x 768 position embeddings) + 12 x 12 layers x 768 x 1024 context
+    assert model.flops_per_token(1024) == 6 * 123_653_376 + 113_246_208 == 855_166_464
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops_for("NVIDIA L40") == 181.0 and peak_tflops_for("NVIDIA L4") == 121.0
+    assert peak_tflops_for("NVIDIA GeForce GTX 1080") is None  # unknown: no MFU, not a guess

@@ -91,6 +91,15 @@ def test_gpt2_trains_through_torchdistributor_and_generates(spark, tmp_path, tex
     assert main(argv) == 0
     assert capsys.readouterr().out == first and "The team" in first
 
+    # from a training checkpoint (weights_only), which needs the tokenizer given apart
+    ckpt = sorted(Path(cfg.pipeline.data_root, cfg.pipeline.name, "gpt2_work").rglob("best.pt"))
+    model_dir = dl / "model-files"
+    argv = ["generate", "--model", str(ckpt[0]), "--prompt", "The team", "--max-new-tokens", "6",
+            "--seed", "3"]  # fmt: skip
+    assert main(argv) == 2 and "--tokenizer" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(model_dir / "tokenizer.json")]) == 0
+    assert capsys.readouterr().out == first  # best.pt holds the weights the run exported
+
     # batch generation over a DataFrame: one row per prompt, blank ones quarantined
     prompts = spark.createDataFrame(
         [(str(i), p) for i, p in enumerate(["The", "Goal", None, "  ", "The coach"] * 4)],
@@ -99,7 +108,6 @@ def test_gpt2_trains_through_torchdistributor_and_generates(spark, tmp_path, tex
     src = tmp_path / "prompts.parquet"
     prompts.write.parquet(str(src))
     out = tmp_path / "completions"
-    model_dir = dl / "model-files"
     argv = ["generate", "--model", str(model_dir), "--input", str(src), "--output", str(out),
             "--id-column", "id", "--max-new-tokens", "5"]  # fmt: skip
     # in its own process: the CLI stops its SparkSession when done, and this one is shared
