@@ -55,6 +55,9 @@ def run_pipeline(
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
                 mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))
+                ingested = catalog.manifest("ingested")
+                if ingested:  # which data and split the metrics are on: comparable runs match
+                    mlflow.set_tag("sparkloom.data", ingested["fingerprint"])
             seconds = time.perf_counter() - started
             note = " (up to date, skipped; --force redoes it)" if result.skipped else ""
             log.info("[%s] done in %.1fs%s: %s", stage, seconds, note, result.summary())
