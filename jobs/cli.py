@@ -16,12 +16,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparkloom", description=__doc__)
     p.add_argument("command", choices=[*STAGE_COMMANDS, "run"],
                    help="one stage, or 'run' for the pipeline's stages in order")  # fmt: skip
-    p.add_argument("--conf", action="append", required=True, metavar="FILE",
-                   help="YAML config; repeat to layer files (later wins)")  # fmt: skip
+    p.add_argument("--conf", action="append", default=[], metavar="FILE",
+                   help="YAML config; repeat to layer files (later wins); `sparkloom run "
+                        "conf/pipelines/NAME.yaml` takes the pipeline file directly")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo stages whose output is current")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                   help="run: start at this stage of pipeline.stages (earlier ones must be done)")  # fmt: skip
+    p.add_argument("--only", action="append", default=[], metavar="STAGE",
+                   help="run: only these stages (repeatable), in pipeline order")  # fmt: skip
     p.add_argument("--verbose", "-v", action="store_true", help="full tracebacks and debug logs")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    # `sparkloom run conf/pipelines/text.yaml`: a YAML positional is the config, not an override
+    files = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
+    args.overrides = [a for a in args.overrides if a not in files]
+    args.conf = [*files, *args.conf]
+    if not args.conf:
+        p.error("give the pipeline's YAML: `sparkloom run conf/pipelines/NAME.yaml` or --conf FILE")
+    if args.command != "run" and (args.from_stage or args.only):
+        p.error("--from and --only go with `run`; a single stage is `sparkloom STAGE --conf ...`")
+    if args.from_stage and args.only:
+        p.error("give --from or --only, not both")
+    return args
+
+
+def select_stages(pipeline: list[str], from_stage: str | None, only: list[str]) -> list[str]:
+    """The stages `run` runs: all of pipeline.stages, from one on, or only some (in order)."""
+    from pipelines.errors import ConfigError
+
+    wanted = [from_stage] if from_stage else only
+    unknown = [s for s in wanted if s not in pipeline]
+    if unknown:
+        raise ConfigError(f"{unknown} not in pipeline.stages {pipeline}; pick from those")
+    if from_stage:
+        return pipeline[pipeline.index(from_stage) :]
+    return [s for s in pipeline if s in only] if only else list(pipeline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.ingest import check_local_input
 
         cfg = load_config(args.conf, args.overrides)
-        stages = list(cfg.pipeline.stages) if args.command == "run" else [args.command]
+        stages = (
+            select_stages(list(cfg.pipeline.stages), args.from_stage, args.only)
+            if args.command == "run"
+            else [args.command]
+        )
         if "ingest" in stages:
             check_local_input(cfg.require_ingest())  # before paying for a JVM
 
@@ -52,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_outcome(cfg, outcome)
         return 0
     except SparkloomError as e:
+        cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
+        if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
+            raise
         print(f"sparkloom: error: {e}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # Spark/Py4J errors: one line unless --verbose

@@ -17,6 +17,7 @@ from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog, local_path
 from pipelines.config import IMAGE_MODELS, Config, flatten
 from pipelines.deep import DeepResult, run_deep
+from pipelines.errors import SparkloomError
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.report import (
@@ -29,6 +30,20 @@ from pipelines.report import (
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
+
+
+class StageFailed(SparkloomError):
+    """A stage raised: names the stage, keeps the reason's first line and its exit code."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        first = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
+        if isinstance(cause, SparkloomError):  # ours already say what is wrong and the fix
+            super().__init__(f"stage '{stage}' failed: {first}")
+        else:  # Spark/Py4J/torch: the first line; --verbose shows the whole traceback
+            super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {first} "
+                             "(rerun with --verbose for the full traceback)")  # fmt: skip
+        self.stage, self.cause = stage, cause
+        self.exit_code = getattr(cause, "exit_code", 1)
 
 
 @dataclass
@@ -51,7 +66,12 @@ def run_pipeline(
             section = {k: v for k, v in flatten(cfg).items() if k.startswith(f"{stage}.")}
             with tracking.stage_run(stage, params=section) as child:
                 outcome.stage_run_ids[stage] = child.info.run_id
-                result = _STAGES[stage](spark, cfg, catalog, force, outcome)
+                try:
+                    result = _STAGES[stage](spark, cfg, catalog, force, outcome)
+                except Exception as e:
+                    seconds = time.perf_counter() - started
+                    log.error("[%s] failed after %.1fs", stage, seconds)
+                    raise StageFailed(stage, e) from e
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
                 mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))

@@ -64,8 +64,37 @@ def test_missing_upstream_dataset_names_the_stage(tmp_path):
     p = sparkloom("baseline", "--conf", str(conf), cwd=tmp_path)
     assert p.returncode == 3
     last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("sparkloom: error: dataset 'features' not found")
+    assert last.startswith(
+        "sparkloom: error: stage 'baseline' failed: dataset 'features' not found"
+    )
     assert "run the 'features' stage first" in last
+
+
+def test_run_takes_the_pipeline_file_and_a_failed_stage_fails_the_parent_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("run", str(conf), "--from", "lstm", cwd=tmp_path)  # before any JVM
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "sparkloom: error: ['lstm'] not in pipeline.stages ['ingest', 'features', 'baseline']; "
+        "pick from those"
+    ]
+    p = sparkloom("run", str(conf), "--only", "baseline", cwd=tmp_path)
+    assert p.returncode == 3
+    assert (
+        p.stderr.strip()
+        .splitlines()[-1]
+        .startswith("sparkloom: error: stage 'baseline' failed: dataset 'features' not found")
+    )
+    assert "[baseline] failed after" in p.stderr and "[ingest] started" not in p.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id], order_by=["start_time ASC"]
+    )
+    assert {(r.data.tags.get("sparkloom.stage"), r.info.status) for r in runs} == {
+        (None, "FAILED"),
+        ("baseline", "FAILED"),
+    }  # the parent and its stage
 
 
 @pytest.mark.slow
