@@ -8,7 +8,7 @@ import logging
 import sys
 
 STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
-                  "bert_pretrain", "bert", "gpt2")  # fmt: skip
+                  "bert_pretrain", "bert", "gpt2", "register")  # fmt: skip
 log = logging.getLogger("sparkloom")
 
 
@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.generate import run
 
         return run(argv[1:])
+    if argv[:1] == ["compare"]:  # a report over MLflow, no Spark (in a pipeline: a stage)
+        from jobs.compare import run as compare
+
+        return compare(argv[1:])
     args = parse_args(argv)
     _setup_logging(args.verbose)
     from pipelines.errors import SparkloomError
@@ -131,7 +135,12 @@ def _print_outcome(cfg, outcome) -> None:
         )
         t = baseline.metrics["test"]
         print(f"TEST accuracy={t['accuracy']:.4f} weighted_f1={t['f1']:.4f}")
-    _print_comparison(outcome)
+    compared = outcome.results.get("compare")
+    if compared is not None:
+        print()
+        print(compared.report.terminal_table())
+    else:
+        _print_comparison(outcome)
     print(f"MLflow parent run {outcome.run_id} in experiment '{cfg.experiment}'")
     if outcome.model_uri:
         print(f"model: {outcome.model_uri}")

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert", "gpt2")  # fmt: skip
+          "bert", "gpt2", "register", "compare")  # fmt: skip
+CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")  # register candidates
 TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
@@ -37,10 +39,12 @@ DEPENDS = {
     "bert_pretrain": ("ingest", "bert_pretrain"),
     "bert": ("ingest", "bert_pretrain", "bert"),
     "gpt2": ("ingest", "gpt2"),
+    "register": ("register",),
+    "compare": (),
 }
 Stage = Literal[
     "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
-    "gpt2",
+    "gpt2", "register", "compare",
 ]  # fmt: skip
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
@@ -497,6 +501,32 @@ class GPT2StageConfig(DeepStageConfig):
         return self
 
 
+class RegisterConfig(Section):
+    """The `register` stage: the best classifier of this pipeline becomes a new version of a
+    registered model; the alias moves to it only if it beats the alias's current holder on
+    `metric` on the same test split."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # None: pipeline.name
+    metric: Literal["test_accuracy", "test_f1", "test_macro_f1", "test_loss"] = "test_accuracy"
+    candidates: list[Stage] = []  # default: every classifier stage in pipeline.stages
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+    @field_validator("candidates")
+    @classmethod
+    def _classifiers(cls, v: list[str]) -> list[str]:
+        wrong = [s for s in v if s not in CLASSIFIERS]
+        if wrong:
+            raise ValueError(
+                f"{wrong} are not classifiers; candidates come from {list(CLASSIFIERS)}"
+            )
+        return v
+
+
+# pydantic warns that a field named `register` shadows ABCMeta.register (every model class has
+# it); the field is the `register` stage's section, and nothing here calls Config.register()
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
 class Config(Section):
     pipeline: PipelineConfig
     spark: SparkConfig = SparkConfig()
@@ -511,6 +541,7 @@ class Config(Section):
     bert_pretrain: BertPretrainStageConfig = BertPretrainStageConfig()
     bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
     gpt2: GPT2StageConfig = GPT2StageConfig()
+    register: RegisterConfig = RegisterConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -20,6 +20,7 @@ from pipelines.deep import DeepResult, run_deep
 from pipelines.errors import SparkloomError
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
+from pipelines.model_registry import RegisterResult, register
 from pipelines.report import (
     classification_metrics,
     classification_report,
@@ -74,10 +75,14 @@ def run_pipeline(
                     raise StageFailed(stage, e) from e
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
-                mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))
+                if _OUTPUT.get(stage):
+                    mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))
                 ingested = catalog.manifest("ingested")
                 if ingested:  # which data and split the metrics are on: comparable runs match
                     mlflow.set_tag("sparkloom.data", ingested["fingerprint"])
+                made = catalog.manifest(_OUTPUT[stage]) if _OUTPUT.get(stage) else None
+                if made:  # a skipped stage's model is in the run that has this and skipped=false
+                    mlflow.set_tag("sparkloom.output_fingerprint", made["fingerprint"])
             seconds = time.perf_counter() - started
             note = " (up to date, skipped; --force redoes it)" if result.skipped else ""
             log.info("[%s] done in %.1fs%s: %s", stage, seconds, note, result.summary())
@@ -122,6 +127,48 @@ def _baseline(
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result
+
+
+def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> RegisterResult:
+    from dataclasses import asdict
+
+    result = register(cfg, catalog)
+    tracking.log_metrics({f"candidate_{c['stage']}_{result.metric}": c["value"]
+                          for c in result.candidates})  # fmt: skip
+    tracking.log_metrics(
+        {"promoted": int(result.promoted), "registered_version": int(result.version)}
+    )
+    if result.champion_before and result.champion_before["value"] is not None:
+        tracking.log_metrics({f"previous_{cfg.register.alias}_{result.metric}":
+                              result.champion_before["value"]})  # fmt: skip
+    mlflow.set_tag("sparkloom.register_decision", result.reason)
+    mlflow.log_dict(asdict(result), "register.json")
+    outcome.model_uri = f"models:/{result.name}@{cfg.register.alias}"
+    return result
+
+
+@dataclass
+class CompareResult:
+    report: Any  # pipelines.compare.ComparisonReport
+    skipped: bool = False
+
+    def summary(self) -> str:
+        rows = self.report.rows
+        best = max(rows, key=lambda r: r.metrics.get("test_accuracy") or 0.0) if rows else None
+        top = f"; best {best.stage} ({best.metrics.get('test_accuracy', 0.0):.4f})" if best else ""
+        return f"{len(rows)} model runs compared{top}; report in {self.report.out_dir}"
+
+
+def _compare(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> CompareResult:
+    """Every comparable run of the experiment (this one's included), logged to this run."""
+    import tempfile
+
+    from pipelines.compare import compare_experiment, log_report
+
+    out = tempfile.mkdtemp(prefix="sparkloom-compare-")
+    report = compare_experiment(cfg.experiment, out, tracking_uri=cfg.mlflow.tracking_uri)
+    log_report(report)
+    return CompareResult(report)
 
 
 def _deep(stage: str):
@@ -230,6 +277,8 @@ _STAGES = {
     "bert_pretrain": _deep("bert_pretrain"),
     "bert": _deep("bert"),
     "gpt2": _deep("gpt2"),
+    "register": _register,
+    "compare": _compare,
 }
 _OUTPUT = {
     "ingest": "ingested",

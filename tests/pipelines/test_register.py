@@ -1,0 +1,70 @@
+"""The register stage on real stages and a real MLflow registry (sqlite): the champion alias
+moves only when a new model beats it on the same test split."""
+
+from __future__ import annotations
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.runner import run_pipeline
+from tests.conftest import make_config
+
+GOOD = {"grid": {"reg_param": [0.01], "max_iter": [50]}}
+BAD = {"grid": {"reg_param": [1000.0], "max_iter": [1]}}  # near-zero weights: a poor model
+
+
+def test_champion_moves_only_on_improvement(spark, tmp_path, text_dirs):
+    def run(baseline: dict, force: bool = False):
+        cfg = make_config(
+            tmp_path,
+            pipeline={"stages": ["ingest", "features", "baseline", "register"]},
+            ingest={"format": "text_dirs", "path": str(text_dirs)},
+            baseline=baseline,
+            register={"name": "tiny-text", "metric": "test_f1"},
+        )
+        return run_pipeline(spark, cfg, list(cfg.pipeline.stages), force=force)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def champion() -> tuple[str, float]:
+        v = client.get_model_version_by_alias("tiny-text", "champion")
+        return str(v.version), float(v.tags["sparkloom.test_f1"])
+
+    bad = run(BAD).results["register"]
+    assert bad.promoted and bad.version == "1" and champion()[0] == "1"
+    bad_f1 = champion()[1]
+    assert bad_f1 == bad.candidates[0]["value"]
+
+    good = run(GOOD).results["register"]  # baseline redone: its config changed
+    assert good.promoted and good.version == "2" and champion()[0] == "2"
+    assert good.candidates[0]["value"] > bad_f1
+    assert good.champion_before == {"version": "1", "value": bad_f1,
+                                    "data": good.candidates[0]["data"]}  # fmt: skip
+
+    again = run(GOOD).results["register"]  # baseline up to date: the model of the last run
+    assert not again.promoted and again.version == "2" and "already champion" in again.reason
+    assert outcome_stage_skipped(client, "baseline")
+
+    worse = run(BAD).results["register"]  # a new, worse model: registered, not promoted
+    assert worse.version == "3" and not worse.promoted and "does not beat" in worse.reason
+    assert champion()[0] == "2"
+    assert len(client.search_model_versions("name = 'tiny-text'")) == 3
+
+    # the decision is in the register run
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`sparkloom.stage` = 'register'",
+        order_by=["attributes.start_time DESC"],
+    )
+    assert len(runs) == 4
+    assert runs[0].data.metrics["promoted"] == 0.0
+    assert "does not beat" in runs[0].data.tags["sparkloom.register_decision"]
+
+
+def outcome_stage_skipped(client: MlflowClient, stage: str) -> bool:
+    last = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string=f"tags.`sparkloom.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    return last.data.tags["sparkloom.skipped"] == "true"
