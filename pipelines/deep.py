@@ -470,8 +470,17 @@ def run_deep(
         inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
     paths = {}
+    # A canonical layout: rows hashed to partitions by id and sorted by id, so the files the
+    # loader reads (and the training order its seeded shuffle makes) do not depend on how
+    # the input happened to be listed or partitioned: the same data trains the same model.
+    files = int(spark.conf.get("spark.sql.shuffle.partitions", "8"))
     for split in SPLITS:
-        part = inputs.data.filter(F.col("split") == split).drop("split")
+        part = (
+            inputs.data.filter(F.col("split") == split)
+            .drop("split")
+            .repartition(files, "id")
+            .sortWithinPartitions("id")
+        )
         converter = make_spark_converter(part, cache, shapes=inputs.shapes)
         if len(converter):
             paths[split] = converter.local_path

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -186,10 +187,16 @@ def generate_dataframe(
     staged = os.path.join(tempfile.gettempdir(), f"sparkloom-ship-{tag}")  # same path each time
     os.makedirs(staged, exist_ok=True)
     for f in MODEL_FILES:
-        link = os.path.join(staged, f"{tag}-{f}")
-        if not os.path.lexists(link):
-            os.symlink(os.path.abspath(os.path.join(model_dir, f)), link)
-        spark.sparkContext.addFile(link)
+        named = os.path.join(staged, f"{tag}-{f}")
+        if os.path.islink(named):  # left by an older version of this code
+            os.unlink(named)
+        if not os.path.exists(named):  # a hard link, or a copy across filesystems (Spark
+            src = os.path.join(model_dir, f)  # follows a symlink and ships the target's name)
+            try:
+                os.link(src, named)
+            except OSError:
+                shutil.copyfile(src, named)
+        spark.sparkContext.addFile(named)
     threads = int(spark.conf.get("spark.task.cpus", "1"))
     # no id column: the prompt itself is the key (equal prompts get equal completions)
     rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)

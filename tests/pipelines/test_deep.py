@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.deep import TrainingError
-from pipelines.runner import run_pipeline
+from pipelines.runner import StageFailed, run_pipeline
 from tests.conftest import make_config
 
 LSTM = {
@@ -114,8 +114,10 @@ def test_killed_rank_fails_clearly_and_the_rerun_resumes(spark, tmp_path, text_d
 
     cfg = deep_config(tmp_path / "faulty", text_dirs)
     monkeypatch.setenv("SPARKLOOM_FAULT", "rank=1,step=3,mode=exit")  # after the step-2 checkpoint
-    with pytest.raises(TrainingError) as err:
+    with pytest.raises(StageFailed) as err:
         run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    assert err.value.stage == "lstm" and isinstance(err.value.cause, TrainingError)
+    assert err.value.exit_code == TrainingError.exit_code
     message = str(err.value)
     assert "rank 1 died without a Python error" in message
     client = MlflowClient(cfg.mlflow.tracking_uri)

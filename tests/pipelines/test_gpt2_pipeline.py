@@ -96,7 +96,7 @@ def test_gpt2_trains_through_torchdistributor_and_generates(spark, tmp_path, tex
     model_dir = dl / "model-files"
     argv = ["generate", "--model", str(ckpt[0]), "--prompt", "The team", "--max-new-tokens", "6",
             "--seed", "3"]  # fmt: skip
-    assert main(argv) == 2 and "--tokenizer" in capsys.readouterr().err
+    assert main(argv) == 3 and "--tokenizer" in capsys.readouterr().err
     assert main([*argv, "--tokenizer", str(model_dir / "tokenizer.json")]) == 0
     assert capsys.readouterr().out == first  # best.pt holds the weights the run exported
 
