@@ -154,8 +154,6 @@ def launch(
     """Run `train_fn` with TorchDistributor; a failure becomes one error naming the rank."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from models.train import train_fn
-
     use_gpu = dc.use_gpu
     if use_gpu is None:
         use_gpu = float(spark.conf.get("spark.task.resource.gpu.amount", "0") or 0) > 0
@@ -165,9 +163,40 @@ def launch(
         num_processes=dc.num_processes, local_mode=dc.local_mode, use_gpu=use_gpu
     )
     try:
-        return distributor.run(train_fn, train_config)
+        return distributor.run(rank_entry(spark), train_config)
     except Exception as e:
         raise TrainingError(explain_failure(status_dir, dc.num_processes, e)) from e
+
+
+def rank_entry(spark: SparkSession):
+    """`train_fn` as a rank can import it where sparkloom is not installed.
+
+    TorchDistributor starts every rank as a new Python (torchrun) that inherits the
+    executor's environment but not the sys.path where Spark put the --py-files, so
+    `import models` fails there. This closure is pickled by value (cloudpickle cannot
+    import a local function) and puts those files on the path first: by name (an
+    executor keeps them in its working directory, which the ranks inherit) or in the
+    driver's SparkFiles folder (local masters).
+    """
+    from pyspark import SparkFiles
+
+    submitted = spark.sparkContext.getConf().get("spark.submit.pyFiles", "")
+    names = [os.path.basename(p) for p in submitted.split(",") if p]
+    paths = [p for n in names for p in (n, os.path.join(SparkFiles.getRootDirectory(), n))]
+
+    def run(config: dict[str, Any]) -> dict[str, Any]:
+        import os
+        import sys
+
+        for path in paths:
+            path = os.path.abspath(path)
+            if os.path.exists(path) and path not in sys.path:
+                sys.path.insert(0, path)
+        from models.train import train_fn
+
+        return train_fn(config)
+
+    return run
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
@@ -201,7 +230,11 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
         r, text = sorted(raised.items())[0]
         culprit = f"rank {r} lost its peers: {[ln for ln in text.splitlines() if ln.strip()][-1]}"
     elif never:
-        culprit = f"ranks {never} never started (no free task slots or the Python workers failed)"
+        culprit = (
+            f"ranks {never} never started (no free task slots, the Python workers failed, or "
+            "the ranks could not import sparkloom: see their output above; on a cluster ship "
+            "it with --py-files)"
+        )
     else:
         culprit = f"TorchDistributor failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     others = sorted(set(raised) - set(own)) if (died or own) else []
