@@ -153,9 +153,9 @@ class CompareResult:
     skipped: bool = False
 
     def summary(self) -> str:
-        rows = self.report.rows
-        best = max(rows, key=lambda r: r.metrics.get("test_accuracy") or 0.0) if rows else None
-        top = f"; best {best.stage} ({best.metrics.get('test_accuracy', 0.0):.4f})" if best else ""
+        rows = self.report.rows  # metrics under the report's column names (accuracy, f1, ...)
+        best = max(rows, key=lambda r: r.metrics.get("accuracy") or 0.0) if rows else None
+        top = f"; best {best.stage} (test accuracy {best.metrics['accuracy']:.4f})" if best else ""
         return f"{len(rows)} model runs compared{top}; report in {self.report.out_dir}"
 
 

@@ -16,7 +16,7 @@ def test_champion_moves_only_on_improvement(spark, tmp_path, text_dirs):
     def run(baseline: dict, force: bool = False):
         cfg = make_config(
             tmp_path,
-            pipeline={"stages": ["ingest", "features", "baseline", "register"]},
+            pipeline={"stages": ["ingest", "features", "baseline", "register", "compare"]},
             ingest={"format": "text_dirs", "path": str(text_dirs)},
             baseline=baseline,
             register={"name": "tiny-text", "metric": "test_f1"},
@@ -44,10 +44,17 @@ def test_champion_moves_only_on_improvement(spark, tmp_path, text_dirs):
     assert not again.promoted and again.version == "2" and "already champion" in again.reason
     assert outcome_stage_skipped(client, "baseline")
 
-    worse = run(BAD).results["register"]  # a new, worse model: registered, not promoted
+    last = run(BAD)
+    worse = last.results["register"]  # a new, worse model: registered, not promoted
     assert worse.version == "3" and not worse.promoted and "does not beat" in worse.reason
     assert champion()[0] == "2"
     assert len(client.search_model_versions("name = 'tiny-text'")) == 3
+
+    # the compare stage ranked every baseline run that trained a model (the skipped one not)
+    report = last.results["compare"].report
+    assert sorted(r.run_id for r in report.rows) == sorted(c for c in trained(client))
+    assert report.rows[0].metrics["f1"] == good.candidates[0]["value"]
+    assert "best baseline (test accuracy" in last.results["compare"].summary()
 
     # the decision is in the register run
     runs = client.search_runs(
@@ -68,3 +75,11 @@ def outcome_stage_skipped(client: MlflowClient, stage: str) -> bool:
         max_results=1,
     )[0]
     return last.data.tags["sparkloom.skipped"] == "true"
+
+
+def trained(client: MlflowClient) -> list[str]:
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`sparkloom.stage` = 'baseline' and tags.`sparkloom.skipped` = 'false'",
+    )
+    return [r.info.run_id for r in runs]
