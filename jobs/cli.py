@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.generate import run
 
         return run(argv[1:])
+    if argv[:1] == ["score"]:  # batch scoring with a logged classifier
+        from jobs.score import run as score
+
+        return score(argv[1:])
     if argv[:1] == ["compare"]:  # a report over MLflow, no Spark (in a pipeline: a stage)
         from jobs.compare import run as compare
 

@@ -13,11 +13,9 @@ key and the settings, not on which other rows share its batch or partition.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,6 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.errors import DataError
+from pipelines.spark import ship_files
 
 
 @dataclass(frozen=True)
@@ -181,22 +180,7 @@ def generate_dataframe(
     if id_col and id_col not in df.columns:
         raise DataError(f"no column '{id_col}' among {df.columns}; set --id-column")
     spark = df.sparkSession
-    # Spark ships single files to every executor (addFile takes no local directory outside
-    # local mode); names carry the weights' hash, so two models in one session never clash
-    tag = _content_tag(os.path.join(model_dir, "state_dict.pt"))
-    staged = os.path.join(tempfile.gettempdir(), f"sparkloom-ship-{tag}")  # same path each time
-    os.makedirs(staged, exist_ok=True)
-    for f in MODEL_FILES:
-        named = os.path.join(staged, f"{tag}-{f}")
-        if os.path.islink(named):  # left by an older version of this code
-            os.unlink(named)
-        if not os.path.exists(named):  # a hard link, or a copy across filesystems (Spark
-            src = os.path.join(model_dir, f)  # follows a symlink and ships the target's name)
-            try:
-                os.link(src, named)
-            except OSError:
-                shutil.copyfile(src, named)
-        spark.sparkContext.addFile(named)
+    prefix = ship_files(spark, model_dir, MODEL_FILES)  # once per executor, by content
     threads = int(spark.conf.get("spark.task.cpus", "1"))
     # no id column: the prompt itself is the key (equal prompts get equal completions)
     rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)
@@ -214,20 +198,12 @@ def generate_dataframe(
         for pdf in batches:
             texts, lengths = complete(
                 SparkFiles.getRootDirectory(), pdf["prompt"].tolist(), s, pdf["id"].tolist(),
-                device, prefix=f"{tag}-",
+                device, prefix=prefix,
             )  # fmt: skip
             yield pd.DataFrame({"id": pdf["id"], "prompt": pdf["prompt"], "completion": texts,
                                 "new_tokens": pd.Series(lengths, dtype="int32")})  # fmt: skip
 
     return rows.filter(~blank).mapInPandas(run, OUTPUT), quarantine
-
-
-def _content_tag(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def write_generations(

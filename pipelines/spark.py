@@ -52,3 +52,33 @@ DEFAULT_CONF = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
+
+
+def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> str:
+    """Send `names` from a local `directory` to every executor (SparkContext.addFile, one
+    file at a time: it takes no local directory outside local mode). Returns the prefix the
+    executors find them under: SparkFiles.getRootDirectory()/<prefix><name>. The prefix is
+    a hash of the files' content, so two models in one session never clash."""
+    import hashlib
+    import tempfile
+
+    h = hashlib.sha1()
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                h.update(chunk)
+    tag = h.hexdigest()[:16]
+    staged = os.path.join(tempfile.gettempdir(), f"sparkloom-ship-{tag}")  # same path each time
+    os.makedirs(staged, exist_ok=True)
+    for name in names:
+        named = os.path.join(staged, f"{tag}-{name}")
+        if os.path.islink(named):  # left by an older version of this code
+            os.unlink(named)
+        if not os.path.exists(named):  # a hard link, or a copy across filesystems (Spark
+            src = os.path.join(directory, name)  # follows a symlink, shipping the target's name)
+            try:
+                os.link(src, named)
+            except OSError:
+                shutil.copyfile(src, named)
+        spark.sparkContext.addFile(named)
+    return f"{tag}-"

@@ -1,0 +1,91 @@
+"""Batch scoring from MLflow model URIs: the baseline and the LSTM score a DataFrame of raw
+text with their own preprocessing, and agree with the models run in process."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from pyspark.sql import functions as F
+
+from pipelines.catalog import Catalog, local_path
+from pipelines.runner import run_pipeline
+from pipelines.scoring import score
+from tests.conftest import make_config
+
+LSTM = {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
+        "training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02}}}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "features", "baseline", "lstm"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        features={"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1, "max_length": 32}},
+        lstm=LSTM,
+    )
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
+    extra = spark.createDataFrame([("blank", "  "), ("null", None)], "id string, text string")
+    df = test.unionByName(extra)
+    n_test = test.count()
+
+    # baseline: the logged PipelineModel, against the catalog's copy run in process
+    scored, quarantine, ref = score(df, f"runs:/{outcome.stage_run_ids['baseline']}/model")
+    got = {r["id"]: r for r in scored.collect()}
+    assert ref.stage == "baseline" and len(got) == n_test
+    assert sorted(r["id"] for r in quarantine.collect()) == ["blank", "null"]
+    from pyspark.ml import PipelineModel
+
+    local = PipelineModel.load(catalog.path("baseline_model")).transform(test).collect()
+    for r in local:
+        assert got[r["id"]]["predicted_label"] == r["predicted_label"]
+        assert np.allclose(got[r["id"]]["probabilities"], r["probability"].toArray(), atol=1e-6)
+
+    # lstm: Spark-side tokens -> the model's vocab.txt -> predict_batch_udf
+    scored, quarantine, ref = score(df, f"runs:/{outcome.stage_run_ids['lstm']}/model")
+    got = {r["id"]: r for r in scored.collect()}
+    assert ref.stage == "lstm" and len(got) == n_test and quarantine.count() == 2
+    from models.registry import Scorer
+    from models.train import load_exported
+
+    model = Scorer(
+        load_exported(local_path(catalog.fs.qualify(catalog.path("lstm_model"))), "lstm")
+    )
+    feats = catalog.read("features", "features").filter("split = 'test'").select("id", "token_ids")
+    rows = feats.collect()
+    ids = torch.zeros(len(rows), 32, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["token_ids"])] = torch.tensor(r["token_ids"])
+    with torch.no_grad():
+        want = model.eval()(ids).numpy()
+    labels = ref.labels
+    for r, p in zip(rows, want, strict=True):
+        assert np.allclose(got[r["id"]]["probabilities"], p, atol=1e-5)
+        assert got[r["id"]]["predicted_label"] == labels[int(np.argmax(p))]
+    assert scored.filter(F.size("probabilities") != len(labels)).count() == 0
+
+    # the CLI, in its own process (it stops its SparkSession): the registered champion
+    import subprocess
+    import sys
+
+    client = mlflow.tracking.MlflowClient()
+    client.create_registered_model("scoring-test")
+    v = mlflow.register_model(f"runs:/{outcome.stage_run_ids['lstm']}/model", "scoring-test")
+    client.set_registered_model_alias("scoring-test", "champion", v.version)
+    src, out = tmp_path / "texts.parquet", tmp_path / "scores"
+    df.write.parquet(str(src))
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "score", "--model", "models:/scoring-test@champion",
+         "--input", str(src), "--output", str(out), "--tracking-uri", cfg.mlflow.tracking_uri],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"scored {n_test} rows" in done.stdout and "2 quarantined" in done.stdout
+    written = {r["id"]: r["predicted_label"] for r in spark.read.parquet(str(out)).collect()}
+    assert written == {k: v["predicted_label"] for k, v in got.items()}
