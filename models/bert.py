@@ -8,8 +8,6 @@ BertForSequenceClassification: checkpoints move between here and Hugging Face wi
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,6 +17,7 @@ import transformers
 from torch import nn
 
 from models.heads import padding_mask
+from models.hf import check_hf_directory
 
 
 class BertDims(NamedTuple):
@@ -37,7 +36,6 @@ BERT_PRESETS: dict[str, BertDims] = {
     "base": BertDims(12, 768, 12, 3072),
 }
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 ENCODER_PREFIXES = ("bert.embeddings.", "bert.encoder.", "bert.pooler.")
 
 
@@ -308,18 +306,7 @@ class BertClassifier(nn.Module):
         """A local Hugging Face BERT directory (config.json + model.safetensors or
         pytorch_model.bin, as save_pretrained writes it) with a new `num_classes` head, unless
         the directory's own head already has that many classes."""
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(
-                f"no config.json in {path!r}: expected a local Hugging Face BERT directory "
-                f"(config.json + one of {WEIGHT_FILES}, as save_pretrained writes it)"
-            )
-        if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
-            raise FileNotFoundError(f"no weights in {path!r}: expected one of {WEIGHT_FILES}")
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type != "bert":
-            raise ValueError(f"{path!r} holds a {model_type!r} model, not a BERT one")
+        path = check_hf_directory(path, "bert", "BERT")
         hf = transformers.BertForSequenceClassification.from_pretrained(
             path,
             num_labels=num_classes,

@@ -8,7 +8,6 @@ and the T next tokens as targets, so a block needs a context of only T <= n_posi
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
+
+from models.hf import check_hf_directory
 
 
 class GPT2Dims(NamedTuple):
@@ -37,7 +38,6 @@ GPT2_PRESETS: dict[str, GPT2Dims] = {
 }
 CUSTOM_PRESET = "custom"  # no preset: all four sizes are given
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclass
@@ -219,19 +219,7 @@ class GPT2LM(nn.Module):
     ) -> GPT2LM:
         """A local Hugging Face GPT-2 directory (config.json + model.safetensors or
         pytorch_model.bin, as save_pretrained writes it)."""
-        path = os.fspath(path)
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(
-                f"no config.json in {path!r}: expected a local Hugging Face GPT-2 directory "
-                f"(config.json + one of {WEIGHT_FILES}, as save_pretrained writes it)"
-            )
-        if not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
-            raise FileNotFoundError(f"no weights in {path!r}: expected one of {WEIGHT_FILES}")
-        with open(config_path) as f:
-            model_type = json.load(f).get("model_type")
-        if model_type != "gpt2":
-            raise ValueError(f"{path!r} holds a {model_type!r} model, not a GPT-2 one")
+        path = check_hf_directory(path, "gpt2", "GPT-2")
         hf = transformers.GPT2LMHeadModel.from_pretrained(
             path, local_files_only=True, attn_implementation=attn_implementation
         )
