@@ -62,25 +62,6 @@ def _sampling(args: argparse.Namespace, cfg):
     return s
 
 
-def _read_prompts(spark, path: str, prompt_col: str):
-    from pipelines.errors import DataError
-
-    low = path.lower().rstrip("/")
-    if low.endswith(".txt"):
-        return spark.read.text(path).withColumnRenamed("value", prompt_col)
-    if low.endswith(".csv"):
-        return spark.read.option("header", True).option("multiLine", True).csv(path)
-    if low.endswith((".json", ".jsonl")):
-        return spark.read.json(path)
-    try:
-        return spark.read.parquet(path)
-    except Exception as e:
-        raise DataError(
-            f"cannot read prompts from {path} as Parquet ({type(e).__name__}); give .parquet, "
-            ".csv (with a header), .json/.jsonl or .txt (one prompt per line)"
-        ) from None
-
-
 def run(argv: list[str]) -> int:
     from jobs.cli import _setup_logging
 
@@ -106,10 +87,10 @@ def run(argv: list[str]) -> int:
                 print(f"--- {prompt!r} (+{n} tokens)\n{prompt}{text}\n")
         if args.input:
             from pipelines.config import SparkConfig
-            from pipelines.spark import get_spark
+            from pipelines.spark import get_spark, read_table
 
             spark = get_spark(cfg.spark if cfg else SparkConfig())
-            df = _read_prompts(spark, args.input, args.prompt_column)
+            df = read_table(spark, args.input, args.prompt_column)
             r = write_generations(df, model_dir, s, args.output, args.prompt_column, args.id_column)
             print(f"generated {r.rows_out} completions -> {r.output}; {r.quarantined} prompts "
                   f"quarantined (blank) -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip

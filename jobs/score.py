@@ -4,7 +4,8 @@
       --input texts.parquet --output scores/ [--text-column text --id-column id]
 
 --model takes models:/NAME@ALIAS (or models:/NAME/VERSION) or runs:/RUN_ID/model of a
-baseline, lstm, textcnn or bert stage run. Input: Parquet, CSV with a header, or JSON lines.
+baseline, lstm, textcnn or bert stage run. Input: Parquet, CSV with a header, JSON lines, or
+.txt with one text per line.
 Output: Parquet of id, predicted_label, probabilities (in the model's label order), and
 blank texts at <output>_quarantine.
 """
@@ -44,21 +45,14 @@ def run(argv: list[str]) -> int:
 
         from pipelines.config import SparkConfig, load_config
         from pipelines.scoring import write_scores
-        from pipelines.spark import get_spark
+        from pipelines.spark import get_spark, read_table
 
         cfg = load_config(args.conf) if args.conf else None
         mlflow.set_tracking_uri(
             args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
         )
         spark = get_spark(cfg.spark if cfg else SparkConfig())
-        low = args.input.lower().rstrip("/")
-        reader = spark.read
-        if low.endswith(".csv"):
-            df = reader.option("header", True).option("multiLine", True).csv(args.input)
-        elif low.endswith((".json", ".jsonl")):
-            df = reader.json(args.input)
-        else:
-            df = reader.parquet(args.input)
+        df = read_table(spark, args.input, args.text_column)
         r = write_scores(df, args.model, args.output, args.text_column, args.id_column)
         print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
               f"{r.quarantined} quarantined (blank text) -> {r.output}_quarantine; "

@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.errors import DataError
-from pipelines.spark import ship_files
+from pipelines.spark import ship_files, write_with_quarantine
 
 
 @dataclass(frozen=True)
@@ -211,17 +211,10 @@ def write_generations(
     id_col: str | None = None,
 ) -> GenerateResult:  # fmt: skip
     """Completions as Parquet at `output`, quarantine at `output`_quarantine; counts checked."""
-    output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
+    output = output.rstrip("/")
     df = df.localCheckpoint()  # the counts and the written rows come from the same input
     out, quarantine = generate_dataframe(df, model_dir, s, prompt_col, id_col)
-    out.write.mode("overwrite").parquet(output)
-    quarantine.write.mode("overwrite").parquet(f"{output}_quarantine")
-    spark = df.sparkSession
-    rows_in = df.count()
-    rows_out = spark.read.parquet(output).count()
-    quarantined = spark.read.parquet(f"{output}_quarantine").count()
-    if rows_in != rows_out + quarantined:
-        raise DataError(
-            f"generation lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined"
-        )
+    rows_in, rows_out, quarantined = write_with_quarantine(
+        df, out, quarantine, output, "generation"
+    )
     return GenerateResult(rows_in, rows_out, quarantined, output)

@@ -199,9 +199,9 @@ def _deep(stage: str):
         if not result.labels:  # a language model: loss, perplexity, token accuracy per split
             tracking.log_metrics({k.replace("_accuracy", "_token_accuracy"): v
                                   for k, v in result.metrics.items()})  # fmt: skip
-        # masked-LM pretraining: MLM loss, accuracy on masked tokens, perplexity per split
-        tracking.log_metrics({k: v for k, v in result.metrics.items()
-                              if k.endswith(("mlm_loss", "mlm_accuracy", "perplexity"))})  # fmt: skip
+        else:  # masked-LM pretraining: MLM loss, accuracy on masked tokens, perplexity
+            tracking.log_metrics({k: v for k, v in result.metrics.items()
+                                  if k.endswith(("mlm_loss", "mlm_accuracy", "perplexity"))})  # fmt: skip
         tracking.log_metrics({
             "train_seconds": result.train_seconds, "stage_seconds": result.wall_seconds,
             "num_parameters": result.num_parameters, "world_size": result.world_size,

@@ -26,7 +26,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.errors import DataError
-from pipelines.spark import ship_files
+from pipelines.spark import ship_files, write_with_quarantine
 
 TEXT_TORCH = ("lstm", "textcnn", "bert")
 
@@ -196,16 +196,9 @@ def write_scores(
     """Scores as Parquet at `output`, quarantine beside it at `output`_quarantine; the counts
     are checked on what was written."""
     output = output.rstrip("/")
-    df = df.localCheckpoint()  # counts and written rows come from the same input
+    df = df.localCheckpoint()  # the counts and the written rows come from the same input
     scored, quarantine, ref = score(df, model_uri, text_col, id_col)
-    scored.write.mode("overwrite").parquet(output)
-    quarantine.write.mode("overwrite").parquet(f"{output}_quarantine")
-    spark = df.sparkSession
-    rows_in = df.count()
-    rows_out = spark.read.parquet(output).count()
-    quarantined = spark.read.parquet(f"{output}_quarantine").count()
-    if rows_in != rows_out + quarantined:
-        raise DataError(
-            f"scoring lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined"
-        )
+    rows_in, rows_out, quarantined = write_with_quarantine(
+        df, scored, quarantine, output, "scoring"
+    )
     return ScoreResult(rows_in, rows_out, quarantined, output, ref.stage)

@@ -82,3 +82,44 @@ def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> s
                 shutil.copyfile(src, named)
         spark.sparkContext.addFile(named)
     return f"{tag}-"
+
+
+def read_table(spark: SparkSession, path: str, text_column: str = "text"):
+    """A user's file by its extension: .csv (with a header), .json/.jsonl, .txt (one row per
+    line, in `text_column`), else Parquet; a clear error when it is none of them."""
+    from pipelines.errors import DataError
+
+    low = path.lower().rstrip("/")
+    if low.endswith(".txt"):
+        return spark.read.text(path).withColumnRenamed("value", text_column)
+    if low.endswith(".csv"):
+        return spark.read.option("header", True).option("multiLine", True).csv(path)
+    if low.endswith((".json", ".jsonl")):
+        return spark.read.json(path)
+    try:
+        return spark.read.parquet(path)
+    except Exception as e:
+        raise DataError(
+            f"cannot read {path} as Parquet ({type(e).__name__}); give .parquet, .csv (with a "
+            "header), .json/.jsonl or .txt (one row per line)"
+        ) from None
+
+
+def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tuple[int, int, int]:
+    """Write `out` at `output` and `quarantine` beside it (`output`_quarantine), then check on
+    what was written that rows in = out + quarantined. `df_in` must be pinned (e.g.
+    localCheckpoint) so the count sees the rows the outputs were made from."""
+    from pipelines.errors import DataError
+
+    output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
+    out.write.mode("overwrite").parquet(output)
+    quarantine.write.mode("overwrite").parquet(f"{output}_quarantine")
+    spark = df_in.sparkSession
+    rows_in = df_in.count()
+    rows_out = spark.read.parquet(output).count()
+    quarantined = spark.read.parquet(f"{output}_quarantine").count()
+    if rows_in != rows_out + quarantined:
+        raise DataError(
+            f"{what} lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined"
+        )
+    return rows_in, rows_out, quarantined
