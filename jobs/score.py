@@ -1,13 +1,16 @@
-"""`sparkloom score`: score a file of texts with a logged classifier.
+"""`sparkloom score`: score texts or images with a logged classifier.
 
   sparkloom score --model models:/text_classification@champion \\
-      --input texts.parquet --output scores/ [--text-column text --id-column id]
+      --input texts.parquet --output scores/ [--input-column text --id-column id]
+  sparkloom score --model models:/digits@champion --images --input photos/ --output scores/
 
 --model takes models:/NAME@ALIAS (or models:/NAME/VERSION) or runs:/RUN_ID/model of a
-baseline, lstm, textcnn or bert stage run. Input: Parquet, CSV with a header, JSON lines, or
-.txt with one text per line.
-Output: Parquet of id, predicted_label, probabilities (in the model's label order), and
-blank texts at <output>_quarantine.
+baseline, lstm, textcnn, bert, cnn or alexnet stage run. Input: Parquet, CSV with a header,
+JSON lines, or .txt with one text per line; with --images, a folder of image files (the id
+is the path under it). Image models also take Parquet with a binary column of encoded files
+(default `content`) or an array of pixel values, decoded and resized as their ingest did.
+Output: Parquet of id, predicted_label, probabilities (in the model's label order), and the
+rows that could not be scored, with a reason, at <output>_quarantine.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or runs:/RUN_ID/model")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--input-column", "--text-column", default=None,
+                   help="text column (default text), or image column (default content)")  # fmt: skip
+    p.add_argument("--images", action="store_true",
+                   help="--input is a folder of image files (png, jpeg, ...)")  # fmt: skip
     p.add_argument("--id-column", default="id")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: --conf's, else sqlite:///mlflow.db)")  # fmt: skip
@@ -45,18 +51,20 @@ def run(argv: list[str]) -> int:
 
         from pipelines.config import SparkConfig, load_config
         from pipelines.scoring import write_scores
-        from pipelines.spark import get_spark, read_table
+        from pipelines.spark import get_spark, read_images, read_table
 
         cfg = load_config(args.conf) if args.conf else None
         mlflow.set_tracking_uri(
             args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
         )
         spark = get_spark(cfg.spark if cfg else SparkConfig())
-        df = read_table(spark, args.input, args.text_column)
-        r = write_scores(df, args.model, args.output, args.text_column, args.id_column)
+        if args.images:
+            df = read_images(spark, args.input)
+        else:
+            df = read_table(spark, args.input, args.input_column or "text")
+        r = write_scores(df, args.model, args.output, args.input_column, args.id_column)
         print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
-              f"{r.quarantined} quarantined (blank text) -> {r.output}_quarantine; "
-              f"{r.rows_in} in")  # fmt: skip
+              f"{r.quarantined} quarantined -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
         return 0
     except SparkloomError as e:
         print(f"sparkloom score: error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert", "gpt2", "register", "compare")  # fmt: skip
+          "bert", "gpt2", "register", "score", "compare")  # fmt: skip
 CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")  # register candidates
 TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
@@ -40,11 +40,12 @@ DEPENDS = {
     "bert": ("ingest", "bert_pretrain", "bert"),
     "gpt2": ("ingest", "gpt2"),
     "register": ("register",),
+    "score": ("ingest", "score"),  # and the model the alias names (in the stage's fingerprint)
     "compare": (),
 }
 Stage = Literal[
     "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
-    "gpt2", "register", "compare",
+    "gpt2", "register", "score", "compare",
 ]  # fmt: skip
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
@@ -522,6 +523,24 @@ class RegisterConfig(Section):
         return v
 
 
+class ScoreConfig(Section):
+    """The `score` stage: a split of the ingested data scored in batch by a registered model,
+    through the same code as `sparkloom score` (raw text or images in, the model's own
+    preprocessing), and checked against the labels."""
+
+    model: str | None = None  # default: models:/<register.name>@<register.alias>
+    split: Literal["train", "validation", "test"] = "test"
+
+    @field_validator("model")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("models:/", "runs:/")):
+            raise ValueError(
+                f"'{v}': give models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model"
+            )
+        return v
+
+
 # pydantic warns that a field named `register` shadows ABCMeta.register (every model class has
 # it); the field is the `register` stage's section, and nothing here calls Config.register()
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -542,6 +561,7 @@ class Config(Section):
     bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
     gpt2: GPT2StageConfig = GPT2StageConfig()
     register: RegisterConfig = RegisterConfig()
+    score: ScoreConfig = ScoreConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

@@ -28,6 +28,7 @@ from pipelines.report import (
     learning_curves_figure,
     misclassified_figure,
 )
+from pipelines.scoring import ScoreStageResult, run_score
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,19 @@ def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Reg
     mlflow.set_tag("sparkloom.register_decision", result.reason)
     mlflow.log_dict(asdict(result), "register.json")
     outcome.model_uri = f"models:/{result.name}@{cfg.register.alias}"
+    return result
+
+
+def _score(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> ScoreStageResult:
+    result = run_score(spark, cfg, catalog, force)
+    tracking.log_metrics(result.metrics())
+    mlflow.set_tag("sparkloom.scored_model", f"{result.model_uri} (run {result.run_id})")
+    own = result.model_accuracy
+    if own is not None and abs(own - result.accuracy) > 1e-9:
+        log.warning(
+            "score: batch scoring gives %s accuracy %.6f, the model's own run %.6f; scoring's "
+            "preprocessing differs from training's", result.split, result.accuracy, own,
+        )  # fmt: skip
     return result
 
 
@@ -278,6 +292,7 @@ _STAGES = {
     "bert": _deep("bert"),
     "gpt2": _deep("gpt2"),
     "register": _register,
+    "score": _score,
     "compare": _compare,
 }
 _OUTPUT = {
@@ -291,4 +306,5 @@ _OUTPUT = {
     "bert_pretrain": "bert_pretrain_model",
     "bert": "bert_model",
     "gpt2": "gpt2_model",
+    "score": "scores",
 }

@@ -1,4 +1,4 @@
-"""Batch scoring of text with a logged classifier: `models:/NAME@alias` or `runs:/ID/model`.
+"""Batch scoring with a logged classifier: `models:/NAME@alias` or `runs:/ID/model`.
 
 The model's run says which stage made it (tag `sparkloom.stage`); its preprocessing comes
 from that run's own artifacts and its pipeline's resolved config, never from the catalog:
@@ -7,12 +7,16 @@ from that run's own artifacts and its pipeline's resolved config, never from the
 - lstm, textcnn: RegexTokenizer + StopWordsRemover rebuilt from the pipeline's `features`
   section (they need no fitting), then the model's own `vocab.txt` -> token ids.
 - bert: the model's own `tokenizer.json` -> WordPiece ids, in a pandas UDF.
+- images (baseline, cnn, alexnet): encoded files or pixel arrays are decoded and resized as
+  the pipeline's ingest did (`ingest.image`), the baseline's PipelineModel standardizes
+  them itself, the CNNs through `ImageScorer` with the model's `preprocess.json`.
 
 Torch models run in `pyspark.ml.functions.predict_batch_udf`: `state_dict.pt` and
 `model.json` go to the executors with SparkContext.addFile, and each Python worker builds
 the model once from them (weights_only: nothing unpickled as code) and scores padded id
-batches. Rows with a null or blank text go to quarantine with reason
-`empty_text`; rows in = rows scored + rows quarantined.
+or image batches. Rows with a null or blank text go to quarantine with reason `empty_text`,
+images that cannot be used with ingest's reasons (`empty_file`, `undecodable`, ...);
+rows in = rows scored + rows quarantined.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import yaml
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
+from pipelines.config import IMAGE_FORMATS, IMAGE_MODELS, ImageConfig
 from pipelines.errors import DataError
 from pipelines.spark import ship_files, write_with_quarantine
 
 TEXT_TORCH = ("lstm", "textcnn", "bert")
+SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS)
 
 
 @dataclass
@@ -38,6 +47,10 @@ class ModelRef:
     files: str  # local directory of the run's model-files (torch) or model (spark)
     labels: list[str]
     config: dict  # the pipeline's resolved config (as plain data)
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.config["ingest"]["format"] in IMAGE_FORMATS else "text"
 
 
 def resolve(model_uri: str) -> ModelRef:
@@ -62,10 +75,10 @@ def resolve(model_uri: str) -> ModelRef:
         raise DataError(f"model {model_uri}: give models:/NAME@ALIAS or runs:/RUN_ID/model")
     run = client.get_run(run_id)
     stage = run.data.tags.get("sparkloom.stage")
-    if stage not in ("baseline", *TEXT_TORCH):
+    if stage not in SCORABLE:
         raise DataError(
-            f"run {run_id} was made by stage '{stage}'; batch text scoring takes baseline, "
-            f"{', '.join(TEXT_TORCH)}"
+            f"run {run_id} was made by stage '{stage}'; batch scoring takes the classifiers "
+            f"{', '.join(SCORABLE)}"
         )
     parent = run.data.tags.get("mlflow.parentRunId")
     if not parent:
@@ -112,36 +125,30 @@ def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
 
 
 def score(
-    df: DataFrame, model_uri: str, text_col: str = "text", id_col: str = "id"
-) -> tuple[DataFrame, DataFrame, ModelRef]:
-    """(scored: id, predicted_label, probabilities; quarantine: id, text, reason; the model)."""
-    for c in (text_col, id_col):
-        if c not in df.columns:
-            raise DataError(f"no column '{c}' among {df.columns}; set --text-column/--id-column")
-    ref = resolve(model_uri)
-    rows = df.select(F.col(id_col).cast("string").alias("id"), F.col(text_col).alias("text"))
-    blank = F.col("text").isNull() | (F.trim(F.col("text")) == "")
-    quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_text"))
-    good = rows.filter(~blank)
-    labels = F.array(*[F.lit(x) for x in ref.labels])
-    if ref.stage == "baseline":
-        import mlflow.spark
-        from pyspark.ml.functions import vector_to_array
+    df: DataFrame, model_uri: str | ModelRef, input_col: str | None = None, id_col: str = "id",
+    prepared: bool = False,
+) -> tuple[DataFrame, DataFrame, ModelRef]:  # fmt: skip
+    """(scored: id, predicted_label, probabilities; quarantine: id, reason[, text]; the model).
 
-        model = mlflow.spark.load_model(ref.files)
-        out = model.transform(good).select(
-            "id", vector_to_array("probability").alias("probabilities")
-        )
+    `input_col` is the text column (default `text`) or, for image models, a binary column of
+    encoded image files or raw pixels with a `shape` column (default `content`), or an array
+    of pixel values. `prepared=True` takes the pipeline's own ingested `image` bytes
+    ((C, H, W) uint8 at the model's size), as the `score` stage does.
+    """
+    ref = model_uri if isinstance(model_uri, ModelRef) else resolve(model_uri)
+    if ref.modality == "image":
+        col = input_col or ("image" if prepared else "content")
+        _require(df, col, id_col)
+        good, quarantine = _image_rows(df, ref, col, id_col, prepared)
     else:
-        max_length = (
-            ref.config["bert"]["max_length"]
-            if ref.stage == "bert"
-            else ref.config["features"]["sequence"]["max_length"]
-        )
-        out = _token_ids(ref, good, max_length)
-        prefix = ship_files(df.sparkSession, ref.files, ("state_dict.pt", "model.json"))
-        predict = _predict_udf(prefix, ref.stage, max_length)
-        out = out.select("id", predict("ids").alias("probabilities"))
+        col = input_col or "text"
+        _require(df, col, id_col)
+        rows = df.select(F.col(id_col).cast("string").alias("id"), F.col(col).alias("text"))
+        blank = F.col("text").isNull() | (F.trim(F.col("text")) == "")
+        quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_text"))
+        good = rows.filter(~blank)
+    out = _probabilities(ref, good)
+    labels = F.array(*[F.lit(x) for x in ref.labels])
     best = F.array_position(
         F.col("probabilities"), F.array_max("probabilities")
     )  # 1-based, first maximum
@@ -151,25 +158,114 @@ def score(
     return scored, quarantine, ref
 
 
-def _predict_udf(prefix: str, stage: str, max_length: int):
+def _require(df: DataFrame, col: str, id_col: str) -> None:
+    for c in (col, id_col):
+        if c not in df.columns:
+            raise DataError(f"no column '{c}' among {df.columns}; set --input-column/--id-column")
+
+
+def _image_rows(
+    df: DataFrame, ref: ModelRef, col: str, id_col: str, prepared: bool
+) -> tuple[DataFrame, DataFrame]:
+    """(id, image) decoded and resized as the model's ingest did; (id, reason) for the rest."""
+    from pipelines.images import prepare_images
+
+    ident = F.col(id_col).cast("string").alias("id")
+    if prepared:
+        rows = df.select(ident, F.col(col).alias("image"))
+        bad = F.col("image").isNull()
+        quarantine = rows.filter(bad).select("id", F.lit("null_image").alias("reason"))
+        return rows.filter(~bad), quarantine
+    kind = df.schema[col].dataType
+    none = F.lit(None)
+    if isinstance(kind, T.ArrayType):
+        content, pixels = none, F.col(col)
+    elif isinstance(kind, T.BinaryType):
+        content, pixels = F.col(col), none
+    else:
+        raise DataError(
+            f"image column '{col}' is {kind.simpleString()}; give binary (an encoded image "
+            "file, or raw uint8 pixels with a 'shape' column) or an array of pixel values"
+        )
+    shape = F.col("shape") if "shape" in df.columns else none
+    raw = df.select(
+        ident,
+        content.cast("binary").alias("content"),
+        pixels.cast(T.ArrayType(T.DoubleType())).alias("pixels"),
+        shape.cast(T.ArrayType(T.IntegerType())).alias("shape"),
+    )
+    made = prepare_images(raw, ImageConfig(**ref.config["ingest"].get("image", {})))
+    bad = F.col("image_reason").isNotNull()
+    quarantine = made.filter(bad).select("id", F.col("image_reason").alias("reason"))
+    return made.filter(~bad).select("id", "image"), quarantine
+
+
+def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
+    """(id, probabilities) in the model's label order."""
+    if ref.stage == "baseline":
+        import mlflow.spark
+        from pyspark.ml.functions import vector_to_array
+
+        model = mlflow.spark.load_model(ref.files)
+        return model.transform(good).select(
+            "id", vector_to_array("probability").alias("probabilities")
+        )
+    spark = good.sparkSession
+    if ref.modality == "image":
+        with open(os.path.join(ref.files, "preprocess.json")) as f:
+            shape = json.load(f)["shape"]  # [C, H, W]
+        prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json", "preprocess.json"))
+        return good.select(
+            "id", _predict_udf(prefix, ref.stage, shape)(_pixels("image")).alias("probabilities")
+        )
+    max_length = (
+        ref.config["bert"]["max_length"]
+        if ref.stage == "bert"
+        else ref.config["features"]["sequence"]["max_length"]
+    )
+    ids = _token_ids(ref, good, max_length)
+    prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json"))
+    return ids.select(
+        "id", _predict_udf(prefix, ref.stage, [max_length])("ids").alias("probabilities")
+    )
+
+
+def _pixels(col: str):
+    """(C, H, W) uint8 bytes -> array<float> of the same values, for predict_batch_udf."""
+
+    @F.pandas_udf(T.ArrayType(T.FloatType()))
+    def to_array(images: pd.Series) -> pd.Series:
+        return images.map(lambda b: np.frombuffer(b, dtype=np.uint8).astype(np.float32))
+
+    return to_array(F.col(col))
+
+
+def _predict_udf(prefix: str, stage: str, shape: list[int]):
+    """Token ids (shape [T]) or raw pixels (shape [C, H, W]) -> class probabilities."""
     from pyspark.ml.functions import predict_batch_udf
-    from pyspark.sql import types as T
 
     def make_predict_fn():
-        import numpy as np
         import torch
         from pyspark import SparkFiles
 
-        from models.registry import Scorer
+        from models.registry import ImageScorer, Scorer
         from models.train import load_exported
 
         # the files Spark shipped to this executor; built once per Python worker
-        model = Scorer(load_exported(SparkFiles.getRootDirectory(), stage, prefix)).eval()
+        root = SparkFiles.getRootDirectory()
+        model = load_exported(root, stage, prefix)
+        if len(shape) == 3:
+            with open(os.path.join(root, f"{prefix}preprocess.json")) as f:
+                pre = json.load(f)
+            model, dtype = ImageScorer(model, pre["mean"], pre["std"]), np.float32
+        else:
+            model, dtype = Scorer(model), np.int64
+        model.eval()
 
-        def predict(ids: np.ndarray) -> np.ndarray:
+        def predict(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                x = torch.from_numpy(ids.astype(np.int64).reshape(len(ids), max_length))
-                return model(x).float().numpy()
+                batch = torch.from_numpy(x.astype(dtype).reshape(len(x), *shape))
+                return model(batch).float().numpy()
 
         return predict
 
@@ -177,7 +273,7 @@ def _predict_udf(prefix: str, stage: str, max_length: int):
         make_predict_fn,
         return_type=T.ArrayType(T.FloatType()),
         batch_size=64,
-        input_tensor_shapes=[[max_length]],
+        input_tensor_shapes=[list(shape)],
     )
 
 
@@ -191,14 +287,96 @@ class ScoreResult:
 
 
 def write_scores(
-    df: DataFrame, model_uri: str, output: str, text_col: str = "text", id_col: str = "id"
+    df: DataFrame, model_uri: str, output: str, input_col: str | None = None, id_col: str = "id"
 ) -> ScoreResult:
     """Scores as Parquet at `output`, quarantine beside it at `output`_quarantine; the counts
     are checked on what was written."""
     output = output.rstrip("/")
     df = df.localCheckpoint()  # the counts and the written rows come from the same input
-    scored, quarantine, ref = score(df, model_uri, text_col, id_col)
+    scored, quarantine, ref = score(df, model_uri, input_col, id_col)
     rows_in, rows_out, quarantined = write_with_quarantine(
         df, scored, quarantine, output, "scoring"
     )
     return ScoreResult(rows_in, rows_out, quarantined, output, ref.stage)
+
+
+# --- the `score` stage -----------------------------------------------------------------------
+
+
+@dataclass
+class ScoreStageResult:
+    model_uri: str
+    run_id: str  # the run that logged the model scored
+    model_stage: str
+    split: str
+    rows_in: int
+    rows_out: int
+    quarantined: int
+    accuracy: float  # of the predicted labels against the split's labels
+    model_accuracy: float | None  # what the model's own run measured on that split
+    skipped: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        m = {"rows_in": self.rows_in, "rows_scored": self.rows_out,
+             "rows_quarantined": self.quarantined, f"scored_{self.split}_accuracy": self.accuracy}  # fmt: skip
+        if self.model_accuracy is not None:
+            m[f"model_{self.split}_accuracy"] = self.model_accuracy
+        return m
+
+    def summary(self) -> str:
+        own = (
+            f" (its run measured {self.model_accuracy:.4f})"
+            if self.model_accuracy is not None
+            else ""
+        )
+        return (
+            f"{self.rows_out} {self.split} rows scored by {self.model_uri} ({self.model_stage}), "
+            f"{self.quarantined} quarantined; accuracy {self.accuracy:.4f}{own}"
+        )
+
+
+def run_score(spark, cfg, catalog, force: bool = False) -> ScoreStageResult:
+    """Score a split of `ingested` with the model `score.model` names (default: the register
+    stage's alias), through the same path as `sparkloom score`. Output: dataset `scores`
+    (id, label, predicted_label, probabilities) and `scores_quarantine`. Skipped when the
+    data, the section and the model behind the alias are those of the last scoring."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.catalog import fingerprint
+
+    sc = cfg.score
+    uri = sc.model or f"models:/{cfg.register.name or cfg.pipeline.name}@{cfg.register.alias}"
+    ref = resolve(uri)
+    ingested = catalog.require("ingested", "ingest")
+    fp = fingerprint(ingested["fingerprint"], cfg.stage_hash("score"), ref.run_id)
+    done = None if force else catalog.current("scores", fp)
+    if done is not None:
+        return ScoreStageResult(**{**done["result"], "skipped": True})
+
+    image = ref.modality == "image"
+    col = "image" if image else "text"
+    data = catalog.read("ingested", "ingest").filter(F.col("split") == sc.split)
+    df = data.select("id", col, "label").localCheckpoint()  # counts and outputs: same rows
+    scored, quarantine, _ = score(df, ref, col, "id", prepared=image)
+    scored = scored.join(df.select("id", "label"), "id", "left")
+    own = MlflowClient().get_run(ref.run_id).data.metrics.get(f"{sc.split}_accuracy")
+    common = {"fingerprint": fp, "model_uri": uri, "run_id": ref.run_id}
+    rows_in = df.count()
+    catalog.write_parquet("scores_quarantine", quarantine, common)
+
+    def manifest(tmp: str) -> dict:
+        written = spark.read.parquet(tmp)
+        rows_out = written.count()
+        quarantined = spark.read.parquet(catalog.path("scores_quarantine")).count()
+        if rows_in != rows_out + quarantined:
+            raise DataError(
+                f"score lost rows: {rows_in} in, {rows_out} scored + {quarantined} quarantined; "
+                "nothing was committed"
+            )
+        right = written.filter(F.col("predicted_label") == F.col("label")).count()
+        result = ScoreStageResult(uri, ref.run_id, ref.stage, sc.split, rows_in, rows_out,
+                                  quarantined, right / max(rows_out, 1), own)  # fmt: skip
+        return {**common, "result": {k: v for k, v in vars(result).items() if k != "skipped"}}
+
+    made = catalog.write_parquet("scores", scored, manifest)
+    return ScoreStageResult(**made["result"])

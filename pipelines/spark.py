@@ -105,6 +105,19 @@ def read_table(spark: SparkSession, path: str, text_column: str = "text"):
         ) from None
 
 
+def read_images(spark: SparkSession, path: str, glob: str = "*"):
+    """(id, content) for every file under the folder `path`, zero-byte files included (they
+    are quarantined, not lost); the id is the file's path under `path`."""
+    from pyspark.sql import functions as F
+
+    from pipelines.errors import DataError
+    from pipelines.ingest import binary_files
+
+    if not os.path.isdir(path) and "://" not in path:
+        raise DataError(f"--images: {path} is not a folder of image files")
+    return binary_files(spark, path, glob).select(F.col("rel").alias("id"), "content")
+
+
 def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tuple[int, int, int]:
     """Write `out` at `output` and `quarantine` beside it (`output`_quarantine), then check on
     what was written that rows in = out + quarantined. `df_in` must be pinned (e.g.

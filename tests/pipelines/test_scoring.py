@@ -22,7 +22,7 @@ LSTM = {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
 def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
     cfg = make_config(
         tmp_path,
-        pipeline={"stages": ["ingest", "features", "baseline", "lstm"]},
+        pipeline={"stages": ["ingest", "features", "baseline", "lstm", "register", "score"]},
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1, "max_length": 32}},
         lstm=LSTM,
@@ -31,6 +31,22 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
+
+    # the score stage: the champion scores the test split from raw text, as its run measured
+    champion = outcome.results["register"].candidates[0]
+    s = outcome.results["score"]
+    assert (s.model_uri, s.run_id, s.model_stage) == (
+        "models:/t@champion", champion["run_id"], champion["stage"])  # fmt: skip
+    assert (s.rows_in, s.rows_out, s.quarantined) == (test.count(), test.count(), 0)
+    assert s.accuracy == pytest.approx(champion["value"], abs=1e-9) == s.model_accuracy
+    stored = catalog.read("scores", "score")
+    assert stored.count() == s.rows_out and set(stored.columns) >= {
+        "id",
+        "label",
+        "predicted_label",
+    }
+    again = run_pipeline(spark, cfg, ["score"])  # same data, section and champion: skipped
+    assert again.results["score"].skipped and again.results["score"].accuracy == s.accuracy
     extra = spark.createDataFrame([("blank", "  "), ("null", None)], "id string, text string")
     df = test.unionByName(extra)
     n_test = test.count()
@@ -89,3 +105,59 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
     assert f"scored {n_test} rows" in done.stdout and "2 quarantined" in done.stdout
     written = {r["id"]: r["predicted_label"] for r in spark.read.parquet(str(out)).collect()}
     assert written == {k: v["predicted_label"] for k, v in got.items()}
+
+
+@pytest.mark.slow
+def test_image_models_score_files_like_the_in_process_scorer(spark, tmp_path):
+    """A PNG folder (with a zero-byte file and a non-image among the digits) scored by the
+    baseline and the CNN: one row per good file, the bad ones quarantined with ingest's
+    reasons, probabilities equal to ImageScorer's on the ingested pixels."""
+    from models.registry import ImageScorer
+    from models.train import load_exported
+    from pipelines.sample_data import digits, write_png_tree
+    from pipelines.spark import read_images
+
+    images, labels = digits()
+    pngs = tmp_path / "pngs"
+    write_png_tree(images[:300], labels[:300], pngs)
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "features", "baseline", "cnn", "register", "score"]},
+        ingest={"format": "image_dirs", "path": str(pngs),
+                "image": {"height": 8, "width": 8, "channels": 1}},
+        baseline={"tuning": "none", "grid": {"reg_param": [0.01], "max_iter": [50]}},
+        cnn={"model": {"conv1_channels": 8, "conv2_channels": 8, "kernel_size": 3,
+                       "hidden_dim": 16},
+             "training": {"epochs": 2, "batch_size": 32}},
+    )  # fmt: skip
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    s = outcome.results["score"]
+    assert s.rows_out == s.rows_in > 0 and s.quarantined == 0
+    assert s.accuracy == pytest.approx(s.model_accuracy, abs=1e-9)
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    (pngs / "3" / "empty.png").write_bytes(b"")
+    (pngs / "3" / "notes.png").write_bytes(b"not an image")
+    df = read_images(spark, str(pngs))
+    n_files = sum(1 for p in pngs.rglob("*") if p.is_file())
+    ingested = {r["id"]: bytes(r["image"]) for r in catalog.read("ingested", "ingest").collect()}
+    model_dir = local_path(catalog.fs.qualify(catalog.path("cnn_model")))
+    pre = catalog.manifest("ingested")["image"]
+    scorer = ImageScorer(load_exported(model_dir, "cnn"), pre["mean"], pre["std"]).eval()
+    for stage in ("baseline", "cnn"):
+        scored, quarantine, ref = score(df, f"runs:/{outcome.stage_run_ids[stage]}/model")
+        got = {r["id"]: r for r in scored.collect()}
+        bad = {r["id"]: r["reason"] for r in quarantine.collect()}
+        assert len(got) + len(bad) == n_files and set(got) == set(ingested)
+        assert bad == {"3/empty.png": "empty_file", "3/notes.png": "undecodable"}
+        if stage == "cnn":
+            ids = sorted(got)
+            pixels = np.stack([np.frombuffer(ingested[i], np.uint8) for i in ids])
+            with torch.no_grad():
+                want = scorer(torch.from_numpy(pixels.reshape(-1, 1, 8, 8).copy())).numpy()
+            have = np.array([got[i]["probabilities"] for i in ids])
+            assert np.allclose(have, want, atol=1e-5)
+            assert [got[i]["predicted_label"] for i in ids] == [
+                ref.labels[k] for k in want.argmax(-1)
+            ]
