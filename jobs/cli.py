@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.verbose)
     from pipelines.errors import SparkloomError
+    from pipelines.tracking import Terminated, handle_termination
 
+    handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
     spark = None
     try:
         from pipelines.config import load_config
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_pipeline(spark, cfg, stages, force=args.force, command=args.command)
         _print_outcome(cfg, outcome)
         return 0
+    except (KeyboardInterrupt, Terminated) as e:
+        why = str(e) if isinstance(e, Terminated) else "stopped by SIGINT"
+        print(f"sparkloom: {why}; its MLflow runs are marked KILLED", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except SparkloomError as e:
         cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
         if args.verbose and cause is not None and not isinstance(cause, SparkloomError):

@@ -25,8 +25,10 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -160,6 +162,7 @@ class RunConfig:
     eval_at_start: bool = True  # validation metrics of the untrained model (loss at init)
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
     fault: str | None = None  # test hook, as SPARKLOOM_FAULT
+    attempt: int = 1  # which try of the launcher this is (1 + distributor.max_retries at most)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -478,22 +481,34 @@ def autocast(cfg: RunConfig, ctx: Dist):
 # --- the loop --------------------------------------------------------------------------------
 
 
-def fault_hook(rank: int, step: int, spec: str | None) -> None:
+def fault_hook(rank: int, where: str, step: int, spec: str | None, attempt: int = 1) -> None:
+    """Test hook: inject a real fault into one rank. `spec` (or SPARKLOOM_FAULT) is
+    "rank=R,step=S|at=end,mode=exit|raise|hang[,attempt=N]": after global step S, or `at=end`
+    (after training, 2 s late, so rank 0 is already waiting to return), rank R calls
+    os._exit(13), raises, or sleeps forever; only on attempt N of the launcher (default 1),
+    so a retry runs clean."""
     spec = spec or os.environ.get("SPARKLOOM_FAULT")
     if not spec:
         return
     f = dict(kv.split("=", 1) for kv in spec.split(","))
-    if int(f.get("rank", -1)) != rank or int(f.get("step", -1)) != step:
+    if int(f.get("rank", -1)) != rank or int(f.get("attempt", 1)) != attempt:
+        return
+    if f.get("at", "step") != where or (where == "step" and int(f.get("step", -1)) != step):
         return
     mode = f.get("mode", "exit")
-    print(
-        f"[train] injected fault on rank {rank} at step {step}: {mode}", file=sys.stderr, flush=True
-    )
+    if where == "end":
+        time.sleep(2.0)
+    status_dir = os.environ.get("SPARKLOOM_STATUS_DIR")
+    if status_dir:  # when the fault fired, for the tests' fault-to-error times
+        with open(os.path.join(status_dir, f"fault-{rank}.time"), "w") as out:
+            out.write(repr(time.time()))
+    print(f"[train] injected fault on rank {rank} at {where} {step}: {mode}", file=sys.stderr,
+          flush=True)  # fmt: skip
     if mode == "exit":
         os._exit(13)
     if mode == "hang":
         time.sleep(10**6)
-    raise RuntimeError(f"injected fault on rank {rank} at step {step}")
+    raise RuntimeError(f"injected fault on rank {rank} at {where} {step}")
 
 
 def improved(record: dict[str, float], state: dict[str, Any], es: EarlyStoppingConfig) -> bool:
@@ -634,7 +649,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             every = cfg.checkpoint.every_steps
             if every and state["global_step"] % every == 0 and state["batch"] < batches_per_epoch:
                 ckpt.save(snapshot(), best=False)
-            fault_hook(ctx.rank, state["global_step"], cfg.fault)
+            fault_hook(ctx.rank, "step", state["global_step"], cfg.fault, cfg.attempt)
 
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": epoch + 1, "step": state["global_step"],
@@ -753,9 +768,28 @@ def write_status(status_dir: str | None, state: str, text: str = "") -> None:
     os.replace(f"{path}.tmp", path)
 
 
+STOPPED = "stopped by SIGTERM from its launcher"  # torchrun/Spark stopping the survivors
+
+
+def _report_termination(status_dir: str) -> None:
+    """A rank that torchrun or Spark stops (SIGTERM) after a peer failed says so in its
+    status file, so the launcher names the peer that failed first, not this one."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stopped(signum, frame):
+        write_status(status_dir, "error", f"{STOPPED}\n")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
 def train_fn(config: dict[str, Any]) -> dict[str, Any]:
     """Train as configured; every rank returns rank 0's result, only after all succeeded."""
     cfg = RunConfig.from_dict(config)
+    if cfg.status_dir:
+        os.environ["SPARKLOOM_STATUS_DIR"] = cfg.status_dir
+        _report_termination(cfg.status_dir)
     write_status(cfg.status_dir, "started")
     try:
         result = _train(cfg)
@@ -770,8 +804,11 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     ctx = setup(cfg)
     try:
         result = fit(cfg, ctx)
+        fault_hook(ctx.rank, "end", result["global_step"], cfg.fault, cfg.attempt)
         if ctx.world_size > 1:
-            # a rank that fails after rank 0 finished must still fail the job
+            # A rank that fails after rank 0 finished must still fail the job: TorchDistributor
+            # alone reports success once rank 0 has returned. Every rank votes it is done;
+            # a rank that died or raised breaks the collective, and rank 0 raises too.
             done = torch.ones(1, device=ctx.device)
             dist.all_reduce(done, op=dist.ReduceOp.SUM)
             if int(done.item()) != ctx.world_size:

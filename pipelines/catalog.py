@@ -70,6 +70,23 @@ class HadoopFS:
         if not self._fs(src).rename(self._path(src), self._path(dst)):
             raise OSError(f"could not rename {src} to {dst}")
 
+    def replace(self, tmp: str, final: str) -> None:
+        """Move the complete `tmp` into `final`'s place. The previous `final` stays readable
+        until then and comes back if the move fails; a crash between the two renames
+        leaves it at `final`.__old-*, which `Catalog` restores on its next read."""
+        old = f"{final}.__old-{uuid.uuid4().hex[:8]}"
+        had_previous = self.exists(final)
+        if had_previous:
+            self.rename(final, old)
+        try:
+            self.rename(tmp, final)
+        except BaseException:
+            if had_previous:
+                self.rename(old, final)
+            raise
+        if had_previous:
+            self.delete(old)
+
     def mkdirs(self, path: str) -> None:
         self._fs(path).mkdirs(self._path(path))
 
@@ -182,7 +199,6 @@ class Catalog:
         """
         final = self.path(name)
         tmp = f"{final}.__tmp-{uuid.uuid4().hex[:8]}"
-        old = f"{final}.__old-{uuid.uuid4().hex[:8]}"
         try:
             save(tmp)
             extra = manifest(tmp) if callable(manifest) else manifest
@@ -199,17 +215,7 @@ class Catalog:
                 self.fs.delete(tmp)
             raise
         self._recover(name)
-        had_previous = self.fs.exists(final)
-        if had_previous:
-            self.fs.rename(final, old)
-        try:
-            self.fs.rename(tmp, final)
-        except BaseException:
-            if had_previous:
-                self.fs.rename(old, final)
-            raise
-        if had_previous:
-            self.fs.delete(old)
+        self.fs.replace(tmp, final)
         return manifest
 
     def write_parquet(

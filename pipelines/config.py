@@ -277,6 +277,9 @@ class DistributorConfig(Section):
     )
     use_gpu: bool | None = None  # None: when the Spark conf gives tasks GPUs
     timeout_s: int = Field(600, ge=10)  # a hung rank fails the job after this
+    # a failed training run is tried again this many times, resuming from its last checkpoint
+    # (Spark never retries a failed barrier stage)
+    max_retries: int = Field(1, ge=0)
 
 
 class OptimizerSection(Section):

@@ -41,9 +41,14 @@ SPLITS = ("train", "validation", "test")
 
 
 class TrainingError(SparkloomError):
-    """Distributed training failed; the message names the rank and carries its traceback tail."""
+    """Distributed training failed: the message (one line) names the rank and what it raised;
+    `tail` holds the last lines of that rank's traceback."""
 
     exit_code = 4
+
+    def __init__(self, message: str, tail: str = "", attempts: int = 1):
+        super().__init__(message)
+        self.tail, self.attempts = tail, attempts
 
 
 @dataclass
@@ -66,6 +71,7 @@ class DeepResult:
     steps: list[dict[str, float]] = field(default_factory=list)  # every log_every_steps
     evals: list[dict[str, float]] = field(default_factory=list)  # every eval_every_steps
     data_stats: dict[str, float] = field(default_factory=dict)  # what the data step counted
+    attempts: int = 1  # launcher tries it took (retries resume from the last checkpoint)
     skipped: bool = False
 
     def summary(self) -> str:
@@ -151,21 +157,36 @@ def run_config(
 def launch(
     spark: SparkSession, train_config: dict[str, Any], dc: DistributorConfig
 ) -> dict[str, Any]:
-    """Run `train_fn` with TorchDistributor; a failure becomes one error naming the rank."""
+    """Run `train_fn` with TorchDistributor, retrying a failed run up to
+    `distributor.max_retries` times; each try resumes from the last checkpoint. Spark never
+    retries a failed barrier stage, and TorchDistributor's own error says only that training
+    failed: a failure becomes one TrainingError that names the rank and carries the tail of
+    its traceback. The result (rank 0's) says how many tries it took (`attempts`)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
     use_gpu = dc.use_gpu
     if use_gpu is None:
         use_gpu = float(spark.conf.get("spark.task.resource.gpu.amount", "0") or 0) > 0
     status_dir = train_config["status_dir"]
-    shutil.rmtree(status_dir, ignore_errors=True)
-    distributor = TorchDistributor(
-        num_processes=dc.num_processes, local_mode=dc.local_mode, use_gpu=use_gpu
-    )
-    try:
-        return distributor.run(rank_entry(spark), train_config)
-    except Exception as e:
-        raise TrainingError(explain_failure(status_dir, dc.num_processes, e)) from e
+    tries = 1 + dc.max_retries
+    for attempt in range(1, tries + 1):
+        shutil.rmtree(status_dir, ignore_errors=True)
+        distributor = TorchDistributor(
+            num_processes=dc.num_processes, local_mode=dc.local_mode, use_gpu=use_gpu
+        )
+        started = time.monotonic()
+        try:
+            result = distributor.run(rank_entry(spark), {**train_config, "attempt": attempt})
+            return {**result, "attempts": attempt}
+        except Exception as e:
+            message, tail = explain_failure(status_dir, dc.num_processes, e)
+            seconds = time.monotonic() - started
+            if attempt == tries:
+                suffix = f" (try {attempt} of {tries})" if tries > 1 else ""
+                raise TrainingError(message + suffix, tail, attempt) from e
+            log.warning("training try %d of %d failed after %.1fs: %s; retrying from the last "
+                        "checkpoint", attempt, tries, seconds, message)  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 def rank_entry(spark: SparkSession):
@@ -200,11 +221,16 @@ def rank_entry(spark: SparkSession):
 
 
 _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                 "remote process exited", "ProcessGroupGloo", "NCCL communicator was aborted")  # fmt: skip
+                 "remote process exited", "ProcessGroupGloo", "NCCL communicator was aborted",
+                 "stopped by SIGTERM from its launcher")  # fmt: skip
 
 
-def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
-    """Which rank failed first and why, from the ranks' status files."""
+_TIMEOUT = ("Timed out", "timed out", "Timeout", "DistBackendError")
+
+
+def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple[str, str]:
+    """(one line: which rank failed first and why, the tail of its traceback), read from the
+    ranks' status files (rank-N.started/.done/.error)."""
     state: dict[int, tuple[str, str]] = {}
     for path in glob.glob(os.path.join(status_dir, "rank-*.*")):
         name = os.path.basename(path)
@@ -215,17 +241,25 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
             text = f.read()
         if what == "error" or int(rank) not in state:
             state[int(rank)] = (what, text)
-    died = [r for r in range(world_size) if state.get(r, ("",))[0] == "started"]
+    silent = [r for r in range(world_size) if state.get(r, ("",))[0] == "started"]
     raised = {r: t for r, (w, t) in state.items() if w == "error"}
-    own = {r: t for r, t in raised.items() if not any(p in t for p in _PEER_FAILURE)}
+    timed_out = {r: t for r, t in raised.items() if any(p in t for p in _TIMEOUT)}
+    own = {r: t for r, t in raised.items()
+           if r not in timed_out and not any(p in t for p in _PEER_FAILURE)}  # fmt: skip
     never = [r for r in range(world_size) if r not in state]
-    if died:
-        culprit = (f"rank {died[0]} died without a Python error (killed, out of memory, or "
-                   f"os._exit)")  # fmt: skip
-    elif own:
+    tail = ""
+    if own:
         r, text = sorted(own.items())[0]
-        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
-        culprit = f"rank {r} raised {last}"
+        lines = [ln for ln in text.strip().splitlines()[1:] if ln.strip()]  # 1st: pid, host
+        culprit, tail = f"rank {r} raised {lines[-1].strip()}", "\n".join(lines[-12:])
+    elif silent and timed_out:
+        waiting = sorted(timed_out)
+        culprit = (f"rank {silent[0]} hung: ranks {waiting} timed out waiting for it in a "
+                   "collective (distributor.timeout_s)")  # fmt: skip
+        tail = "\n".join(timed_out[waiting[0]].strip().splitlines()[-6:])
+    elif silent:
+        culprit = (f"rank {silent[0]} died without a Python error (killed, out of memory, or "
+                   f"os._exit)")  # fmt: skip
     elif raised:
         r, text = sorted(raised.items())[0]
         culprit = f"rank {r} lost its peers: {[ln for ln in text.splitlines() if ln.strip()][-1]}"
@@ -236,10 +270,13 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> str:
             "it with --py-files)"
         )
     else:
-        culprit = f"TorchDistributor failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-    others = sorted(set(raised) - set(own)) if (died or own) else []
-    tail = f"; ranks {others} then lost their peer" if others else ""
-    return f"training failed: {culprit}{tail} (status files in {status_dir})"
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        culprit = f"TorchDistributor failed: {first}"
+    others = sorted(set(raised) - set(own)) if (silent or own) else []
+    if silent and timed_out:
+        others = []
+    lost = f"; ranks {others} then lost their peer" if others else ""
+    return f"training failed: {culprit}{lost} (status files in {status_dir})", tail
 
 
 NUM_ERRORS = 64  # misclassified test examples a run returns (shown as a grid of images)
@@ -553,6 +590,7 @@ def run_deep(
         steps=out.get("steps", []),
         evals=out.get("evals", []),
         data_stats=inputs.stats,
+        attempts=out.get("attempts", 1),
     )
     export_dir = out["export_dir"]
 

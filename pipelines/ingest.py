@@ -130,8 +130,16 @@ def _read_delimited(spark: SparkSession, ing: IngestConfig, path: str) -> DataFr
         .schema(schema)
         .csv(path)
     )
+    # Spark's CSV scan parses only the columns a query uses, and a row is malformed (too few
+    # or too many fields) only if a column it lacks is used: reading id, text and label alone,
+    # `2,short row,b` under a 4-column header passes, and `3,long,row,a,x,y` gets the label
+    # "row". Every column is referenced here, in a test that is never true but that the
+    # optimizer cannot fold away (it folds isNull of a non-nullable hash), so every row is
+    # checked against the whole header.
+    every = F.length(F.concat_ws("\u0001", *[F.col(h) for h in header])) < 0
+    malformed = F.col(CORRUPT).isNotNull() | every
     # Spark decodes invalid UTF-8 bytes to U+FFFD, which we take as "could not be decoded"
-    return _unified(df, ing, F.col(CORRUPT).isNotNull(), F.col(ing.columns.text).contains("\ufffd"))
+    return _unified(df, ing, malformed, F.col(ing.columns.text).contains("\ufffd"))
 
 
 def _read_json(spark: SparkSession, ing: IngestConfig, path: str) -> DataFrame:
@@ -475,6 +483,15 @@ def run_ingest(
     common = {"fingerprint": fp, "config_hash": cfg.stage_hash("ingest"), "input": path}
     try:
         rows_in = annotated.count()
+        if ing.format in ("text_dirs", "image_dirs"):  # one row per file: none may go missing
+            listed = sum(1 for rel, _, _ in HadoopFS(spark).list_files(path)
+                         if fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], ing.file_glob))  # fmt: skip
+            if listed != rows_in:
+                raise DataError(
+                    f"{path}: {listed} files match '{ing.file_glob}' but {rows_in} were read; "
+                    "files changed during the read, or the file source skipped some. Nothing "
+                    "was committed; run ingest again"
+                )
         good = annotated.filter(F.col("reason").isNull())
         if not has_id:
             good = with_ids(good, payload)

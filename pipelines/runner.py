@@ -73,6 +73,9 @@ def run_pipeline(
                 except Exception as e:
                     seconds = time.perf_counter() - started
                     log.error("[%s] failed after %.1fs", stage, seconds)
+                    if getattr(e, "tail", ""):  # a training rank's traceback, last lines
+                        log.error("[%s] traceback of the failing rank (last lines):\n%s",
+                                  stage, e.tail)  # fmt: skip
                     raise StageFailed(stage, e) from e
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
@@ -220,6 +223,7 @@ def _deep(stage: str):
             "train_seconds": result.train_seconds, "stage_seconds": result.wall_seconds,
             "num_parameters": result.num_parameters, "world_size": result.world_size,
             "best_epoch": result.best_epoch or 0, "epochs_run": len(result.history),
+            "train_attempts": result.attempts,
         })  # fmt: skip
         if report:
             mlflow.log_text("\n".join(report), "classification_report.md")

@@ -119,20 +119,38 @@ def read_images(spark: SparkSession, path: str, glob: str = "*"):
 
 
 def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tuple[int, int, int]:
-    """Write `out` at `output` and `quarantine` beside it (`output`_quarantine), then check on
-    what was written that rows in = out + quarantined. `df_in` must be pinned (e.g.
-    localCheckpoint) so the count sees the rows the outputs were made from."""
+    """Write `out` at `output` and `quarantine` beside it (`output`_quarantine), check on what
+    was written that rows in = out + quarantined, and only then commit both. A failed or
+    unbalanced write leaves any previous output in place and readable (a plain Parquet
+    overwrite deletes it first); writing the same output again replaces it, never appends.
+    `df_in` must be pinned (e.g. localCheckpoint) so the count sees the rows the outputs
+    were made from."""
+    import uuid
+
+    from pipelines.catalog import HadoopFS
     from pipelines.errors import DataError
 
-    output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
-    out.write.mode("overwrite").parquet(output)
-    quarantine.write.mode("overwrite").parquet(f"{output}_quarantine")
     spark = df_in.sparkSession
-    rows_in = df_in.count()
-    rows_out = spark.read.parquet(output).count()
-    quarantined = spark.read.parquet(f"{output}_quarantine").count()
-    if rows_in != rows_out + quarantined:
-        raise DataError(
-            f"{what} lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined"
-        )
+    fs = HadoopFS(spark)
+    output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
+    tag = uuid.uuid4().hex[:8]
+    targets = {output: out, f"{output}_quarantine": quarantine}
+    tmps = {final: f"{final}.__tmp-{tag}" for final in targets}
+    try:
+        for final, frame in targets.items():
+            frame.write.mode("errorifexists").parquet(tmps[final])
+        rows_in = df_in.count()
+        rows_out, quarantined = (spark.read.parquet(t).count() for t in tmps.values())
+        if rows_in != rows_out + quarantined:
+            raise DataError(
+                f"{what} lost rows: {rows_in} in, {rows_out} out + {quarantined} quarantined; "
+                "nothing was written"
+            )
+    except BaseException:
+        for t in tmps.values():
+            if fs.exists(t):
+                fs.delete(t)
+        raise
+    for final, t in tmps.items():
+        fs.replace(t, final)
     return rows_in, rows_out, quarantined

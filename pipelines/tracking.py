@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,35 +29,206 @@ from pipelines.config import Config, flatten
 log = logging.getLogger(__name__)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, `kill PID`) as an exception, so every `finally` runs and
+    the MLflow runs end KILLED instead of staying RUNNING forever."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+def handle_termination() -> None:
+    """Turn SIGTERM into `Terminated` in this (main) thread; SIGINT is already
+    KeyboardInterrupt. SIGKILL and os._exit cannot be caught: the next pipeline start
+    closes what they leave (`close_stale_runs`)."""
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "credential", "credentials"}
+_SECRET_PAIRS = {("access", "key"), ("api", "key"), ("private", "key"), ("auth", "key")}
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]+@")
+MASK = "***"
+
+
+def mask(key: str, value: str) -> str:
+    """A value safe to log: passwords in URIs (scheme://user:***@host) and the values of keys
+    that name a secret (password, token, secret, access key, ...) are masked."""
+    words = [w for w in re.split(r"[._\-\s]+", key.lower()) if w]
+    if value and (
+        _SECRET_WORDS & set(words) or _SECRET_PAIRS & set(zip(words, words[1:], strict=False))
+    ):
+        return MASK
+    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", value)
+
+
+def masked_params(cfg: Config) -> dict[str, str]:
+    return {k: mask(k, v) for k, v in flatten(cfg).items()}
+
+
+def masked_yaml(cfg: Config) -> str:
+    import yaml
+
+    def walk(key: str, node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(str(k), v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(key, v) for v in node]
+        return mask(key, node) if isinstance(node, str) else node
+
+    return yaml.safe_dump(walk("", cfg.model_dump(mode="json")), sort_keys=False)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Several processes opening a fresh sqlite store at once crash in MLflow's schema
+    migration, and racing set_experiment calls can put runs in the wrong experiment: the
+    first use of a local sqlite store (and of an experiment in it) is serialized by a file
+    lock beside the database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = uri.removeprefix("sqlite:///")
+    os.makedirs(os.path.dirname(os.path.abspath(db)) or ".", exist_ok=True)
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def configure(cfg: Config) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id."""
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    return mlflow.set_experiment(cfg.experiment).experiment_id
+    """Point MLflow at the configured store and experiment, creating them once (under a lock
+    for sqlite); returns the experiment id, which everything after uses."""
+    return ensure_experiment(cfg.mlflow.tracking_uri, cfg.experiment)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                experiment_id = client.create_experiment(name)
+            except MlflowException:  # created meanwhile by a process that holds no lock
+                experiment_id = client.get_experiment_by_name(name).experiment_id
+        else:
+            experiment_id = found.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time in clock ticks (Linux), so a reused pid is not mistaken for it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(host: str, pid: str, started: str) -> bool | None:
+    """Whether the process that owns a run still runs; None when it is on another host."""
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return not started or _process_start(int(pid)) == started
+
+
+def close_stale_runs(experiment_id: str, pipeline: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this pipeline (and their stage runs) whose process is
+    gone: what SIGKILL, os._exit or a lost machine left behind. Runs on other hosts, or
+    whose process still runs, are left alone. Returns the run ids closed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`sparkloom.pipeline` = '{pipeline}' and attributes.status = 'RUNNING'"
+        ),  # fmt: skip
+        max_results=1000,
+    )
+    closed = []
+    for run in running:
+        t = run.data.tags
+        alive = _alive(t.get("sparkloom.host", ""), t.get("sparkloom.pid", ""),
+                       t.get("sparkloom.pid_start", ""))  # fmt: skip
+        if alive is None:
+            log.warning("run %s of pipeline %s is RUNNING on host %s; left as it is",
+                        run.info.run_id, pipeline, t.get("sparkloom.host"))  # fmt: skip
+            continue
+        if alive:
+            continue
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+            ),  # fmt: skip
+        )
+        for r in [*children, run]:
+            client.set_tag(r.info.run_id, "sparkloom.closed_as_stale", "true")
+            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            closed.append(r.info.run_id)
+    if closed:
+        log.warning("marked %d runs of pipeline %s KILLED: their process had died without "
+                    "closing them (SIGKILL, os._exit)", len(closed), pipeline)  # fmt: skip
+    return closed
+
+
+def _ended(error: BaseException | None) -> str:
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt | Terminated):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)  # exceptions and sys.exit alike
 
 
 @contextmanager
 def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
-    """The parent run: ends FINISHED on success, FAILED on any exception or exit."""
-    configure(cfg)
-    tags = {"sparkloom.pipeline": cfg.pipeline.name, "sparkloom.command": command}
-    run = mlflow.start_run(run_name=f"{cfg.pipeline.name}:{command}", tags=tags)
-    status = RunStatus.to_string(RunStatus.FAILED)
+    """The parent run: ends FINISHED on success, KILLED on SIGINT/SIGTERM, FAILED on any
+    other exception or sys.exit. Stale runs of the same pipeline are closed first."""
+    experiment_id = configure(cfg)
+    close_stale_runs(experiment_id, cfg.pipeline.name)
+    tags = {"sparkloom.pipeline": cfg.pipeline.name, "sparkloom.command": command,
+            "sparkloom.host": socket.gethostname(), "sparkloom.pid": str(os.getpid()),
+            "sparkloom.pid_start": _process_start(os.getpid())}  # fmt: skip
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.pipeline.name}:{command}",
+                           tags=tags)  # fmt: skip
+    error: BaseException | None = None
     try:
-        mlflow.log_params(flatten(cfg))
-        mlflow.log_text(cfg.to_yaml(), "config/resolved.yaml")
+        mlflow.log_params(masked_params(cfg))
+        mlflow.log_text(masked_yaml(cfg), "config/resolved.yaml")
         log.info(
             "MLflow run %s in experiment '%s' (%s)",
             run.info.run_id,
             cfg.experiment,
-            cfg.mlflow.tracking_uri,
+            mask("tracking_uri", cfg.mlflow.tracking_uri),
         )
         yield run
-        status = RunStatus.to_string(RunStatus.FINISHED)
-    except KeyboardInterrupt:
-        status = RunStatus.to_string(RunStatus.KILLED)
+    except BaseException as e:
+        error = e
         raise
     finally:
-        # close any stage run left open by an exception, then the parent
+        status = _ended(error)
+        # close any stage run left open, then the parent
         while (
             mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id
         ):
@@ -63,11 +238,20 @@ def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
 
 @contextmanager
 def stage_run(name: str, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A child run of the active pipeline run."""
-    with mlflow.start_run(run_name=name, nested=True, tags={"sparkloom.stage": name}) as run:
+    """A child run of the active pipeline run, ended like its parent (FINISHED, KILLED or
+    FAILED)."""
+    run = mlflow.start_run(run_name=name, nested=True, tags={"sparkloom.stage": name})
+    error: BaseException | None = None
+    try:
         if params:
-            mlflow.log_params({k: str(v) for k, v in params.items()})
+            mlflow.log_params({k: mask(k, str(v)) for k, v in params.items()})
         yield run
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+            mlflow.end_run(_ended(error))
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:

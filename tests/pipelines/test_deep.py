@@ -112,7 +112,8 @@ def test_killed_rank_fails_clearly_and_the_rerun_resumes(spark, tmp_path, text_d
     clean_cfg = deep_config(tmp_path / "clean", text_dirs)
     clean = run_pipeline(spark, clean_cfg, list(clean_cfg.pipeline.stages)).results["lstm"]
 
-    cfg = deep_config(tmp_path / "faulty", text_dirs)
+    # no retry: here the second run resumes (tests/reliability covers the launcher's retry)
+    cfg = deep_config(tmp_path / "faulty", text_dirs, distributor={"max_retries": 0})
     monkeypatch.setenv("SPARKLOOM_FAULT", "rank=1,step=3,mode=exit")  # after the step-2 checkpoint
     with pytest.raises(StageFailed) as err:
         run_pipeline(spark, cfg, list(cfg.pipeline.stages))
