@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare(argv[1:])
     args = parse_args(argv)
     _setup_logging(args.verbose)
-    from pipelines.errors import SparkloomError
-    from pipelines.tracking import Terminated, handle_termination
+    from pipelines.errors import SparkloomError, Terminated
+    from pipelines.spark import handle_termination
 
     handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
     spark = None

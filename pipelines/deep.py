@@ -32,7 +32,8 @@ from pipelines import lm, subword
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
-from pipelines.errors import DataError, SparkloomError
+from pipelines.errors import DataError, SparkloomError, Terminated
+from pipelines.spark import terminating
 from pipelines.text import load_vocabulary
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,8 @@ def launch(
             result = distributor.run(rank_entry(spark), {**train_config, "attempt": attempt})
             return {**result, "attempts": attempt}
         except Exception as e:
+            if terminating():  # SIGTERM cancelled the job: stop, do not retry
+                raise Terminated(terminating()) from e
             message, tail = explain_failure(status_dir, dc.num_processes, e)
             seconds = time.monotonic() - started
             if attempt == tries:

@@ -17,3 +17,14 @@ class DataError(SparkloomError):
     """Input data is missing or unusable as a whole (bad rows go to quarantine instead)."""
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's kill, `kill PID`) as an exception, so every `finally` runs and
+    the MLflow runs end KILLED instead of staying RUNNING (see pipelines.spark)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.exit_code = signum, 128 + signum

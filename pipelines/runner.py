@@ -17,7 +17,7 @@ from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog, local_path
 from pipelines.config import IMAGE_MODELS, Config, flatten
 from pipelines.deep import DeepResult, run_deep
-from pipelines.errors import SparkloomError
+from pipelines.errors import SparkloomError, Terminated
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.model_registry import RegisterResult, register
@@ -29,6 +29,7 @@ from pipelines.report import (
     misclassified_figure,
 )
 from pipelines.scoring import ScoreStageResult, run_score
+from pipelines.spark import terminating
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def run_pipeline(
                 try:
                     result = _STAGES[stage](spark, cfg, catalog, force, outcome)
                 except Exception as e:
+                    if terminating():  # a job cancelled by SIGTERM: the stop, not a failure
+                        raise Terminated(terminating()) from e
                     seconds = time.perf_counter() - started
                     log.error("[%s] failed after %.1fs", stage, seconds)
                     if getattr(e, "tail", ""):  # a training rank's traceback, last lines

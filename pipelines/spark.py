@@ -54,6 +54,38 @@ DEFAULT_CONF = {
 }
 
 
+_TERMINATING: list[int] = []  # the signal that asked this process to stop, once it came
+
+
+def handle_termination() -> None:
+    """Make SIGTERM stop a job the way Ctrl-C does: cancel the running Spark jobs and raise
+    `Terminated` in the main thread, so every `finally` runs and the MLflow runs end KILLED.
+    SIGKILL and os._exit cannot be caught; the next pipeline start closes what they leave
+    (tracking.close_stale_runs)."""
+    import signal
+    import threading
+
+    from pipelines.errors import Terminated
+
+    def stop(signum, frame):
+        _TERMINATING.append(signum)
+        # The main thread is usually waiting in a Py4J call (a barrier training job runs to
+        # its end otherwise); the cancel goes over another thread's connection, not that one.
+        sc = SparkSession.getActiveSession() and SparkSession.getActiveSession().sparkContext
+        if sc is not None:
+            threading.Thread(target=sc.cancelAllJobs, daemon=True).start()
+        raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
+def terminating() -> int | None:
+    """The signal that asked this process to stop, if one did: an error that surfaces after
+    it (a cancelled Spark job) is the stop, not a failure to retry or report."""
+    return _TERMINATING[0] if _TERMINATING else None
+
+
 def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> str:
     """Send `names` from a local `directory` to every executor (SparkContext.addFile, one
     file at a time: it takes no local directory outside local mode). Returns the prefix the

@@ -11,10 +11,8 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,29 +23,9 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from pipelines.config import Config, flatten
+from pipelines.errors import Terminated
 
 log = logging.getLogger(__name__)
-
-
-class Terminated(BaseException):
-    """SIGTERM (a scheduler's kill, `kill PID`) as an exception, so every `finally` runs and
-    the MLflow runs end KILLED instead of staying RUNNING forever."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.exit_code = 128 + signum
-
-
-def handle_termination() -> None:
-    """Turn SIGTERM into `Terminated` in this (main) thread; SIGINT is already
-    KeyboardInterrupt. SIGKILL and os._exit cannot be caught: the next pipeline start
-    closes what they leave (`close_stale_runs`)."""
-
-    def stop(signum, frame):
-        raise Terminated(signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
 
 
 _SECRET_WORDS = {"password", "passwd", "secret", "token", "credential", "credentials"}

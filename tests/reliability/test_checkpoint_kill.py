@@ -40,20 +40,23 @@ SAVER = textwrap.dedent(
 
 
 def kill_mid_save(mode: str, where: str, after: float) -> int:
-    """Start a saver, SIGKILL it `after` seconds in; the last step it reported complete."""
+    """Start a saver, SIGKILL it `after` seconds after its first complete save (it saves
+    without a pause, so the kill lands in a save); the last step it reported complete."""
     proc = subprocess.Popen([sys.executable, "-c", SAVER, mode, where, str(BIG)],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    first = proc.stdout.readline()
+    assert first.strip(), "the saver died before its first save"
     time.sleep(after)
     proc.send_signal(signal.SIGKILL)
     out, _ = proc.communicate()
-    steps = [int(x) for x in out.split()]
-    return steps[-1] if steps else 0
+    steps = [int(x) for x in (first + out).split()]
+    return steps[-1]
 
 
 def test_a_plain_save_killed_mid_write_is_unloadable(tmp_path):
     broken = 0
     for i in range(6):  # the kill lands mid-write most of the time
-        kill_mid_save("plain", str(tmp_path), 1.5 + 0.13 * i)
+        kill_mid_save("plain", str(tmp_path), 0.2 + 0.13 * i)
         try:
             torch.load(tmp_path / "plain.pt", weights_only=True)
         except Exception:
@@ -64,7 +67,7 @@ def test_a_plain_save_killed_mid_write_is_unloadable(tmp_path):
 @pytest.mark.parametrize("round_", range(6))
 def test_checkpoints_survive_a_kill_during_save(tmp_path, round_):
     where = tmp_path / "ckpt"
-    done = kill_mid_save("checkpoints", str(where), 1.5 + 0.13 * round_)
+    done = kill_mid_save("checkpoints", str(where), 0.2 + 0.13 * round_)
     assert done > 0
     ckpt = Checkpoints(CheckpointConfig(dir=str(where)), Dist(0, 1, 0, torch.device("cpu")))
     latest = ckpt.latest()

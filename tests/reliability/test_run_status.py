@@ -92,8 +92,8 @@ def long_lstm(tmp_path, text_dirs):
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"sequence": {"min_df": 1}},
         lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
-              "training": {"epochs": 200, "batch_size": 8,
-                           "early_stopping": {"patience": 200}}},
+              "training": {"epochs": 3000, "batch_size": 8,
+                           "early_stopping": {"patience": 3000}}},
     )  # fmt: skip
 
 
@@ -102,13 +102,13 @@ def long_lstm(tmp_path, text_dirs):
 def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, signum):
     cfg = long_lstm(tmp_path, text_dirs)
     proc = start_run(tmp_path, cfg)
-    wait_for(proc, "epoch 2/200")  # the LSTM is training
+    wait_for(proc, "epoch 2/3000")  # the LSTM is training
     sent = time.monotonic()
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     seconds = time.monotonic() - sent
     print(f"\n{signal.Signals(signum).name}: exited {proc.returncode} after {seconds:.1f}s")
-    assert proc.returncode == 128 + signum, out[-3000:]
+    assert proc.returncode == 128 + signum, out[-6000:]
     assert "its MLflow runs are marked KILLED" in out
     got = statuses(cfg)
     assert got["ingest"] == got["features"] == ["FINISHED"]
@@ -119,7 +119,7 @@ def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, s
 def test_the_next_start_closes_the_runs_sigkill_left_running(spark, tmp_path, text_dirs):
     cfg = long_lstm(tmp_path, text_dirs)
     proc = start_run(tmp_path, cfg)
-    wait_for(proc, "epoch 2/200")
+    wait_for(proc, "epoch 2/3000")
     os.killpg(proc.pid, signal.SIGKILL)  # the job and everything it started: nothing can react
     proc.communicate(timeout=60)
     got = statuses(cfg)
