@@ -27,6 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output", required=True)
     p.add_argument("--input-column", "--text-column", default=None,
                    help="text column (default text), or image column (default content)")  # fmt: skip
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a weights file that holds pickled objects (it can run code: "
+                        "only for files you trust)")  # fmt: skip
     p.add_argument("--images", action="store_true",
                    help="--input is a folder of image files (png, jpeg, ...)")  # fmt: skip
     p.add_argument("--id-column", default="id")
@@ -62,7 +65,8 @@ def run(argv: list[str]) -> int:
             df = read_images(spark, args.input)
         else:
             df = read_table(spark, args.input, args.input_column or "text")
-        r = write_scores(df, args.model, args.output, args.input_column, args.id_column)
+        r = write_scores(df, args.model, args.output, args.input_column, args.id_column,
+                         args.allow_pickle)  # fmt: skip
         print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
               f"{r.quarantined} quarantined -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
         return 0

@@ -13,6 +13,7 @@ from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
 from models.gpt2 import GPT2LM, GPT2Config
 from models.lstm import LSTMClassifier, LSTMConfig
 from models.textcnn import TextCNN, TextCNNConfig
+from models.weights import load_weights
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "lstm": (LSTMConfig, LSTMClassifier),
@@ -53,7 +54,7 @@ def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn
     if name != "bert":
         raise ValueError(f"model '{name}' cannot start from saved weights; only bert and gpt2 can")
     if init["kind"] == "bert_pretraining":
-        state = torch.load(init["path"], map_location="cpu", weights_only=True)
+        state = load_weights(init["path"])
         return BertClassifier.from_pretraining(BertConfig(**config), state)
     if init["kind"] == "hf_directory":
         return BertClassifier.from_hf_directory(init["path"], config["num_classes"])

@@ -44,6 +44,7 @@ from models.augment import AugmentConfig, ImageBatchTransform
 from models.data import ColumnTransform, make_dataloader
 from models.masking import MaskingConfig, MLMBatchTransform
 from models.registry import build_model, model_config
+from models.weights import load_weights
 
 # --- config -----------------------------------------------------------------------------------
 
@@ -332,7 +333,7 @@ class Checkpoints:
 
     @staticmethod
     def load(path: str) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -728,14 +729,16 @@ def export(model: nn.Module, directory: str) -> None:
         json.dump({"config": model_config(model)}, f, indent=2)
 
 
-def load_exported(directory: str, name: str, prefix: str = "") -> nn.Module:
+def load_exported(
+    directory: str, name: str, prefix: str = "", allow_pickle: bool = False
+) -> nn.Module:
     """The model `export` wrote: `prefix`model.json and `prefix`state_dict.pt in `directory`
-    (weights_only: nothing is unpickled as code)."""
+    (weights only: a file that would unpickle code is refused unless `allow_pickle`)."""
     with open(os.path.join(directory, f"{prefix}model.json")) as f:
         config = json.load(f)["config"]
     model = build_model(name, config)
     weights = os.path.join(directory, f"{prefix}state_dict.pt")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(weights, allow_pickle))
     return model.eval()
 
 

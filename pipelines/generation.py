@@ -84,7 +84,9 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
             f"a checkpoint ({path}) holds no tokenizer: pass --tokenizer path/to/tokenizer.json "
             "(the gpt2_model dataset has it)"
         )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    from models.weights import load_weights
+
+    saved = load_weights(path)
     run = json.loads(saved["config"])
     if run["model"]["name"] != "gpt2":
         raise DataError(f"{path} is a checkpoint of '{run['model']['name']}', not of gpt2")
@@ -185,7 +187,7 @@ def generate_dataframe(
     # no id column: the prompt itself is the key (equal prompts get equal completions)
     rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)
     rows = df.select(rid.alias("id"), F.col(prompt_col).cast("string").alias("prompt"))
-    blank = F.col("prompt").isNull() | (F.trim(F.col("prompt")) == "")
+    blank = F.col("prompt").isNull() | F.col("prompt").rlike(r"^\s*$")
     quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_prompt"))
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:

@@ -359,7 +359,7 @@ def with_reason(raw: DataFrame, has_id: bool) -> DataFrame:
     reason = (
         F.when(F.col("malformed"), "malformed_record")
         .when(F.col("text").isNull(), "null_text")
-        .when(F.length(F.trim(F.col("text"))) == 0, "empty_text")
+        .when(F.col("text").rlike(r"^\s*$"), "empty_text")  # F.trim strips spaces only
         .when(F.col("bad_utf8"), "invalid_utf8")
     )
     return raw.withColumn("reason", _label_and_id(reason, has_id))
@@ -367,9 +367,7 @@ def with_reason(raw: DataFrame, has_id: bool) -> DataFrame:
 
 def _label_and_id(reason: Column, has_id: bool) -> Column:
     """The checks every row shares, after the payload's own: a label, and an id if given."""
-    reason = reason.when(
-        F.col("label").isNull() | (F.length(F.trim(F.col("label"))) == 0), "null_label"
-    )
+    reason = reason.when(F.col("label").isNull() | F.col("label").rlike(r"^\s*$"), "null_label")
     if has_id:
         reason = reason.when(F.col("id").isNull() | (F.length(F.col("id")) == 0), "null_id")
     return reason

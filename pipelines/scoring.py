@@ -47,13 +47,14 @@ class ModelRef:
     files: str  # local directory of the run's model-files (torch) or model (spark)
     labels: list[str]
     config: dict  # the pipeline's resolved config (as plain data)
+    allow_pickle: bool = False  # load weights files that hold pickled objects (trusted only)
 
     @property
     def modality(self) -> str:
         return "image" if self.config["ingest"]["format"] in IMAGE_FORMATS else "text"
 
 
-def resolve(model_uri: str) -> ModelRef:
+def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     """Find the run behind a model URI, download what scoring needs."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -97,7 +98,14 @@ def resolve(model_uri: str) -> ModelRef:
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-files")
         with open(os.path.join(files, "labels.json")) as f:
             labels = json.load(f)
-    return ModelRef(run_id, stage, files, labels, config)
+        from models.weights import UnsafeWeights, load_weights
+
+        try:  # on the driver, so an unsafe file is refused before any executor opens it
+            if not allow_pickle:
+                load_weights(os.path.join(files, "state_dict.pt"))
+        except UnsafeWeights as e:
+            raise DataError(f"model {model_uri}: {e}") from None
+    return ModelRef(run_id, stage, files, labels, config, allow_pickle)
 
 
 def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
@@ -126,7 +134,7 @@ def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
 
 def score(
     df: DataFrame, model_uri: str | ModelRef, input_col: str | None = None, id_col: str = "id",
-    prepared: bool = False,
+    prepared: bool = False, allow_pickle: bool = False,
 ) -> tuple[DataFrame, DataFrame, ModelRef]:  # fmt: skip
     """(scored: id, predicted_label, probabilities; quarantine: id, reason[, text]; the model).
 
@@ -135,7 +143,7 @@ def score(
     of pixel values. `prepared=True` takes the pipeline's own ingested `image` bytes
     ((C, H, W) uint8 at the model's size), as the `score` stage does.
     """
-    ref = model_uri if isinstance(model_uri, ModelRef) else resolve(model_uri)
+    ref = model_uri if isinstance(model_uri, ModelRef) else resolve(model_uri, allow_pickle)
     if ref.modality == "image":
         col = input_col or ("image" if prepared else "content")
         _require(df, col, id_col)
@@ -144,7 +152,7 @@ def score(
         col = input_col or "text"
         _require(df, col, id_col)
         rows = df.select(F.col(id_col).cast("string").alias("id"), F.col(col).alias("text"))
-        blank = F.col("text").isNull() | (F.trim(F.col("text")) == "")
+        blank = F.col("text").isNull() | F.col("text").rlike(r"^\s*$")
         quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_text"))
         good = rows.filter(~blank)
     out = _probabilities(ref, good)
@@ -216,7 +224,10 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
             shape = json.load(f)["shape"]  # [C, H, W]
         prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json", "preprocess.json"))
         return good.select(
-            "id", _predict_udf(prefix, ref.stage, shape)(_pixels("image")).alias("probabilities")
+            "id",
+            _predict_udf(prefix, ref.stage, shape, ref.allow_pickle)(_pixels("image")).alias(
+                "probabilities"
+            ),
         )
     max_length = (
         ref.config["bert"]["max_length"]
@@ -226,7 +237,10 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     ids = _token_ids(ref, good, max_length)
     prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json"))
     return ids.select(
-        "id", _predict_udf(prefix, ref.stage, [max_length])("ids").alias("probabilities")
+        "id",
+        _predict_udf(prefix, ref.stage, [max_length], ref.allow_pickle)("ids").alias(
+            "probabilities"
+        ),
     )
 
 
@@ -240,7 +254,7 @@ def _pixels(col: str):
     return to_array(F.col(col))
 
 
-def _predict_udf(prefix: str, stage: str, shape: list[int]):
+def _predict_udf(prefix: str, stage: str, shape: list[int], allow_pickle: bool = False):
     """Token ids (shape [T]) or raw pixels (shape [C, H, W]) -> class probabilities."""
     from pyspark.ml.functions import predict_batch_udf
 
@@ -253,7 +267,7 @@ def _predict_udf(prefix: str, stage: str, shape: list[int]):
 
         # the files Spark shipped to this executor; built once per Python worker
         root = SparkFiles.getRootDirectory()
-        model = load_exported(root, stage, prefix)
+        model = load_exported(root, stage, prefix, allow_pickle)
         if len(shape) == 3:
             with open(os.path.join(root, f"{prefix}preprocess.json")) as f:
                 pre = json.load(f)
@@ -287,13 +301,14 @@ class ScoreResult:
 
 
 def write_scores(
-    df: DataFrame, model_uri: str, output: str, input_col: str | None = None, id_col: str = "id"
-) -> ScoreResult:
+    df: DataFrame, model_uri: str, output: str, input_col: str | None = None, id_col: str = "id",
+    allow_pickle: bool = False,
+) -> ScoreResult:  # fmt: skip
     """Scores as Parquet at `output`, quarantine beside it at `output`_quarantine; the counts
     are checked on what was written."""
     output = output.rstrip("/")
     df = df.localCheckpoint()  # the counts and the written rows come from the same input
-    scored, quarantine, ref = score(df, model_uri, input_col, id_col)
+    scored, quarantine, ref = score(df, model_uri, input_col, id_col, allow_pickle=allow_pickle)
     rows_in, rows_out, quarantined = write_with_quarantine(
         df, scored, quarantine, output, "scoring"
     )
