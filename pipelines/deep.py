@@ -229,6 +229,7 @@ _PEER_FAILURE = ("Connection closed by peer", "Connection reset by peer", "Broke
 
 
 _TIMEOUT = ("Timed out", "timed out", "Timeout", "DistBackendError")
+_STOPPED = "stopped by SIGTERM from its launcher"  # models.train.STOPPED
 
 
 def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple[str, str]:
@@ -246,20 +247,23 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
             state[int(rank)] = (what, text)
     silent = [r for r in range(world_size) if state.get(r, ("",))[0] == "started"]
     raised = {r: t for r, (w, t) in state.items() if w == "error"}
+    stopped = [r for r, t in sorted(raised.items()) if _STOPPED in t]  # by torchrun/Spark
     timed_out = {r: t for r, t in raised.items() if any(p in t for p in _TIMEOUT)}
     own = {r: t for r, t in raised.items()
            if r not in timed_out and not any(p in t for p in _PEER_FAILURE)}  # fmt: skip
     never = [r for r in range(world_size) if r not in state]
+    hung = sorted(set(silent + stopped) - set(timed_out)) if timed_out else []
     tail = ""
     if own:
         r, text = sorted(own.items())[0]
         lines = [ln for ln in text.strip().splitlines()[1:] if ln.strip()]  # 1st: pid, host
         culprit, tail = f"rank {r} raised {lines[-1].strip()}", "\n".join(lines[-12:])
-    elif silent and timed_out:
+    elif hung:  # it made no progress, its peers timed out, then it was killed or stopped
         waiting = sorted(timed_out)
-        culprit = (f"rank {silent[0]} hung: ranks {waiting} timed out waiting for it in a "
+        culprit = (f"rank {hung[0]} hung: ranks {waiting} timed out waiting for it in a "
                    "collective (distributor.timeout_s)")  # fmt: skip
         tail = "\n".join(timed_out[waiting[0]].strip().splitlines()[-6:])
+        silent = []
     elif silent:
         culprit = (f"rank {silent[0]} died without a Python error (killed, out of memory, or "
                    f"os._exit)")  # fmt: skip
@@ -276,8 +280,6 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         culprit = f"TorchDistributor failed: {first}"
     others = sorted(set(raised) - set(own)) if (silent or own) else []
-    if silent and timed_out:
-        others = []
     lost = f"; ranks {others} then lost their peer" if others else ""
     return f"training failed: {culprit}{lost} (status files in {status_dir})", tail
 
