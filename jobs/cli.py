@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from pipelines.errors import SparkloomError, Terminated
     from pipelines.spark import handle_termination
+    from pipelines.tracking import mask
 
     handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
     spark = None
@@ -102,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
         if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
             raise
-        print(f"sparkloom: error: {e}", file=sys.stderr)
+        print(f"sparkloom: error: {mask('error', str(e))}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # Spark/Py4J errors: one line unless --verbose
         if args.verbose:
             raise
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        print(f"sparkloom: {args.command} failed: {type(e).__name__}: {first} "
+        print(f"sparkloom: {args.command} failed: {type(e).__name__}: {mask('error', first)} "
               "(rerun with --verbose for the full traceback)", file=sys.stderr)  # fmt: skip
         return 1
     finally:
@@ -183,6 +184,10 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    from pipelines.tracking import MaskSecrets
+
+    for handler in logging.getLogger().handlers:  # no password in a URI reaches the log
+        handler.addFilter(MaskSecrets())
     for noisy in ("py4j", "alembic", "mlflow", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -39,7 +40,12 @@ class StageFailed(SparkloomError):
     """A stage raised: names the stage, keeps the reason's first line and its exit code."""
 
     def __init__(self, stage: str, cause: BaseException):
-        first = next((ln for ln in str(cause).splitlines() if ln.strip()), "")
+        text = str(cause)
+        java = getattr(cause, "java_exception", None)  # Py4JJavaError: "An error occurred
+        if java is not None:  # while calling o42.x" says nothing; the JVM's exception does
+            with contextlib.suppress(Exception):  # the gateway may be gone: keep Py4J's text
+                text = java.toString()
+        first = tracking.mask("error", next((ln for ln in text.splitlines() if ln.strip()), ""))
         if isinstance(cause, SparkloomError):  # ours already say what is wrong and the fix
             super().__init__(f"stage '{stage}' failed: {first}")
         else:  # Spark/Py4J/torch: the first line; --verbose shows the whole traceback
@@ -83,7 +89,8 @@ def run_pipeline(
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
                 if _OUTPUT.get(stage):
-                    mlflow.set_tag("sparkloom.output", catalog.path(_OUTPUT[stage]))
+                    mlflow.set_tag("sparkloom.output",
+                                   tracking.mask("output", catalog.path(_OUTPUT[stage])))  # fmt: skip
                 ingested = catalog.manifest("ingested")
                 if ingested:  # which data and split the metrics are on: comparable runs match
                     mlflow.set_tag("sparkloom.data", ingested["fingerprint"])

@@ -45,6 +45,18 @@ def mask(key: str, value: str) -> str:
     return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", value)
 
 
+class MaskSecrets(logging.Filter):
+    """Masks passwords in URIs (scheme://user:***@host) in every record a handler emits:
+    data paths, tracking URIs and error messages name them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask("message", message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def masked_params(cfg: Config) -> dict[str, str]:
     return {k: mask(k, v) for k, v in flatten(cfg).items()}
 

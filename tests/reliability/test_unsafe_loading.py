@@ -104,3 +104,19 @@ def test_secrets_never_reach_params_artifacts_or_logs(tmp_path, caplog):
     assert params["ingest.path"] == "s3a://AKIAEXAMPLE:***@bucket/news.csv"
     assert params["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"
     assert params["ingest.format"] == "csv"  # everything else as it was
+
+
+@pytest.mark.slow
+def test_the_cli_never_prints_a_password_from_a_uri(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = make_config(tmp_path, pipeline={"stages": ["ingest"]},
+                      ingest={"format": "csv", "path": "s3a://etl:hunter2@bucket/news.csv"})  # fmt: skip
+    conf = tmp_path / "p.yaml"
+    conf.write_text(cfg.to_yaml())
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--conf", str(conf)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "S3AFileSystem not found" in out  # no S3 here
+    assert "MLflow run" in out and "hunter2" not in out
