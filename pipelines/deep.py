@@ -346,6 +346,25 @@ BERT_INPUTS = {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
                "attention_mask": "input_ids_mask", "labels": "label"}  # fmt: skip
 
 
+def keep_tokenizer(path: str | None, make) -> tuple[str, dict]:
+    """The tokenizer `make()` trains, kept at `path` beside the stage's checkpoints, so a run
+    that resumes tokenizes with the vocabulary its checkpoint learned. Retraining is not
+    the same: the trainers of Hugging Face tokenizers break frequency ties differently from
+    run to run (the same texts gave 4 token sets and 8 id orders in 8 runs here)."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        log.info("reusing the tokenizer this stage's checkpoints were trained with (%s)", path)
+        return kept["tokenizer"], kept["info"]
+    tokenizer_json, info = make()
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump({"tokenizer": tokenizer_json, "info": info}, f)
+        os.replace(f"{path}.tmp", path)
+    return tokenizer_json, info
+
+
 def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> tuple[str, dict]:
     """The WordPiece tokenizer as JSON, and where it came from: a local vocab.txt, or trained
     on a sample of the training split. Saved with the model as tokenizer.json (fine-tuning and
@@ -365,9 +384,13 @@ def bert_tokenizer(spark: SparkSession, cfg: Config, catalog: Catalog) -> tuple[
     return tok.to_str(), {**info, "vocab_size": tok.get_vocab_size(), "lowercase": tc.lowercase}
 
 
-def bert_pretrain_inputs(spark: SparkSession, cfg: Config, catalog: Catalog) -> DeepInputs:
+def bert_pretrain_inputs(
+    spark: SparkSession, cfg: Config, catalog: Catalog, kept: str | None = None
+) -> DeepInputs:
     bc = cfg.bert_pretrain
-    tokenizer_json, tokenizer_info = bert_tokenizer(spark, cfg, catalog)
+    tokenizer_json, tokenizer_info = keep_tokenizer(
+        kept, lambda: bert_tokenizer(spark, cfg, catalog)
+    )
     tok = subword.tokenizer_from_json(tokenizer_json)
     docs = catalog.read("ingested", "ingest")
     parts = []
@@ -465,12 +488,12 @@ def gpt2_tokenizer(cfg: Config, catalog: Catalog) -> tuple[str, dict]:
     return tok.to_str(), {**info, "vocab_size": tok.get_vocab_size(), "eot": subword.EOT}
 
 
-def gpt2_inputs(cfg: Config, catalog: Catalog) -> DeepInputs:
+def gpt2_inputs(cfg: Config, catalog: Catalog, kept: str | None = None) -> DeepInputs:
     """Packed blocks per split (ingest split documents, so no block mixes splits)."""
     from models.gpt2 import GPT2Config
 
     gc = cfg.gpt2
-    tokenizer_json, tokenizer_info = gpt2_tokenizer(cfg, catalog)
+    tokenizer_json, tokenizer_info = keep_tokenizer(kept, lambda: gpt2_tokenizer(cfg, catalog))
     tok = subword.tokenizer_from_json(tokenizer_json)
     docs = catalog.read("ingested", "ingest")
     parts, stats = [], {}
@@ -532,15 +555,22 @@ def run_deep(
         return DeepResult(**{**m["result"], "skipped": True})
 
     started = time.perf_counter()
+    work = local_dir(catalog.path(f"{stage}_work"))
+    checkpoint_dir = os.path.join(work, fp, "checkpoints")
+    kept_tokenizer = os.path.join(work, fp, "tokenizer.json")
+    if force:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if os.path.exists(kept_tokenizer):
+            os.remove(kept_tokenizer)
     labels: list[str] = {"bert_pretrain": NSP_LABELS, "gpt2": []}.get(stage, upstream["labels"])
     if image:
         inputs = image_inputs(cfg, stage, catalog, upstream)
     elif stage == "bert_pretrain":
-        inputs = bert_pretrain_inputs(spark, cfg, catalog)
+        inputs = bert_pretrain_inputs(spark, cfg, catalog, kept_tokenizer)
     elif stage == "bert":
         inputs = bert_finetune_inputs(cfg, catalog, labels)
     elif stage == "gpt2":
-        inputs = gpt2_inputs(cfg, catalog)
+        inputs = gpt2_inputs(cfg, catalog, kept_tokenizer)
     else:
         inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
@@ -562,10 +592,6 @@ def run_deep(
     if "train" not in paths:
         raise DataError("the train split is empty; check ingest.split")
 
-    work = local_dir(catalog.path(f"{stage}_work"))
-    checkpoint_dir = os.path.join(work, fp, "checkpoints")
-    if force:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     dc = getattr(cfg, stage).distributor
     train_config = run_config(
         cfg, stage, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,

@@ -52,7 +52,9 @@ def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path
     a = torch.load(os.path.join(path("bert_pretrain_model"), "state_dict.pt"), weights_only=True)
     b = torch.load(os.path.join(path("bert_model"), "state_dict.pt"), weights_only=True)
     key = "bert.embeddings.word_embeddings.weight"
-    assert torch.allclose(a[key], b[key], atol=0.1) and not torch.equal(a[key], b[key])
+    # (a fresh start shares nothing with it: cosine ~0; measured 0.67 to 0.9+ between runs)
+    moved = torch.nn.functional.cosine_similarity(a[key].flatten(), b[key].flatten(), dim=0)
+    assert moved > 0.5 and not torch.equal(a[key], b[key]), float(moved)
     assert os.path.exists(os.path.join(path("bert_model"), "tokenizer.json"))
 
     client = MlflowClient(cfg.mlflow.tracking_uri)

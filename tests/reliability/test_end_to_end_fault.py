@@ -69,3 +69,37 @@ def test_a_rank_killed_mid_epoch_is_retried_and_ends_like_an_uninterrupted_run(
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["train_attempts"] == 2
     assert runs[0].data.tags["sparkloom.resumed_from_step"] == "4"
+
+
+@pytest.mark.slow
+def test_a_resumed_bert_pretraining_keeps_its_vocabulary(spark, tmp_path, text_dirs, monkeypatch):
+    """WordPiece training breaks ties differently from run to run; a rerun that resumes
+    must tokenize with the vocabulary its checkpoint was trained on, not a new one."""
+    import json
+
+    from pipelines.runner import StageFailed
+
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "bert_pretrain"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        bert_pretrain={
+            "tokenizer": {"vocab_size": 120, "min_frequency": 1},
+            "model": {"preset": "tiny", "max_position_embeddings": 64},
+            "max_length": 32,
+            "training": {"batch_size": 16, "epochs": 2, "checkpoint_every_steps": 2},
+            "distributor": {"max_retries": 0},
+        },
+    )  # fmt: skip
+    monkeypatch.setenv("SPARKLOOM_FAULT", "rank=1,step=3,mode=exit")
+    with pytest.raises(StageFailed):
+        run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    work = tmp_path / "data" / "t" / "bert_pretrain_work"
+    (kept,) = list(work.glob("*/tokenizer.json"))
+    first = json.loads(kept.read_text())["tokenizer"]
+
+    monkeypatch.delenv("SPARKLOOM_FAULT")
+    result = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["bert_pretrain"]
+    assert result.resumed_from is not None and result.resumed_from["step"] == 2
+    model_dir = tmp_path / "data" / "t" / "bert_pretrain_model"
+    assert (model_dir / "tokenizer.json").read_text() == first
