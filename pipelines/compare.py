@@ -273,7 +273,8 @@ def _select(runs: dict, split: str, include_skipped: bool) -> tuple[list[Row], l
             left_out[reason] = left_out.get(reason, 0) + 1
             continue
         row = Row(
-            stage, run.info.run_id, run.info.run_name or "", tags.get("mlflow.parentRunId"),
+            tags.get("sparkloom.model", stage),  # a model's own name, e.g. bert-int8 (quantize)
+            run.info.run_id, run.info.run_name or "", tags.get("mlflow.parentRunId"),
             run.info.start_time or 0, run.info.status, tags.get("sparkloom.data"),
             tags.get("sparkloom.skipped") == "true", metrics, dict(run.data.params),
         )  # fmt: skip

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert", "gpt2", "register", "score", "compare")  # fmt: skip
+          "bert", "gpt2", "quantize", "register", "score", "compare")  # fmt: skip
 CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")  # register candidates
 TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
@@ -39,13 +39,14 @@ DEPENDS = {
     "bert_pretrain": ("ingest", "bert_pretrain"),
     "bert": ("ingest", "bert_pretrain", "bert"),
     "gpt2": ("ingest", "gpt2"),
+    "quantize": ("quantize",),  # and the source model (its fingerprint, in the stage)
     "register": ("register",),
     "score": ("ingest", "score"),  # and the model the alias names (in the stage's fingerprint)
     "compare": (),
 }
 Stage = Literal[
     "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
-    "gpt2", "register", "score", "compare",
+    "gpt2", "quantize", "register", "score", "compare",
 ]  # fmt: skip
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
@@ -526,6 +527,14 @@ class RegisterConfig(Section):
         return v
 
 
+class QuantizeConfig(Section):
+    """The `quantize` stage: an int8 copy (dynamic quantization of Linear, LSTM and Embedding
+    layers) of a trained classifier, measured beside it on the test split."""
+
+    source: Literal["lstm", "textcnn", "bert", "cnn", "alexnet"] = "bert"
+    threads: int = Field(1, ge=1)  # CPU threads for the throughput measurement
+
+
 class ScoreConfig(Section):
     """The `score` stage: a split of the ingested data scored in batch by a registered model,
     through the same code as `sparkloom score` (raw text or images in, the model's own
@@ -563,6 +572,7 @@ class Config(Section):
     bert_pretrain: BertPretrainStageConfig = BertPretrainStageConfig()
     bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
     gpt2: GPT2StageConfig = GPT2StageConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     register: RegisterConfig = RegisterConfig()
     score: ScoreConfig = ScoreConfig()
 

@@ -22,6 +22,7 @@ from pipelines.errors import SparkloomError, Terminated
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.model_registry import RegisterResult, register
+from pipelines.quantize import QuantizeResult, run_quantize
 from pipelines.report import (
     classification_metrics,
     classification_report,
@@ -158,6 +159,18 @@ def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Reg
     mlflow.set_tag("sparkloom.register_decision", result.reason)
     mlflow.log_dict(asdict(result), "register.json")
     outcome.model_uri = f"models:/{result.name}@{cfg.register.alias}"
+    return result
+
+
+def _quantize(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> QuantizeResult:
+    result = run_quantize(spark, cfg, catalog, force)
+    mlflow.set_tag("sparkloom.model", result.name)  # how the comparison names it
+    mlflow.set_tag("sparkloom.quantized_from", result.source)
+    tracking.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
+    if not result.skipped:
+        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{result.source}_int8")))
+        mlflow.log_artifacts(model_dir, artifact_path="model-files")
+        mlflow.log_dict(result.metrics, "quantization.json")
     return result
 
 
@@ -305,6 +318,7 @@ _STAGES = {
     "bert_pretrain": _deep("bert_pretrain"),
     "bert": _deep("bert"),
     "gpt2": _deep("gpt2"),
+    "quantize": _quantize,
     "register": _register,
     "score": _score,
     "compare": _compare,
@@ -322,3 +336,4 @@ _OUTPUT = {
     "gpt2": "gpt2_model",
     "score": "scores",
 }
+# the quantize stage's output is named after its source: <source>_int8 (see _quantize)

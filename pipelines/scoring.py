@@ -37,7 +37,7 @@ from pipelines.errors import DataError
 from pipelines.spark import ship_files, write_with_quarantine
 
 TEXT_TORCH = ("lstm", "textcnn", "bert")
-SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS)
+SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS, "quantize")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ModelRef:
     labels: list[str]
     config: dict  # the pipeline's resolved config (as plain data)
     allow_pickle: bool = False  # load weights files that hold pickled objects (trusted only)
+    quantized: bool = False  # an int8 model of the quantize stage: `stage` is its source
 
     @property
     def modality(self) -> str:
@@ -98,6 +99,10 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-files")
         with open(os.path.join(files, "labels.json")) as f:
             labels = json.load(f)
+        quantized = os.path.exists(os.path.join(files, "quantization.json"))
+        if quantized:  # the float files plus the recipe; the model is built from its source
+            with open(os.path.join(files, "quantization.json")) as f:
+                stage = json.load(f)["source"]
         from models.weights import UnsafeWeights, load_weights
 
         try:  # on the driver, so an unsafe file is refused before any executor opens it
@@ -105,7 +110,7 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
                 load_weights(os.path.join(files, "state_dict.pt"))
         except UnsafeWeights as e:
             raise DataError(f"model {model_uri}: {e}") from None
-    return ModelRef(run_id, stage, files, labels, config, allow_pickle)
+    return ModelRef(run_id, stage, files, labels, config, allow_pickle, quantized)
 
 
 def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
@@ -225,9 +230,9 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
         prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json", "preprocess.json"))
         return good.select(
             "id",
-            _predict_udf(prefix, ref.stage, shape, ref.allow_pickle)(_pixels("image")).alias(
-                "probabilities"
-            ),
+            _predict_udf(prefix, ref.stage, shape, ref.allow_pickle, ref.quantized)(
+                _pixels("image")
+            ).alias("probabilities"),
         )
     max_length = (
         ref.config["bert"]["max_length"]
@@ -238,7 +243,7 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json"))
     return ids.select(
         "id",
-        _predict_udf(prefix, ref.stage, [max_length], ref.allow_pickle)("ids").alias(
+        _predict_udf(prefix, ref.stage, [max_length], ref.allow_pickle, ref.quantized)("ids").alias(
             "probabilities"
         ),
     )
@@ -254,7 +259,9 @@ def _pixels(col: str):
     return to_array(F.col(col))
 
 
-def _predict_udf(prefix: str, stage: str, shape: list[int], allow_pickle: bool = False):
+def _predict_udf(
+    prefix: str, stage: str, shape: list[int], allow_pickle: bool = False, quantized: bool = False
+):
     """Token ids (shape [T]) or raw pixels (shape [C, H, W]) -> class probabilities."""
     from pyspark.ml.functions import predict_batch_udf
 
@@ -268,6 +275,10 @@ def _predict_udf(prefix: str, stage: str, shape: list[int], allow_pickle: bool =
         # the files Spark shipped to this executor; built once per Python worker
         root = SparkFiles.getRootDirectory()
         model = load_exported(root, stage, prefix, allow_pickle)
+        if quantized:  # the int8 model: the same recipe the quantize stage measured
+            from models.quantize import quantize
+
+            model = quantize(model)
         if len(shape) == 3:
             with open(os.path.join(root, f"{prefix}preprocess.json")) as f:
                 pre = json.load(f)

@@ -1,0 +1,110 @@
+"""The `quantize` stage: an int8 copy of a trained classifier for CPU scoring, measured
+beside its float model on the same test split (models.quantize does the torch part).
+
+The int8 model's files are the float model's (state dict, config, vocabulary, labels) plus
+`quantization.json`: the recipe and the measurements. Loading applies the recipe, which is
+deterministic, so nothing but a plain state dict is ever read from disk. Batch scoring
+(`sparkloom score`, the `score` stage) recognises such a model and quantizes it once per
+executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from pyspark.sql import functions as F
+
+from pipelines.catalog import Catalog, fingerprint, local_path
+from pipelines.config import IMAGE_MODELS, Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeResult:
+    source: str  # the stage whose model was quantized
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}-int8"
+
+    def summary(self) -> str:
+        m = self.metrics
+        return (
+            f"{self.name}: test accuracy {m['test_accuracy']:.4f} vs float "
+            f"{m['float_test_accuracy']:.4f} ({m['accuracy_delta']:+.4f}), "
+            f"{m['int8_bytes'] / 1e6:.2f} MB vs {m['float_bytes'] / 1e6:.2f} MB, "
+            f"{m['int8_rows_per_s']:.0f} vs {m['float_rows_per_s']:.0f} rows/s "
+            f"({m['speedup']:.2f}x, {m['threads']} thread(s)); predictions agree on "
+            f"{m['agreement']:.1%}"
+        )
+
+
+def test_inputs(
+    cfg: Config, catalog: Catalog, stage: str, model_dir: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(model inputs, label indices, the forward keyword) for the test split, preprocessed
+    the way batch scoring does it: token ids from raw text, standardized image pixels."""
+    data = catalog.read("ingested", "ingest").filter(F.col("split") == "test")
+    if stage in IMAGE_MODELS:
+        rows = data.select("id", "image", "label_index").orderBy("id").collect()
+        with open(os.path.join(model_dir, "preprocess.json")) as f:
+            pre = json.load(f)
+        raw = np.stack([np.frombuffer(bytes(r["image"]), np.uint8) for r in rows])
+        x = torch.from_numpy(raw.reshape(-1, *pre["shape"]).astype(np.float32)) / 255.0
+        mean = torch.tensor(pre["mean"]).view(1, -1, 1, 1)
+        std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
+        labels = torch.tensor([r["label_index"] for r in rows])
+        return (x - mean) / std, labels, "images"
+    from pipelines.scoring import ModelRef, _token_ids
+
+    config = cfg.model_dump(mode="json")
+    ref = ModelRef("", stage, model_dir, [], config)
+    max_length = (config["bert"]["max_length"] if stage == "bert"
+                  else config["features"]["sequence"]["max_length"])  # fmt: skip
+    ids = _token_ids(ref, data.select("id", "text"), max_length)
+    rows = ids.join(data.select("id", "label_index"), "id").orderBy("id").collect()
+    x = torch.tensor([r["ids"] for r in rows], dtype=torch.int64)
+    return x, torch.tensor([r["label_index"] for r in rows]), "input_ids"
+
+
+def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> QuantizeResult:
+    from models.quantize import RECIPE, compare, quantize
+    from models.train import load_exported
+
+    qc = cfg.quantize
+    source = qc.source
+    made = catalog.require(f"{source}_model", source)
+    out = f"{source}_int8"
+    fp = fingerprint(made["fingerprint"], cfg.stage_hash("quantize"))
+    done = None if force else catalog.current(out, fp)
+    if done is not None:
+        return QuantizeResult(**{**done["result"], "skipped": True})
+
+    model_dir = local_path(catalog.fs.qualify(catalog.path(f"{source}_model")))
+    float_model = load_exported(model_dir, source)
+    int8_model = quantize(float_model)
+    inputs, labels, key = test_inputs(cfg, catalog, source, model_dir)
+    metrics = compare(float_model, int8_model, inputs, labels, key, qc.threads)
+    metrics["accuracy_delta"] = metrics["test_accuracy"] - metrics["float_test_accuracy"]
+    result = QuantizeResult(source, metrics)
+    recipe = {**RECIPE, "source": source, "source_fingerprint": made["fingerprint"],
+              "measured": metrics}  # fmt: skip
+
+    def save(tmp: str) -> None:
+        local = local_path(catalog.fs.qualify(tmp))
+        shutil.copytree(model_dir, local, ignore=shutil.ignore_patterns("_manifest.json"))
+        with open(os.path.join(local, "quantization.json"), "w") as f:
+            json.dump(recipe, f, indent=2)
+
+    catalog.write(out, save, {"fingerprint": fp, "result": {**asdict(result)} | {"skipped": False}})
+    return result

@@ -1,0 +1,73 @@
+"""The quantize stage on a trained LSTM: an int8 copy measured beside the float model on the
+test split, listed in the comparison, and scored in batch like the in-process int8 model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from models.quantize import quantize
+from models.registry import Scorer
+from models.train import load_exported
+from pipelines.catalog import Catalog, local_path
+from pipelines.runner import run_pipeline
+from pipelines.scoring import score
+from tests.conftest import make_config
+
+
+@pytest.mark.slow
+def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_dirs):
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "features", "lstm", "quantize", "compare"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        features={"sequence": {"min_df": 1, "max_length": 32}},
+        lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
+              "training": {"epochs": 4, "batch_size": 8, "optimizer": {"lr": 0.02}}},
+        quantize={"source": "lstm"},
+    )  # fmt: skip
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    q = outcome.results["quantize"]
+    m = q.metrics
+    lstm = outcome.results["lstm"]
+    assert q.name == "lstm-int8" and m["rows"] == sum(map(sum, lstm.confusion["test"]))
+    assert m["float_test_accuracy"] == pytest.approx(lstm.metrics["test_accuracy"], abs=1e-9)
+    assert abs(m["accuracy_delta"]) <= 0.05 and m["agreement"] >= 0.9
+    assert m["int8_bytes"] < m["float_bytes"] and m["int8_rows_per_s"] > 0
+
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    int8_dir = local_path(catalog.fs.qualify(catalog.path("lstm_int8")))
+    with open(os.path.join(int8_dir, "quantization.json")) as f:
+        recipe = json.load(f)
+    assert recipe["source"] == "lstm" and recipe["method"] == "dynamic"
+    torch.load(os.path.join(int8_dir, "state_dict.pt"), weights_only=True)  # plain weights
+
+    report = outcome.results["compare"].report
+    names = {r.stage: r for r in report.rows}
+    assert {"lstm", "lstm-int8"} <= set(names)
+    assert names["lstm-int8"].metrics["accuracy"] == pytest.approx(m["test_accuracy"])
+    assert run_pipeline(spark, cfg, ["quantize"]).results["quantize"].skipped
+
+    # batch scoring of the quantize run's model: the int8 model, built once per executor
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
+    scored, _, ref = score(test, f"runs:/{outcome.stage_run_ids['quantize']}/model")
+    assert ref.quantized and ref.stage == "lstm"
+    got = {r["id"]: r["probabilities"] for r in scored.collect()}
+    int8 = Scorer(quantize(load_exported(int8_dir, "lstm"))).eval()
+    feats = catalog.read("features", "features").filter("split = 'test'").collect()
+    ids = torch.zeros(len(feats), 32, dtype=torch.int64)
+    for i, r in enumerate(feats):
+        ids[i, : len(r["token_ids"])] = torch.tensor(r["token_ids"])
+    with torch.no_grad():
+        want = int8(ids).numpy()
+    # dynamic quantization scales activations per batch, so Spark's 64-row batches give
+    # slightly other probabilities than one in-process batch: close, same predictions
+    have = np.array([got[r["id"]] for r in feats])
+    assert np.allclose(have, want, atol=0.02)
+    assert (have.argmax(-1) == want.argmax(-1)).mean() >= 0.95
