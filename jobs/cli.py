@@ -8,7 +8,7 @@ import logging
 import sys
 
 STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
-                  "bert_pretrain", "bert", "gpt2", "quantize", "register")  # fmt: skip
+                  "bert_pretrain", "bert", "distill", "gpt2", "quantize", "register")  # fmt: skip
 log = logging.getLogger("sparkloom")
 
 

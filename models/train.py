@@ -42,6 +42,7 @@ from torch import nn
 
 from models.augment import AugmentConfig, ImageBatchTransform
 from models.data import ColumnTransform, make_dataloader
+from models.distill import distillation_loss
 from models.masking import MaskingConfig, MLMBatchTransform
 from models.registry import build_model, model_config
 from models.weights import load_weights
@@ -77,10 +78,12 @@ class DataConfig:
     pad_values: dict[str, int | float] = field(default_factory=dict)  # per column; default 0
     id_column: str | None = None  # read along, to name misclassified test examples
     num_errors: int = 0  # misclassified test examples to return (ids, true and predicted)
+    extra_columns: list[str] = field(default_factory=list)  # read along, not model inputs
 
     def columns(self) -> list[str]:
         """Parquet columns to read: the inputs, less the masks the loader derives."""
         cols = set(self.inputs.values()) | ({self.id_column} if self.id_column else set())
+        cols |= set(self.extra_columns)
         cols -= (
             {self.mlm.get("label_column", "mlm_labels")} if self.mlm else set()
         )  # made by masking
@@ -164,6 +167,9 @@ class RunConfig:
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
     fault: str | None = None  # test hook, as SPARKLOOM_FAULT
     attempt: int = 1  # which try of the launcher this is (1 + distributor.max_retries at most)
+    # knowledge distillation: {"column": teacher logits in the data, "temperature", "alpha"};
+    # the training loss becomes models.distill.distillation_loss (evaluation stays plain CE)
+    distill: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -611,6 +617,11 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             sync = ddp.no_sync() if ctx.world_size > 1 and not last_micro else _null()
             with sync, autocast(cfg, ctx):
                 out = ddp(**x)
+                if cfg.distill:  # soft targets from the teacher, plus the labels
+                    d = cfg.distill
+                    teacher = batch[d["column"]].to(ctx.device, non_blocking=True)
+                    out["loss"] = distillation_loss(out["logits"], teacher, x["labels"],
+                                                    d["temperature"], d["alpha"])  # fmt: skip
                 (out["loss"] / cfg.grad_accum).backward()
             rows = len(next(iter(x.values())))
             samples += rows

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert", "gpt2", "quantize", "register", "score", "compare")  # fmt: skip
+          "bert", "distill", "gpt2", "quantize", "register", "score", "compare")  # fmt: skip
 CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")  # register candidates
-TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "gpt2")  # text stages
+TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "distill", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
 # which sections decide a stage's output (its own and those upstream of it)
@@ -39,6 +39,9 @@ DEPENDS = {
     "bert_pretrain": ("ingest", "bert_pretrain"),
     "bert": ("ingest", "bert_pretrain", "bert"),
     "gpt2": ("ingest", "gpt2"),
+    # the student's own section, and everything the teacher came from (its model's
+    # fingerprint joins in the stage)
+    "distill": ("ingest", "features", "distill", "lstm", "textcnn", "bert_pretrain", "bert"),
     "quantize": ("quantize",),  # and the source model (its fingerprint, in the stage)
     "register": ("register",),
     "score": ("ingest", "score"),  # and the model the alias names (in the stage's fingerprint)
@@ -46,7 +49,7 @@ DEPENDS = {
 }
 Stage = Literal[
     "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
-    "gpt2", "quantize", "register", "score", "compare",
+    "distill", "gpt2", "quantize", "register", "score", "compare",
 ]  # fmt: skip
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
@@ -527,6 +530,25 @@ class RegisterConfig(Section):
         return v
 
 
+class DistillConfig(Section):
+    """The `distill` stage: a student (the `student` stage's own model, training and
+    distributor settings, same seed) trained on a teacher's soft targets plus the labels:
+    alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy.
+
+    Teacher logits are computed once per example, in Spark, by batch scoring the teacher
+    (its own tokenizer and preprocessing) and stored with the training data: the only
+    choice here, because the teacher (BERT: WordPiece ids) and the student (LSTM/TextCNN:
+    word ids) read different inputs, and the training processes see the student's only.
+    Once per example also costs one teacher forward pass per row, not one per row per epoch.
+    """
+
+    teacher: Literal["bert", "lstm", "textcnn"] = "bert"
+    student: Literal["lstm", "textcnn"] = "textcnn"
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) term
+    teacher_logits: Literal["precomputed"] = "precomputed"
+
+
 class QuantizeConfig(Section):
     """The `quantize` stage: an int8 copy (dynamic quantization of Linear, LSTM and Embedding
     layers) of a trained classifier, measured beside it on the test split."""
@@ -572,6 +594,7 @@ class Config(Section):
     bert_pretrain: BertPretrainStageConfig = BertPretrainStageConfig()
     bert: BertFinetuneStageConfig = BertFinetuneStageConfig()
     gpt2: GPT2StageConfig = GPT2StageConfig()
+    distill: DistillConfig = DistillConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     register: RegisterConfig = RegisterConfig()
     score: ScoreConfig = ScoreConfig()
@@ -587,7 +610,7 @@ class Config(Section):
                     f"stages {wrong} do not fit ingest.format={self.ingest.format} ({kind} data); "
                     f"use {list(TEXT_MODELS if kind == 'text' else IMAGE_MODELS)} for {kind}"
                 )
-        deep = [s for s in stages if s in ("lstm", "textcnn")]
+        deep = [s for s in stages if s in ("lstm", "textcnn", "distill")]
         if deep and not self.features.sequence.enabled:
             raise ValueError(
                 f"stages {deep} train on token ids; set features.sequence.enabled=true"

@@ -315,6 +315,41 @@ def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
     )  # fmt: skip
 
 
+def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
+    """The student's token ids with the teacher's logits for every row of every split,
+    computed once in Spark by batch scoring the teacher's current model with its own
+    preprocessing (pipelines.scoring), stored as `teacher_logits` (log-probabilities)."""
+    from pipelines.scoring import ModelRef, score
+
+    d = cfg.distill
+    student = text_inputs(catalog, labels)
+    teacher_dir = local_path(catalog.fs.qualify(catalog.path(f"{d.teacher}_model")))
+    ref = ModelRef("", d.teacher, teacher_dir, labels, cfg.model_dump(mode="json"))
+    text = catalog.read("ingested", "ingest").select("id", "text")
+    scored, quarantine, _ = score(text, ref)
+    logits = scored.select(
+        "id",
+        F.transform("probabilities", lambda p: F.log(F.greatest(p, F.lit(1e-12)))).alias(
+            "teacher_logits"
+        ),
+    )
+    data = student.data.join(logits, "id", "inner")
+    stats = {
+        "teacher_rows": float(scored.count()),
+        "teacher_quarantined": float(quarantine.count()),
+    }
+    missing = student.data.count() - data.count()
+    if missing:
+        raise DataError(
+            f"distill: the teacher '{d.teacher}' scored no logits for {missing} training rows "
+            "(blank after its own preprocessing); nothing was trained"
+        )
+    files = {**student.files, "distill.json": json.dumps(
+        {"teacher": d.teacher, "student": d.student, "temperature": d.temperature,
+         "alpha": d.alpha, "teacher_logits": d.teacher_logits})}  # fmt: skip
+    return DeepInputs(data, {}, student.model_extra, student.data_extra, files, stats=stats)
+
+
 def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> DeepInputs:
     stats = upstream.get("image")
     if not stats:
@@ -541,6 +576,12 @@ def run_deep(
         if from_ingest
         else catalog.require("features", "features")
     )
+    if stage == "distill":  # the student learns from the teacher's current model too
+        teacher = catalog.require(f"{cfg.distill.teacher}_model", cfg.distill.teacher)
+        upstream = {
+            **upstream,
+            "fingerprint": fingerprint(upstream["fingerprint"], teacher["fingerprint"]),
+        }
     if stage == "bert" and cfg.bert.init_from == "bert_pretrain":
         pre = catalog.require("bert_pretrain_model", "bert_pretrain")
         upstream = {
@@ -571,6 +612,8 @@ def run_deep(
         inputs = bert_finetune_inputs(cfg, catalog, labels)
     elif stage == "gpt2":
         inputs = gpt2_inputs(cfg, catalog, kept_tokenizer)
+    elif stage == "distill":
+        inputs = distill_inputs(cfg, catalog, labels)
     else:
         inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
@@ -592,18 +635,24 @@ def run_deep(
     if "train" not in paths:
         raise DataError("the train split is empty; check ingest.split")
 
-    dc = getattr(cfg, stage).distributor
+    arch = cfg.distill.student if stage == "distill" else stage  # the model it trains
+    dc = getattr(cfg, arch).distributor
     train_config = run_config(
-        cfg, stage, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
+        cfg, arch, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
         os.path.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
+    if stage == "distill":
+        d = cfg.distill
+        train_config["distill"] = {"column": "teacher_logits", "temperature": d.temperature,
+                                   "alpha": d.alpha}  # fmt: skip
+        train_config["data"]["extra_columns"] = ["teacher_logits"]
     if inputs.init:
         train_config["model"]["init"] = inputs.init
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
              stage, dc.num_processes, dc.local_mode, checkpoint_dir)  # fmt: skip
     out = launch(spark, train_config, dc)
     result = DeepResult(
-        model=stage,
+        model=arch,
         labels=labels,
         history=out["history"],
         confusion=out["confusion"],

@@ -258,13 +258,16 @@ def _deep(stage: str):
             _log_samples(cfg, model_dir)
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
+        if stage == "distill":  # how the comparison names it: e.g. textcnn-distilled
+            mlflow.set_tag("sparkloom.model", f"{result.model}-distilled")
+            mlflow.set_tag("sparkloom.teacher", cfg.distill.teacher)
         if not result.skipped:
             tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:
             if stage in ("bert_pretrain", "gpt2"):  # no classifier to score with: files only
                 mlflow.log_artifacts(model_dir, artifact_path="model-files")
             else:
-                outcome.model_uri = tracking.log_torch_model(model_dir, stage, "model")
+                outcome.model_uri = tracking.log_torch_model(model_dir, result.model, "model")
         return result
 
     return run
@@ -317,6 +320,7 @@ _STAGES = {
     "alexnet": _deep("alexnet"),
     "bert_pretrain": _deep("bert_pretrain"),
     "bert": _deep("bert"),
+    "distill": _deep("distill"),
     "gpt2": _deep("gpt2"),
     "quantize": _quantize,
     "register": _register,
@@ -333,6 +337,7 @@ _OUTPUT = {
     "alexnet": "alexnet_model",
     "bert_pretrain": "bert_pretrain_model",
     "bert": "bert_model",
+    "distill": "distill_model",
     "gpt2": "gpt2_model",
     "score": "scores",
 }

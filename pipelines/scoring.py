@@ -37,7 +37,7 @@ from pipelines.errors import DataError
 from pipelines.spark import ship_files, write_with_quarantine
 
 TEXT_TORCH = ("lstm", "textcnn", "bert")
-SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS, "quantize")
+SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS, "quantize", "distill")
 
 
 @dataclass
@@ -99,6 +99,9 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-files")
         with open(os.path.join(files, "labels.json")) as f:
             labels = json.load(f)
+        if os.path.exists(os.path.join(files, "distill.json")):  # a distilled student
+            with open(os.path.join(files, "distill.json")) as f:
+                stage = json.load(f)["student"]
         quantized = os.path.exists(os.path.join(files, "quantization.json"))
         if quantized:  # the float files plus the recipe; the model is built from its source
             with open(os.path.join(files, "quantization.json")) as f:
