@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if spark is not None:
-            spark.stop()
+            stop_spark(spark)
 
 
 def _print_outcome(cfg, outcome) -> None:
@@ -175,6 +175,16 @@ def _print_comparison(outcome) -> None:
     if len(rows) > 1:
         print("\n| model | test accuracy | test weighted F1 | n |\n| --- | ---: | ---: | ---: |")
         print("\n".join(rows) + "\n")
+
+
+def stop_spark(spark) -> None:
+    """Stop the session; if the JVM is already gone (a kill of the whole process group), say
+    so in the debug log instead of replacing the run's own outcome with a Py4J traceback."""
+    try:
+        spark.stop()
+    except Exception as e:  # noqa: BLE001 - the exit code must stay the run's own
+        log.debug("SparkSession.stop failed (%s: %s); the JVM was already gone",
+                  type(e).__name__, e)  # fmt: skip
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -63,7 +63,7 @@ def _sampling(args: argparse.Namespace, cfg):
 
 
 def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging
+    from jobs.cli import _setup_logging, stop_spark
 
     args = parse_args(argv)
     _setup_logging(args.verbose)
@@ -100,4 +100,4 @@ def run(argv: list[str]) -> int:
         return getattr(e, "exit_code", 2)
     finally:
         if spark is not None:
-            spark.stop()
+            stop_spark(spark)

@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging
+    from jobs.cli import _setup_logging, stop_spark
 
     args = parse_args(argv)
     _setup_logging(args.verbose)
@@ -75,4 +75,4 @@ def run(argv: list[str]) -> int:
         return e.exit_code
     finally:
         if spark is not None:
-            spark.stop()
+            stop_spark(spark)

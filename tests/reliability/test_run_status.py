@@ -98,16 +98,26 @@ def long_lstm(tmp_path, text_dirs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, signum):
+@pytest.mark.parametrize(
+    "signum, group",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-process-group"],
+)
+def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, signum, group):
+    """`kill PID`, Ctrl-C, and a scheduler that signals the whole group (the JVM and the
+    training processes die with the driver: stopping Spark then fails, quietly)."""
     cfg = long_lstm(tmp_path, text_dirs)
     proc = start_run(tmp_path, cfg)
     wait_for(proc, "epoch 2/3000")  # the LSTM is training
     sent = time.monotonic()
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
     seconds = time.monotonic() - sent
-    print(f"\n{signal.Signals(signum).name}: exited {proc.returncode} after {seconds:.1f}s")
+    print(f"\n{signal.Signals(signum).name} (group={group}): exited {proc.returncode} after "
+          f"{seconds:.1f}s")  # fmt: skip
     assert proc.returncode == 128 + signum, out[-6000:]
     assert "its MLflow runs are marked KILLED" in out
     got = statuses(cfg)
