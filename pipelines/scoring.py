@@ -90,6 +90,7 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     )
     with open(resolved) as f:
         config = yaml.safe_load(f)
+    quantized = False
     if stage == "baseline":
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
         extras = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-extras")
