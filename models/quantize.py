@@ -7,7 +7,7 @@ and the CNNs' fully connected layers (AlexNet's hold most of its weights).
 
 The quantized model is rebuilt from the float state dict at load time: `quantize` is
 deterministic (scales come from the weights alone), so the stored files stay a plain state
-dict that loads weights-only, and nothing is unpickled. `RECIPE` records what was done.
+dict that loads weights-only, and nothing is unpickled. `recipe(name)` records what is done.
 
 Uses `torch.ao.quantization.quantize_dynamic`, which ships with torch. PyTorch points new
 users to torchao, but torchao quantizes Linear layers only, not nn.LSTM.
@@ -23,19 +23,34 @@ from typing import Any
 import torch
 from torch import nn
 
-RECIPE = {"method": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "Embedding"]}
+MODULES = ("Linear", "LSTM", "Embedding")
 
 
-def quantize(model: nn.Module) -> nn.Module:
-    """An int8 copy of a float model in eval mode (the original is left as it is)."""
+def recipe(name: str) -> dict[str, Any]:
+    """What `quantize` does to model `name`. BERT keeps float embeddings: the 8-bit
+    embedding takes contiguous indices only, and Hugging Face's BERT looks positions up
+    through a slice of its position-id buffer."""
+    modules = ["Linear"] if name == "bert" else list(MODULES)
+    return {"method": "dynamic", "dtype": "qint8", "modules": modules}
+
+
+def quantize(model: nn.Module, modules: tuple[str, ...] | list[str] = MODULES) -> nn.Module:
+    """An int8 copy of a float model in eval mode (the original is left as it is): `modules`
+    names the layer types to quantize (Linear, LSTM: int8 weights and activations;
+    Embedding: 8-bit weights)."""
     from torch.ao.quantization import (
         default_dynamic_qconfig,
         float_qparams_weight_only_qconfig,
         quantize_dynamic,
     )
 
-    spec = {nn.Linear: default_dynamic_qconfig, nn.LSTM: default_dynamic_qconfig,
-            nn.Embedding: float_qparams_weight_only_qconfig}  # fmt: skip
+    known = {"Linear": (nn.Linear, default_dynamic_qconfig),
+             "LSTM": (nn.LSTM, default_dynamic_qconfig),
+             "Embedding": (nn.Embedding, float_qparams_weight_only_qconfig)}  # fmt: skip
+    unknown = set(modules) - set(known)
+    if unknown:
+        raise ValueError(f"cannot quantize {sorted(unknown)}; choose from {list(known)}")
+    spec = dict(known[m] for m in modules)
     with warnings.catch_warnings():  # the module's deprecation notice, once per call
         warnings.simplefilter("ignore")
         return quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=False)

@@ -78,7 +78,7 @@ def test_inputs(
 
 
 def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> QuantizeResult:
-    from models.quantize import RECIPE, compare, quantize
+    from models.quantize import compare, quantize, recipe
     from models.train import load_exported
 
     qc = cfg.quantize
@@ -92,19 +92,20 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
 
     model_dir = local_path(catalog.fs.qualify(catalog.path(f"{source}_model")))
     float_model = load_exported(model_dir, source)
-    int8_model = quantize(float_model)
+    how = recipe(source)
+    int8_model = quantize(float_model, how["modules"])
     inputs, labels, key = test_inputs(cfg, catalog, source, model_dir)
     metrics = compare(float_model, int8_model, inputs, labels, key, qc.threads)
     metrics["accuracy_delta"] = metrics["test_accuracy"] - metrics["float_test_accuracy"]
     result = QuantizeResult(source, metrics)
-    recipe = {**RECIPE, "source": source, "source_fingerprint": made["fingerprint"],
-              "measured": metrics}  # fmt: skip
+    written = {**how, "source": source, "source_fingerprint": made["fingerprint"],
+               "measured": metrics}  # fmt: skip
 
     def save(tmp: str) -> None:
         local = local_path(catalog.fs.qualify(tmp))
         shutil.copytree(model_dir, local, ignore=shutil.ignore_patterns("_manifest.json"))
         with open(os.path.join(local, "quantization.json"), "w") as f:
-            json.dump(recipe, f, indent=2)
+            json.dump(written, f, indent=2)
 
     catalog.write(out, save, {"fingerprint": fp, "result": {**asdict(result)} | {"skipped": False}})
     return result

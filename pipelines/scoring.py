@@ -48,7 +48,8 @@ class ModelRef:
     labels: list[str]
     config: dict  # the pipeline's resolved config (as plain data)
     allow_pickle: bool = False  # load weights files that hold pickled objects (trusted only)
-    quantized: bool = False  # an int8 model of the quantize stage: `stage` is its source
+    quantized: list[str] | None = None  # int8 (quantize stage): its layer types; `stage` is
+    # then the source model's
 
     @property
     def modality(self) -> str:
@@ -90,7 +91,7 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     )
     with open(resolved) as f:
         config = yaml.safe_load(f)
-    quantized = False
+    quantized: list[str] = []  # layer types an int8 model of the quantize stage quantizes
     if stage == "baseline":
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
         extras = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-extras")
@@ -103,10 +104,10 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         if os.path.exists(os.path.join(files, "distill.json")):  # a distilled student
             with open(os.path.join(files, "distill.json")) as f:
                 stage = json.load(f)["student"]
-        quantized = os.path.exists(os.path.join(files, "quantization.json"))
-        if quantized:  # the float files plus the recipe; the model is built from its source
-            with open(os.path.join(files, "quantization.json")) as f:
-                stage = json.load(f)["source"]
+        if os.path.exists(os.path.join(files, "quantization.json")):
+            with open(os.path.join(files, "quantization.json")) as f:  # the float files plus
+                how = json.load(f)  # the recipe; the model is built from its source
+            stage, quantized = how["source"], how["modules"]
         from models.weights import UnsafeWeights, load_weights
 
         try:  # on the driver, so an unsafe file is refused before any executor opens it
@@ -264,8 +265,9 @@ def _pixels(col: str):
 
 
 def _predict_udf(
-    prefix: str, stage: str, shape: list[int], allow_pickle: bool = False, quantized: bool = False
-):
+    prefix: str, stage: str, shape: list[int], allow_pickle: bool = False,
+    quantized: list[str] | None = None,
+):  # fmt: skip
     """Token ids (shape [T]) or raw pixels (shape [C, H, W]) -> class probabilities."""
     from pyspark.ml.functions import predict_batch_udf
 
@@ -282,7 +284,7 @@ def _predict_udf(
         if quantized:  # the int8 model: the same recipe the quantize stage measured
             from models.quantize import quantize
 
-            model = quantize(model)
+            model = quantize(model, quantized)
         if len(shape) == 3:
             with open(os.path.join(root, f"{prefix}preprocess.json")) as f:
                 pre = json.load(f)

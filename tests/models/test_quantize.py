@@ -47,3 +47,18 @@ def test_int8_predictions_agree_with_float_on_a_fixed_set():
         assert m["agreement"] >= 0.95, (name, m["agreement"])
         assert m["test_accuracy"] == m["agreement"]
         assert m["int8_bytes"] < m["float_bytes"] and m["rows"] == 256
+
+
+def test_bert_quantizes_its_linear_layers():
+    from models.quantize import recipe
+
+    torch.manual_seed(0)
+    cfg = {"vocab_size": 300, "num_classes": 3, "preset": "tiny", "max_position_embeddings": 64}
+    model = decisive(build_model("bert", cfg))
+    ids = torch.randint(5, 300, (64, 40), generator=torch.Generator().manual_seed(2))
+    ids[:, 30:] = 0
+    labels = model(input_ids=ids)["logits"].argmax(-1)
+    how = recipe("bert")
+    assert how["modules"] == ["Linear"]  # HF BERT indexes positions through a strided slice
+    m = compare(model, quantize(model, how["modules"]), ids, labels)
+    assert m["agreement"] >= 0.95 and m["int8_bytes"] < m["float_bytes"]
