@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.quantize import quantize, serialized_bytes  # noqa: E402
+from models.quantize import quantize, recipe, serialized_bytes  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
 MODELS = {
@@ -72,7 +72,7 @@ def main() -> None:
     rows = []
     for label, (name, cfg, kind) in MODELS.items():
         model = build_model(name, cfg).eval()
-        int8 = quantize(model)
+        int8 = quantize(model, recipe(name)["modules"])  # what the quantize stage does
         key, x = inputs(kind, args.rows, args.seq, gen)
         for threads in sorted({1, threads_all}):
             torch.set_num_threads(threads)
