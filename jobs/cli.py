@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging(args.verbose)
     from pipelines.errors import SparkloomError, Terminated
-    from pipelines.spark import handle_termination
+    from pipelines.spark import handle_termination, terminating
     from pipelines.tracking import mask
 
     handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
@@ -100,12 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparkloom: {why}; its MLflow runs are marked KILLED", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except SparkloomError as e:
+        if terminating():
+            print(f"sparkloom: {Terminated(terminating())}; its MLflow runs are marked KILLED",
+                  file=sys.stderr)  # fmt: skip
+            return 128 + terminating()
         cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
         if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
             raise
         print(f"sparkloom: error: {mask('error', str(e))}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # Spark/Py4J errors: one line unless --verbose
+        if terminating():  # what a stop left behind (a Py4J call cut mid-answer): the stop
+            log.debug("after the stop signal: %s", e, exc_info=True)
+            print(f"sparkloom: {Terminated(terminating())}; its MLflow runs are marked KILLED",
+                  file=sys.stderr)  # fmt: skip
+            return 128 + terminating()
         if args.verbose:
             raise
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

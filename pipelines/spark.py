@@ -67,13 +67,22 @@ def handle_termination() -> None:
 
     from pipelines.errors import Terminated
 
+    def cancel() -> None:
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context  # a Python attribute: no JVM call
+        try:
+            if sc is not None:
+                sc.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - the JVM may be dying with us (a group kill)
+            pass
+
     def stop(signum, frame):
         _TERMINATING.append(signum)
         # The main thread is usually waiting in a Py4J call (a barrier training job runs to
-        # its end otherwise); the cancel goes over another thread's connection, not that one.
-        sc = SparkSession.getActiveSession() and SparkSession.getActiveSession().sparkContext
-        if sc is not None:
-            threading.Thread(target=sc.cancelAllJobs, daemon=True).start()
+        # its end otherwise). No JVM call here: the cancel goes over another thread's
+        # connection, and cannot fail this handler if the JVM is already gone.
+        threading.Thread(target=cancel, daemon=True).start()
         raise Terminated(signum)
 
     if threading.current_thread() is threading.main_thread():

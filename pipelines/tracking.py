@@ -106,6 +106,12 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
+    if not uri.startswith("databricks") and not os.environ.get("MLFLOW_REGISTRY_URI"):
+        # MLflow's default registry is the tracking store, but it looks first for a Spark
+        # conf, over Py4J, on every client it builds: end_run too. After a stop, that call
+        # can fail (the JVM is gone, or the connection was cut mid-answer), and the runs
+        # would stay RUNNING. Said explicitly, it never touches the JVM.
+        mlflow.set_registry_uri(uri)
     with _store_lock(uri):
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(name)
@@ -184,9 +190,13 @@ def close_stale_runs(experiment_id: str, pipeline: str) -> list[str]:
 
 
 def _ended(error: BaseException | None) -> str:
+    from pipelines.spark import terminating
+
     if error is None:
         return RunStatus.to_string(RunStatus.FINISHED)
-    if isinstance(error, KeyboardInterrupt | Terminated):
+    # after SIGTERM, whatever surfaces (a cancelled job, a Py4J connection cut mid-call) is
+    # the stop itself
+    if isinstance(error, KeyboardInterrupt | Terminated) or terminating():
         return RunStatus.to_string(RunStatus.KILLED)
     return RunStatus.to_string(RunStatus.FAILED)  # exceptions and sys.exit alike
 

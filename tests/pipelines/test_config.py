@@ -73,7 +73,7 @@ def test_later_files_win(tmp_path):
         ("novalue", "is not key=value"),
         (
             "pipeline.stages=[ingest,cnn]",
-            "stages ['cnn'] do not fit ingest.format=csv (text data); use ['lstm', 'textcnn', 'bert_pretrain', 'bert', 'gpt2']",
+            "stages ['cnn'] do not fit ingest.format=csv (text data); use ['lstm', 'textcnn', 'bert_pretrain', 'bert', 'distill', 'gpt2']",
         ),
         ("ingest.image.channels=2", "ingest.image.channels: input should be 1 or 3"),
         ("alexnet.model.stem=huge", "alexnet.model.stem: input should be 'auto', 'imagenet' or"),
