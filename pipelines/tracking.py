@@ -101,17 +101,22 @@ def configure(cfg: Config) -> str:
     return ensure_experiment(cfg.mlflow.tracking_uri, cfg.experiment)
 
 
+_OUR_REGISTRY: list[str | None] = [None]  # the registry URI this process set, if any
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    if not uri.startswith("databricks") and not os.environ.get("MLFLOW_REGISTRY_URI"):
+    user = os.environ.get("MLFLOW_REGISTRY_URI")  # set_registry_uri sets it too
+    if not uri.startswith("databricks") and (user is None or user == _OUR_REGISTRY[0]):
         # MLflow's default registry is the tracking store, but it looks first for a Spark
         # conf, over Py4J, on every client it builds: end_run too. After a stop, that call
         # can fail (the JVM is gone, or the connection was cut mid-answer), and the runs
         # would stay RUNNING. Said explicitly, it never touches the JVM.
         mlflow.set_registry_uri(uri)
+        _OUR_REGISTRY[0] = uri
     with _store_lock(uri):
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(name)
