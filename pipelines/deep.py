@@ -332,7 +332,7 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
         F.transform("probabilities", lambda p: F.log(F.greatest(p, F.lit(1e-12)))).alias(
             "teacher_logits"
         ),
-    )
+    ).localCheckpoint()  # the teacher scores every row once; the counts below reuse it
     data = student.data.join(logits, "id", "inner")
     stats = {
         "teacher_rows": float(scored.count()),

@@ -69,9 +69,7 @@ def test_inputs(
 
     config = cfg.model_dump(mode="json")
     ref = ModelRef("", stage, model_dir, [], config)
-    max_length = (config["bert"]["max_length"] if stage == "bert"
-                  else config["features"]["sequence"]["max_length"])  # fmt: skip
-    ids = _token_ids(ref, data.select("id", "text"), max_length)
+    ids = _token_ids(ref, data.select("id", "text"), ref.max_length)
     rows = ids.join(data.select("id", "label_index"), "id").orderBy("id").collect()
     x = torch.tensor([r["ids"] for r in rows], dtype=torch.int64)
     return x, torch.tensor([r["label_index"] for r in rows]), "input_ids"

@@ -52,6 +52,13 @@ class ModelRef:
     # then the source model's
 
     @property
+    def max_length(self) -> int:
+        """Token ids per row: BERT's own setting, else the features stage's sequence length."""
+        if self.stage == "bert":
+            return self.config["bert"]["max_length"]
+        return self.config["features"]["sequence"]["max_length"]
+
+    @property
     def modality(self) -> str:
         return "image" if self.config["ingest"]["format"] in IMAGE_FORMATS else "text"
 
@@ -239,11 +246,7 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
                 _pixels("image")
             ).alias("probabilities"),
         )
-    max_length = (
-        ref.config["bert"]["max_length"]
-        if ref.stage == "bert"
-        else ref.config["features"]["sequence"]["max_length"]
-    )
+    max_length = ref.max_length
     ids = _token_ids(ref, good, max_length)
     prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json"))
     return ids.select(
