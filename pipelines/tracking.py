@@ -101,22 +101,21 @@ def configure(cfg: Config) -> str:
     return ensure_experiment(cfg.mlflow.tracking_uri, cfg.experiment)
 
 
-_OUR_REGISTRY: list[str | None] = [None]  # the registry URI this process set, if any
-
-
 def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
-    user = os.environ.get("MLFLOW_REGISTRY_URI")  # set_registry_uri sets it too
-    if not uri.startswith("databricks") and (user is None or user == _OUR_REGISTRY[0]):
+    if not uri.startswith("databricks") and not os.environ.get("MLFLOW_REGISTRY_URI"):
         # MLflow's default registry is the tracking store, but it looks first for a Spark
         # conf, over Py4J, on every client it builds: end_run too. After a stop, that call
         # can fail (the JVM is gone, or the connection was cut mid-answer), and the runs
-        # would stay RUNNING. Said explicitly, it never touches the JVM.
+        # would stay RUNNING. Said explicitly, it never touches the JVM. set_registry_uri
+        # also exports it to the environment, where it would outlive this store: a later
+        # pipeline in the process, or a child process, would take it for the user's own
+        # MLFLOW_REGISTRY_URI (which is respected) and register in the wrong store.
         mlflow.set_registry_uri(uri)
-        _OUR_REGISTRY[0] = uri
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
     with _store_lock(uri):
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(name)

@@ -93,6 +93,16 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_registry_uri():
+    """A pipeline sets MLflow's process-wide registry URI to its store; each test starts
+    without one, so a client it builds on its own store is not sent to the last test's."""
+    import mlflow
+
+    mlflow.set_registry_uri(None)
+    yield
+
+
 @pytest.fixture
 def text_dirs(tmp_path: Path) -> Path:
     """The tiny corpus as one folder per label, one file per document."""
