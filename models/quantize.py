@@ -1,6 +1,6 @@
-"""Int8 models for CPU scoring, with PyTorch's own post-training dynamic quantization.
+"""Int8 models for CPU scoring, with PyTorch's own post-training quantization.
 
-`quantize(model)` swaps nn.Linear and nn.LSTM for int8 versions (weights int8, activations
+Dynamic (every model): `quantize(model)` swaps nn.Linear and nn.LSTM for int8 versions (weights int8, activations
 quantized per batch at run time) and nn.Embedding for an 8-bit weight-only embedding. That
 covers every layer of the LSTM, TextCNN's head, BERT's attention and feed-forward blocks,
 and the CNNs' fully connected layers (AlexNet's hold most of its weights).
@@ -9,15 +9,27 @@ The quantized model is rebuilt from the float state dict at load time: `quantize
 deterministic (scales come from the weights alone), so the stored files stay a plain state
 dict that loads weights-only, and nothing is unpickled. `recipe(name)` records what is done.
 
-Uses `torch.ao.quantization.quantize_dynamic`, which ships with torch. PyTorch points new
-users to torchao, but torchao quantizes Linear layers only, not nn.LSTM.
+Static (the CNNs): dynamic quantization leaves convolutions float, and they are where a CNN
+spends its time. `static_quantize(model, calibration)` runs the conv trunk and the fully
+connected layers in int8: FX graph mode folds each BatchNorm into its conv and fuses the
+ReLU, observers record activation ranges on calibration images (training images,
+standardized), and the modules are converted to quantized kernels. Activation
+scales come from data, so here the int8 state dict is stored (`int8_state_dict.pt`, loaded
+weights-only) and `load_int8` rebuilds the same module structure to receive it.
+
+Uses `torch.ao.quantization` (`quantize_dynamic`, `quantize_fx`), which ships with torch.
+PyTorch points new users to torchao, but torchao quantizes Linear layers only, not nn.LSTM,
+and its static path needs torch.export, which our image models' input checks do not trace.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,12 +38,43 @@ from torch import nn
 MODULES = ("Linear", "LSTM", "Embedding")
 
 
-def recipe(name: str) -> dict[str, Any]:
-    """What `quantize` does to model `name`. BERT keeps float embeddings: the 8-bit
-    embedding takes contiguous indices only, and Hugging Face's BERT looks positions up
+# what static quantization runs in int8, per image model: the conv trunk (convolutions,
+# BatchNorm, ReLU, pooling) and the fully connected layers, as submodules FX can trace (the
+# models' own forward checks its input, which FX cannot trace). Every activation scale is
+# then fixed, so a row's scores do not depend on the batch it is scored in.
+STATIC_TRUNK = {"cnn": ["conv1", "conv2", "fc1", "head.classifier"],
+                "alexnet": ["features", "fc", "head.classifier"]}  # fmt: skip
+INT8_WEIGHTS = "int8_state_dict.pt"
+
+
+def recipe(name: str, method: str = "auto") -> dict[str, Any]:
+    """What the quantize stage does to model `name`. `auto`: static for the CNNs (their
+    time is in the convolutions), dynamic for the rest. BERT keeps float embeddings: the
+    8-bit embedding takes contiguous indices only, and Hugging Face's BERT looks positions up
     through a slice of its position-id buffer."""
+    if method == "auto":
+        method = "static" if name in STATIC_TRUNK else "dynamic"
+    if method == "static":
+        if name not in STATIC_TRUNK:
+            raise ValueError(
+                f"static quantization covers the CNNs {list(STATIC_TRUNK)}, not '{name}' "
+                "(its embedding, LSTM and attention layers have no static int8 kernels); use "
+                "quantize.method=dynamic"
+            )
+        return {"method": "static", "dtype": "quint8", "static": STATIC_TRUNK[name],
+                "modules": [], "engine": _engine()}  # fmt: skip
+    if method != "dynamic":
+        raise ValueError(f"quantize method '{method}': choose auto, dynamic or static")
     modules = ["Linear"] if name == "bert" else list(MODULES)
     return {"method": "dynamic", "dtype": "qint8", "modules": modules}
+
+
+def _engine() -> str:
+    """The quantized kernels' backend: x86 (fbgemm + onednn) where there is one, else ARM's."""
+    engines = torch.backends.quantized.supported_engines
+    engine = "x86" if "x86" in engines else "qnnpack" if "qnnpack" in engines else engines[-1]
+    torch.backends.quantized.engine = engine
+    return engine
 
 
 def quantize(model: nn.Module, modules: tuple[str, ...] | list[str] = MODULES) -> nn.Module:
@@ -54,6 +97,95 @@ def quantize(model: nn.Module, modules: tuple[str, ...] | list[str] = MODULES) -
     with warnings.catch_warnings():  # the module's deprecation notice, once per call
         warnings.simplefilter("ignore")
         return quantize_dynamic(model.eval(), spec, dtype=torch.qint8, inplace=False)
+
+
+def _explicit_padding(model: nn.Module) -> None:
+    """padding="same" -> the equal explicit padding (odd kernels, stride 1): the quantized
+    conv kernels take numbers only. The same arithmetic, so the float model is unchanged."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.padding == "same":
+            if any(k % 2 == 0 for k in m.kernel_size):
+                raise ValueError(f"padding='same' with even kernel {m.kernel_size} cannot be "
+                                 "made explicit for the int8 conv")  # fmt: skip
+            m.padding = tuple(
+                (d * (k - 1)) // 2 for k, d in zip(m.kernel_size, m.dilation, strict=True)
+            )
+
+
+def _trunk_inputs(model: nn.Module, trunk: list[str], images: torch.Tensor) -> dict[str, Any]:
+    """What each trunk submodule receives when `images` go through the model."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen.setdefault(name, args[0])) for name in trunk]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(images=images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _static_structure(
+    model: nn.Module, how: dict[str, Any], example: torch.Tensor,
+    calibrate: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:  # fmt: skip
+    """A copy of `model` with the recipe's submodules prepared (observers in), calibrated by
+    `calibrate` if given, and converted to int8 kernels; then `modules` quantized
+    dynamically, if the recipe names any."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = how["engine"]
+    q = copy.deepcopy(model).eval()
+    _explicit_padding(q)
+    feeds = _trunk_inputs(q, how["static"], example)
+    mapping = get_default_qconfig_mapping(how["engine"])
+    with warnings.catch_warnings():  # deprecation notices, and "observer never ran" at load
+        warnings.simplefilter("ignore")
+        for name in how["static"]:
+            module = q.get_submodule(name)
+            if not list(module.children()):  # a lone layer traced as the root would become a
+                module = nn.Sequential(module)  # function holding an unsaveable packed weight
+            q.set_submodule(name, prepare_fx(module, mapping, (feeds[name],)))
+        if calibrate is not None:
+            with torch.no_grad():
+                calibrate(q)
+        for name in how["static"]:
+            q.set_submodule(name, convert_fx(q.get_submodule(name)))
+    return quantize(q, how["modules"]) if how["modules"] else q
+
+
+def static_quantize(
+    model: nn.Module, how: dict[str, Any], calibration: torch.Tensor, batch_size: int = 64
+) -> nn.Module:
+    """An int8 copy of an image model whose trunk runs quantized kernels, with activation
+    ranges observed on `calibration` (standardized images, as training saw them)."""
+    if len(calibration) == 0:
+        raise ValueError("static quantization needs calibration images; got none")
+
+    def calibrate(q: nn.Module) -> None:
+        for i in range(0, len(calibration), batch_size):
+            q(images=calibration[i : i + batch_size])
+
+    return _static_structure(model, how, calibration[:1], calibrate)
+
+
+def load_int8(model: nn.Module, how: dict[str, Any], directory: str, prefix: str = "",
+              allow_pickle: bool = False) -> nn.Module:  # fmt: skip
+    """The int8 model the quantize stage measured, from its float model and recipe: dynamic
+    recomputes it from the weights; static loads the stored int8 weights into the same
+    structure (weights-only)."""
+    from models.weights import load_weights
+
+    if how["method"] == "dynamic":
+        return quantize(model, how["modules"])
+    cfg = model.cfg
+    example = torch.zeros(1, cfg.in_channels, cfg.height, cfg.width)
+    q = _static_structure(model, how, example)
+    q.load_state_dict(load_weights(os.path.join(directory, f"{prefix}{INT8_WEIGHTS}"),
+                                   allow_pickle))  # fmt: skip
+    return q.eval()
 
 
 def serialized_bytes(model: nn.Module) -> int:
@@ -99,9 +231,15 @@ def compare(float_model: nn.Module, int8_model: nn.Module, inputs: torch.Tensor,
     rf = rows_per_second(float_model, inputs, key=key, threads=threads)
     rq = rows_per_second(int8_model, inputs, key=key, threads=threads)
     sf, sq = serialized_bytes(float_model), serialized_bytes(int8_model)
+    k = pq.shape[1] if len(pq) else 0
+    truth = labels.long()
+    confusion = torch.bincount(truth * k + yq, minlength=k * k).view(k, k) if k else None
+    nll = -pq.clamp_min(1e-12).log().gather(1, truth[:, None]).mean() if k else torch.tensor(0.0)
     return {
         "float_test_accuracy": (yf == labels).float().mean().item(),
         "test_accuracy": (yq == labels).float().mean().item(),
+        "test_loss": nll.item(),
+        "confusion": confusion.tolist() if confusion is not None else [],  # [true][predicted]
         "agreement": (yf == yq).float().mean().item(),
         "max_probability_diff": (pf - pq).abs().max().item() if len(pf) else 0.0,
         "float_bytes": sf,

@@ -9,6 +9,7 @@ a function) is refused with `UnsafeWeights`, unless the caller passes `allow_pic
 from __future__ import annotations
 
 import pickle
+import warnings
 from typing import Any
 
 import torch
@@ -22,7 +23,9 @@ class UnsafeWeights(ValueError):
 def load_weights(path: str, allow_pickle: bool = False) -> Any:
     """The tensors (state dict, checkpoint) saved at `path`, on the CPU."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # quantized tensors trip torch's TypedStorage notice
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             what = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),

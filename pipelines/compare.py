@@ -23,7 +23,7 @@ from pipelines.errors import DataError
 
 NOT_MODELS = ("ingest", "features", "register")  # stage runs that train no model
 LANGUAGE_MODELS = ("bert_pretrain", "gpt2")  # bert_pretrain's test_accuracy is NSP: no classifier
-CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")
+CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize")
 CURVES = ("epoch_val_loss", "epoch_val_accuracy")
 _PAGE_SIZE = 1000  # MLflow's maximum per search_runs call; a module constant so tests can page
 

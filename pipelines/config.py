@@ -23,7 +23,8 @@ from pipelines.errors import ConfigError
 
 STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
           "bert", "distill", "gpt2", "quantize", "register", "score", "compare")  # fmt: skip
-CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert")  # register candidates
+# register candidates
+CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize")
 TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "distill", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
@@ -550,11 +551,25 @@ class DistillConfig(Section):
 
 
 class QuantizeConfig(Section):
-    """The `quantize` stage: an int8 copy (dynamic quantization of Linear, LSTM and Embedding
-    layers) of a trained classifier, measured beside it on the test split."""
+    """The `quantize` stage: an int8 copy of a trained classifier, measured beside it on the
+    test split. `dynamic` quantizes Linear, LSTM and Embedding layers (BERT: Linear);
+    `static` also runs the CNNs' conv trunk in int8, with activation ranges observed on
+    `calibration_rows` training images; `auto` is static for the CNNs, dynamic otherwise."""
 
     source: Literal["lstm", "textcnn", "bert", "cnn", "alexnet"] = "bert"
+    method: Literal["auto", "dynamic", "static"] = "auto"
+    calibration_rows: int = Field(512, ge=1)  # training images the static ranges come from
     threads: int = Field(1, ge=1)  # CPU threads for the throughput measurement
+
+    @model_validator(mode="after")
+    def _static_for_cnns(self) -> QuantizeConfig:
+        if self.method == "static" and self.source not in IMAGE_MODELS:
+            raise ValueError(
+                f"quantize.method=static covers the CNNs {list(IMAGE_MODELS)}, not "
+                f"'{self.source}' (no static int8 kernels for its embedding/LSTM/attention "
+                "layers); use quantize.method=dynamic or auto"
+            )
+        return self
 
 
 class ScoreConfig(Section):
@@ -578,6 +593,17 @@ class ScoreConfig(Section):
 # pydantic warns that a field named `register` shadows ABCMeta.register (every model class has
 # it); the field is the `register` stage's section, and nothing here calls Config.register()
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+def stage_output(cfg: Config, stage: str) -> str | None:
+    """The catalog dataset a stage writes, if any: <stage>_model for the trained models,
+    <source>_int8 for quantize."""
+    if stage == "quantize":
+        return f"{cfg.quantize.source}_int8"
+    named = {"ingest": "ingested", "features": "features", "score": "scores"}
+    if stage in named:
+        return named[stage]
+    return None if stage in ("register", "compare") else f"{stage}_model"
 
 
 class Config(Section):

@@ -1,7 +1,8 @@
 """The `register` stage: the pipeline's best classifier goes to the MLflow Model Registry, and
 the alias (`champion`) moves to it only when it beats the current holder on the same split.
 
-Candidates are this pipeline's classifier stages. For each, the model is the one logged by
+Candidates are this pipeline's classifier stages, the int8 (`quantize`) and distilled
+(`distill`) models included: a smaller model that scores as well is a fair champion. For each, the model is the one logged by
 the stage run that made the stage's current output (tag `sparkloom.output_fingerprint`,
 not skipped), so a stage skipped as up to date still offers the model an earlier run
 logged. The best candidate on `register.metric` becomes a version of `register.name` (an
@@ -22,12 +23,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.catalog import Catalog
-from pipelines.config import CLASSIFIERS, Config
+from pipelines.config import CLASSIFIERS, Config, stage_output
 from pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
-
-OUTPUTS = {s: f"{s}_model" for s in CLASSIFIERS}
 
 
 @dataclass
@@ -66,7 +65,7 @@ def find_candidates(cfg: Config, catalog: Catalog, client: MlflowClient) -> list
     experiment = client.get_experiment_by_name(cfg.experiment)
     found = []
     for stage in stages:
-        made = catalog.manifest(OUTPUTS[stage])
+        made = catalog.manifest(stage_output(cfg, stage))
         if made is None:
             raise DataError(f"register: no '{stage}' model yet; run the '{stage}' stage first")
         runs = client.search_runs(

@@ -2,10 +2,11 @@
 beside its float model on the same test split (models.quantize does the torch part).
 
 The int8 model's files are the float model's (state dict, config, vocabulary, labels) plus
-`quantization.json`: the recipe and the measurements. Loading applies the recipe, which is
-deterministic, so nothing but a plain state dict is ever read from disk. Batch scoring
-(`sparkloom score`, the `score` stage) recognises such a model and quantizes it once per
-executor.
+`quantization.json`: the recipe and the measurements. A dynamic recipe is deterministic, so
+loading recomputes it from the float weights; a static one (the CNNs) depends on its
+calibration images, so its int8 weights are stored too (`int8_state_dict.pt`). Either way
+nothing but plain tensors is read from disk. Batch scoring (`sparkloom score`, the `score`
+stage) recognises such a model and builds it once per executor.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pyspark.sql import functions as F
 
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config
+from pipelines.report import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,16 @@ class QuantizeResult:
 
 
 def test_inputs(
-    cfg: Config, catalog: Catalog, stage: str, model_dir: str
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(model inputs, label indices, the forward keyword) for the test split, preprocessed
-    the way batch scoring does it: token ids from raw text, standardized image pixels."""
-    data = catalog.read("ingested", "ingest").filter(F.col("split") == "test")
+    cfg: Config, catalog: Catalog, stage: str, model_dir: str, split: str = "test",
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, str]:  # fmt: skip
+    """(model inputs, label indices, the forward keyword) for a split (the first `limit` rows
+    by id), preprocessed the way batch scoring does it: token ids from raw text,
+    standardized image pixels."""
+    data = catalog.read("ingested", "ingest").filter(F.col("split") == split)
     if stage in IMAGE_MODELS:
-        rows = data.select("id", "image", "label_index").orderBy("id").collect()
+        data = data.select("id", "image", "label_index").orderBy("id")
+        rows = (data.limit(limit) if limit else data).collect()
         with open(os.path.join(model_dir, "preprocess.json")) as f:
             pre = json.load(f)
         raw = np.stack([np.frombuffer(bytes(r["image"]), np.uint8) for r in rows])
@@ -76,7 +81,7 @@ def test_inputs(
 
 
 def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> QuantizeResult:
-    from models.quantize import compare, quantize, recipe
+    from models.quantize import INT8_WEIGHTS, compare, quantize, recipe, static_quantize
     from models.train import load_exported
 
     qc = cfg.quantize
@@ -90,11 +95,20 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
 
     model_dir = local_path(catalog.fs.qualify(catalog.path(f"{source}_model")))
     float_model = load_exported(model_dir, source)
-    how = recipe(source)
-    int8_model = quantize(float_model, how["modules"])
+    how = recipe(source, qc.method)
+    if how["method"] == "static":  # activation ranges from training images, never test's
+        calibration, _, _ = test_inputs(cfg, catalog, source, model_dir, "train",
+                                        qc.calibration_rows)  # fmt: skip
+        int8_model = static_quantize(float_model, how, calibration)
+        how["calibration_rows"] = len(calibration)
+    else:
+        int8_model = quantize(float_model, how["modules"])
     inputs, labels, key = test_inputs(cfg, catalog, source, model_dir)
     metrics = compare(float_model, int8_model, inputs, labels, key, qc.threads)
     metrics["accuracy_delta"] = metrics["test_accuracy"] - metrics["float_test_accuracy"]
+    if metrics["confusion"]:  # the register stage may rank by F1: the int8 model's own
+        scores = classification_metrics(np.array(metrics["confusion"]), [])
+        metrics["test_f1"], metrics["test_macro_f1"] = scores["f1"], scores["macro_f1"]
     result = QuantizeResult(source, metrics)
     written = {**how, "source": source, "source_fingerprint": made["fingerprint"],
                "measured": metrics}  # fmt: skip
@@ -104,6 +118,8 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
         shutil.copytree(model_dir, local, ignore=shutil.ignore_patterns("_manifest.json"))
         with open(os.path.join(local, "quantization.json"), "w") as f:
             json.dump(written, f, indent=2)
+        if how["method"] == "static":
+            torch.save(int8_model.state_dict(), os.path.join(local, INT8_WEIGHTS))
 
     catalog.write(out, save, {"fingerprint": fp, "result": {**asdict(result)} | {"skipped": False}})
     return result

@@ -16,7 +16,7 @@ from pyspark.sql import SparkSession
 from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog, local_path
-from pipelines.config import IMAGE_MODELS, Config, flatten
+from pipelines.config import IMAGE_MODELS, Config, flatten, stage_output
 from pipelines.deep import DeepResult, run_deep
 from pipelines.errors import SparkloomError, Terminated
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
@@ -89,13 +89,14 @@ def run_pipeline(
                     raise StageFailed(stage, e) from e
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
-                if _OUTPUT.get(stage):
+                output = stage_output(cfg, stage)
+                if output:
                     mlflow.set_tag("sparkloom.output",
-                                   tracking.mask("output", catalog.path(_OUTPUT[stage])))  # fmt: skip
+                                   tracking.mask("output", catalog.path(output)))  # fmt: skip
                 ingested = catalog.manifest("ingested")
                 if ingested:  # which data and split the metrics are on: comparable runs match
                     mlflow.set_tag("sparkloom.data", ingested["fingerprint"])
-                made = catalog.manifest(_OUTPUT[stage]) if _OUTPUT.get(stage) else None
+                made = catalog.manifest(output) if output else None
                 if made:  # a skipped stage's model is in the run that has this and skipped=false
                     mlflow.set_tag("sparkloom.output_fingerprint", made["fingerprint"])
             seconds = time.perf_counter() - started
@@ -169,7 +170,10 @@ def _quantize(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Qua
     tracking.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
     if not result.skipped:
         model_dir = local_path(catalog.fs.qualify(catalog.path(f"{result.source}_int8")))
-        mlflow.log_artifacts(model_dir, artifact_path="model-files")
+        if cfg.mlflow.log_models:  # files, and a model the registry can take
+            outcome.model_uri = tracking.log_torch_model(model_dir, result.source, "model")
+        else:
+            mlflow.log_artifacts(model_dir, artifact_path="model-files")
         mlflow.log_dict(result.metrics, "quantization.json")
     return result
 
@@ -327,18 +331,3 @@ _STAGES = {
     "score": _score,
     "compare": _compare,
 }
-_OUTPUT = {
-    "ingest": "ingested",
-    "features": "features",
-    "baseline": "baseline_model",
-    "lstm": "lstm_model",
-    "textcnn": "textcnn_model",
-    "cnn": "cnn_model",
-    "alexnet": "alexnet_model",
-    "bert_pretrain": "bert_pretrain_model",
-    "bert": "bert_model",
-    "distill": "distill_model",
-    "gpt2": "gpt2_model",
-    "score": "scores",
-}
-# the quantize stage's output is named after its source: <source>_int8 (see _quantize)

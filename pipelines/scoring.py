@@ -48,8 +48,8 @@ class ModelRef:
     labels: list[str]
     config: dict  # the pipeline's resolved config (as plain data)
     allow_pickle: bool = False  # load weights files that hold pickled objects (trusted only)
-    quantized: list[str] | None = None  # int8 (quantize stage): its layer types; `stage` is
-    # then the source model's
+    quantized: dict | None = None  # int8 (quantize stage): its recipe; `stage` is then the
+    # source model's
 
     @property
     def max_length(self) -> int:
@@ -98,7 +98,7 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     )
     with open(resolved) as f:
         config = yaml.safe_load(f)
-    quantized: list[str] = []  # layer types an int8 model of the quantize stage quantizes
+    quantized: dict | None = None  # the recipe of an int8 model of the quantize stage
     if stage == "baseline":
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
         extras = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-extras")
@@ -114,12 +114,15 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         if os.path.exists(os.path.join(files, "quantization.json")):
             with open(os.path.join(files, "quantization.json")) as f:  # the float files plus
                 how = json.load(f)  # the recipe; the model is built from its source
-            stage, quantized = how["source"], how["modules"]
+            stage, quantized = how["source"], how
+        from models.quantize import INT8_WEIGHTS
         from models.weights import UnsafeWeights, load_weights
 
         try:  # on the driver, so an unsafe file is refused before any executor opens it
             if not allow_pickle:
-                load_weights(os.path.join(files, "state_dict.pt"))
+                for name in ("state_dict.pt", INT8_WEIGHTS):
+                    if name == "state_dict.pt" or os.path.exists(os.path.join(files, name)):
+                        load_weights(os.path.join(files, name))
         except UnsafeWeights as e:
             raise DataError(f"model {model_uri}: {e}") from None
     return ModelRef(run_id, stage, files, labels, config, allow_pickle, quantized)
@@ -236,10 +239,15 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
             "id", vector_to_array("probability").alias("probabilities")
         )
     spark = good.sparkSession
+    weights: tuple[str, ...] = ("state_dict.pt", "model.json")
+    if ref.quantized and ref.quantized["method"] == "static":
+        from models.quantize import INT8_WEIGHTS
+
+        weights += (INT8_WEIGHTS,)
     if ref.modality == "image":
         with open(os.path.join(ref.files, "preprocess.json")) as f:
             shape = json.load(f)["shape"]  # [C, H, W]
-        prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json", "preprocess.json"))
+        prefix = ship_files(spark, ref.files, (*weights, "preprocess.json"))
         return good.select(
             "id",
             _predict_udf(prefix, ref.stage, shape, ref.allow_pickle, ref.quantized)(
@@ -248,7 +256,7 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
         )
     max_length = ref.max_length
     ids = _token_ids(ref, good, max_length)
-    prefix = ship_files(spark, ref.files, ("state_dict.pt", "model.json"))
+    prefix = ship_files(spark, ref.files, weights)
     return ids.select(
         "id",
         _predict_udf(prefix, ref.stage, [max_length], ref.allow_pickle, ref.quantized)("ids").alias(
@@ -269,7 +277,7 @@ def _pixels(col: str):
 
 def _predict_udf(
     prefix: str, stage: str, shape: list[int], allow_pickle: bool = False,
-    quantized: list[str] | None = None,
+    quantized: dict | None = None,
 ):  # fmt: skip
     """Token ids (shape [T]) or raw pixels (shape [C, H, W]) -> class probabilities."""
     from pyspark.ml.functions import predict_batch_udf
@@ -285,9 +293,9 @@ def _predict_udf(
         root = SparkFiles.getRootDirectory()
         model = load_exported(root, stage, prefix, allow_pickle)
         if quantized:  # the int8 model: the same recipe the quantize stage measured
-            from models.quantize import quantize
+            from models.quantize import load_int8
 
-            model = quantize(model, quantized)
+            model = load_int8(model, quantized, root, prefix, allow_pickle)
         if len(shape) == 3:
             with open(os.path.join(root, f"{prefix}preprocess.json")) as f:
                 pre = json.load(f)

@@ -328,7 +328,8 @@ def log_steps(steps: list[dict[str, float]], evals: list[dict[str, float]]) -> N
 
 def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
     """Log a trained model two ways: the safe files (state dict, config, vocab, labels)
-    as artifacts, and an `mlflow.pytorch` model for pyfunc scoring. Returns its URI."""
+    as artifacts, and an `mlflow.pytorch` model for pyfunc scoring (and the registry).
+    An int8 model (quantization.json) is logged quantized. Returns its URI."""
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -339,6 +340,11 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
 
     mlflow.log_artifacts(model_dir, artifact_path=f"{artifact_path}-files")
     model = load_exported(model_dir, name)
+    recipe = Path(model_dir) / "quantization.json"
+    if recipe.exists():  # the quantize stage's int8 model, as it measured it
+        from models.quantize import load_int8
+
+        model = load_int8(model, json.loads(recipe.read_text()), model_dir)
     preprocess = Path(model_dir) / "preprocess.json"
     if preprocess.exists():  # images: raw 0-255 pixels in, standardized inside the scorer
         p = json.loads(preprocess.read_text())

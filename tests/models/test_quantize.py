@@ -62,3 +62,58 @@ def test_bert_quantizes_its_linear_layers():
     assert how["modules"] == ["Linear"]  # HF BERT indexes positions through a strided slice
     m = compare(model, quantize(model, how["modules"]), ids, labels)
     assert m["agreement"] >= 0.95 and m["int8_bytes"] < m["float_bytes"]
+
+
+IMAGES = {"cnn": {"in_channels": 1, "height": 16, "width": 16, "num_classes": 5,
+                  "conv1_channels": 8, "conv2_channels": 16, "kernel_size": 5, "hidden_dim": 32},
+          "alexnet": {"in_channels": 1, "height": 16, "width": 16, "num_classes": 5,
+                      "width_mult": 0.25, "batch_norm": True}}  # fmt: skip
+
+
+def test_static_quantization_runs_the_cnn_trunks_in_int8_and_reloads_exactly(tmp_path):
+    """Calibrated on one set, measured on another; the stored int8 weights rebuild the same
+    model (weights-only), so scoring elsewhere gives the measured predictions."""
+    from models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
+    from models.weights import load_weights
+
+    for name, cfg in IMAGES.items():
+        torch.manual_seed(0)
+        model = decisive(build_model(name, cfg))
+        for m in model.modules():  # trained BatchNorm statistics, not the identity
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        gen = torch.Generator().manual_seed(3)
+        calibration, images = (
+            torch.randn(128, 1, 16, 16, generator=gen),
+            torch.randn(256, 1, 16, 16, generator=gen),
+        )
+        how = recipe(name)
+        assert how["method"] == "static"
+        q = static_quantize(model, how, calibration)
+        kinds = {type(m).__name__ for m in q.modules()}
+        assert "ConvReLU2d" in kinds and "BatchNorm2d" not in kinds, kinds  # folded and fused
+        assert not any(isinstance(m, nn.Conv2d | nn.Linear) for m in q.modules())
+        with torch.no_grad():  # fixed scales: a row scores the same in any batch
+            whole, alone = q(images=images)["logits"], q(images=images[:3])["logits"]
+        assert torch.equal(whole[:3], alone)
+        labels = model(images=images)["logits"].argmax(-1)
+        m = compare(model, q, images, labels, key="images")
+        assert m["agreement"] >= 0.9, (name, m["agreement"])
+        assert m["int8_bytes"] < 0.5 * m["float_bytes"]  # ~1/4 at real sizes; tiny: headers
+
+        torch.save(q.state_dict(), tmp_path / INT8_WEIGHTS)
+        load_weights(str(tmp_path / INT8_WEIGHTS))  # plain tensors: weights-only loads it
+        again = load_int8(build_model(name, cfg).eval(), how, str(tmp_path))
+        with torch.no_grad():
+            assert torch.equal(again(images=images)["logits"], q(images=images)["logits"])
+
+
+def test_static_quantization_is_for_the_cnns_only():
+    import pytest
+
+    from models.quantize import recipe
+
+    assert recipe("lstm")["method"] == "dynamic" and recipe("cnn", "dynamic")["method"] == "dynamic"
+    with pytest.raises(ValueError, match="quantize.method=dynamic"):
+        recipe("lstm", "static")

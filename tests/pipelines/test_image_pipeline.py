@@ -7,18 +7,21 @@ import json
 import math
 import os
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from models.data import make_dataloader
+from models.quantize import load_int8
 from models.registry import ImageScorer
 from models.train import load_exported
 from pipelines.catalog import Catalog, local_path
 from pipelines.converter import make_spark_converter
 from pipelines.runner import run_pipeline
 from pipelines.sample_data import digits, write_idx
+from pipelines.scoring import score
 from tests.conftest import make_config
 
 CNN = {
@@ -45,7 +48,8 @@ def digits_config(tmp_path, stages, **sections):
 
 @pytest.mark.slow
 def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
-    cfg = digits_config(tmp_path, ["ingest", "features", "baseline", "cnn"], cnn=CNN)
+    cfg = digits_config(tmp_path, ["ingest", "features", "baseline", "cnn", "quantize"], cnn=CNN,
+                        quantize={"source": "cnn", "calibration_rows": 256})  # fmt: skip
     outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
 
     ingest = outcome.results["ingest"]
@@ -88,6 +92,38 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
         predicted = scorer(pixels).argmax(-1).numpy()
     truth = np.array([r["label_index"] for r in test])
     assert (predicted == truth).mean() == pytest.approx(cnn.metrics["test_accuracy"], abs=1e-9)
+
+    # static int8: the conv trunk runs quantized kernels, ranges from 256 training images
+    q = outcome.results["quantize"].metrics
+    assert q["float_test_accuracy"] == pytest.approx(cnn.metrics["test_accuracy"], abs=1e-6)
+    assert abs(q["accuracy_delta"]) <= 0.02 and q["agreement"] >= 0.95, q
+    assert q["int8_bytes"] < 0.5 * q["float_bytes"]  # a 58 KB model: headers weigh; ~1/4 at size
+    int8_dir = local_path(catalog.fs.qualify(catalog.path("cnn_int8")))
+    with open(os.path.join(int8_dir, "quantization.json")) as f:
+        how = json.load(f)
+    assert how["method"] == "static" and how["static"] == [
+        "conv1",
+        "conv2",
+        "fc1",
+        "head.classifier",
+    ]
+    assert how["calibration_rows"] == 256
+    int8 = load_int8(load_exported(int8_dir, "cnn"), how, int8_dir)
+    assert any(type(m).__name__ == "ConvReLU2d" for m in int8.modules())  # BN folded, ReLU fused
+    in_process = ImageScorer(int8, pre["mean"], pre["std"]).eval()
+    with torch.no_grad():
+        want = in_process(pixels).numpy()
+    assert (want.argmax(-1) == truth).mean() == pytest.approx(q["test_accuracy"], abs=1e-6)
+
+    # batch scoring of the quantize run: the same int8 model, built once per executor; static
+    # scales are fixed, so Spark's batches give the in-process probabilities
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    rows = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "image")
+    uri = f"runs:/{outcome.stage_run_ids['quantize']}/model"
+    scored, quarantine, ref = score(rows, uri, input_col="image", prepared=True)
+    assert ref.quantized["method"] == "static" and quarantine.count() == 0
+    got = {r["id"]: r["probabilities"] for r in scored.collect()}
+    assert np.allclose([got[r["id"]] for r in test], want, atol=1e-6)
 
 
 def test_image_batches_from_the_converter_are_uint8_and_standardized_once(spark, tmp_path):

@@ -24,12 +24,13 @@ from tests.conftest import make_config
 def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_dirs):
     cfg = make_config(
         tmp_path,
-        pipeline={"stages": ["ingest", "features", "lstm", "quantize", "compare"]},
+        pipeline={"stages": ["ingest", "features", "lstm", "quantize", "register", "compare"]},
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"sequence": {"min_df": 1, "max_length": 32}},
         lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
               "training": {"epochs": 4, "batch_size": 8, "optimizer": {"lr": 0.02}}},
         quantize={"source": "lstm"},
+        register={"name": "tiny-int8", "metric": "test_f1", "candidates": ["quantize"]},
     )  # fmt: skip
     outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
     q = outcome.results["quantize"]
@@ -39,6 +40,13 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
     assert m["float_test_accuracy"] == pytest.approx(lstm.metrics["test_accuracy"], abs=1e-9)
     assert abs(m["accuracy_delta"]) <= 0.05 and m["agreement"] >= 0.9
     assert m["int8_bytes"] < m["float_bytes"] and m["int8_rows_per_s"] > 0
+    assert sum(map(sum, m["confusion"])) == m["rows"] and 0 < m["test_f1"] <= 1
+
+    # the int8 model is a registry candidate like any classifier, ranked on its own F1
+    reg = outcome.results["register"]
+    assert reg.promoted and [c["stage"] for c in reg.candidates] == ["quantize"]
+    assert reg.candidates[0]["run_id"] == outcome.stage_run_ids["quantize"]
+    assert reg.candidates[0]["value"] == pytest.approx(m["test_f1"])
 
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     int8_dir = local_path(catalog.fs.qualify(catalog.path("lstm_int8")))
@@ -53,11 +61,12 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
     assert names["lstm-int8"].metrics["accuracy"] == pytest.approx(m["test_accuracy"])
     assert run_pipeline(spark, cfg, ["quantize"]).results["quantize"].skipped
 
-    # batch scoring of the quantize run's model: the int8 model, built once per executor
+    # batch scoring of the champion, the int8 model, built once per executor
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
-    scored, _, ref = score(test, f"runs:/{outcome.stage_run_ids['quantize']}/model")
-    assert ref.quantized and ref.stage == "lstm"
+    scored, _, ref = score(test, "models:/tiny-int8@champion")
+    assert ref.run_id == outcome.stage_run_ids["quantize"]
+    assert ref.quantized["method"] == "dynamic" and ref.stage == "lstm"
     got = {r["id"]: r["probabilities"] for r in scored.collect()}
     int8 = Scorer(quantize(load_exported(int8_dir, "lstm"))).eval()
     feats = catalog.read("features", "features").filter("split = 'test'").collect()
