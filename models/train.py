@@ -167,8 +167,9 @@ class RunConfig:
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
     fault: str | None = None  # test hook, as SPARKLOOM_FAULT
     attempt: int = 1  # which try of the launcher this is (1 + distributor.max_retries at most)
-    # knowledge distillation: {"column": teacher logits in the data, "temperature", "alpha"};
-    # the training loss becomes models.distill.distillation_loss (evaluation stays plain CE)
+    # knowledge distillation: {"temperature", "alpha", and either "column": teacher logits in
+    # the data, or "teacher": {"name", "dir"}: a model export run on each batch}; the training
+    # loss becomes models.distill.distillation_loss (evaluation stays plain CE)
     distill: dict[str, Any] | None = None
 
     @classmethod
@@ -245,6 +246,14 @@ def all_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
     return t
 
 
+def broadcast_weights(model: nn.Module, ctx: Dist) -> None:
+    """Every rank takes rank 0's parameters and buffers, in place."""
+    if ctx.world_size > 1:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+
+
 def log(ctx: Dist, msg: str) -> None:
     if ctx.main:
         print(f"[train] {msg}", flush=True)
@@ -293,8 +302,10 @@ def build_schedule(opt: torch.optim.Optimizer, sc: ScheduleConfig, total_steps: 
 class Checkpoints:
     """step-N.pt files plus a `latest` pointer, both replaced atomically; rank 0 writes."""
 
-    def __init__(self, cc: CheckpointConfig, ctx: Dist):
+    def __init__(self, cc: CheckpointConfig, ctx: Dist, fault: str | None = None,
+                 attempt: int = 1):  # fmt: skip
         self.dir, self.keep, self.ctx = cc.dir, max(1, cc.keep), ctx
+        self.fault, self.attempt = fault, attempt  # the test hook (fault_hook, at=save)
         if self.dir and ctx.main:
             os.makedirs(self.dir, exist_ok=True)
 
@@ -312,6 +323,7 @@ class Checkpoints:
         path = os.path.join(self.dir, f"step-{state['global_step']:09d}.pt")
         self._atomic_save(state, path)
         if best:
+            fault_hook(self.ctx.rank, "save", state["global_step"], self.fault, self.attempt)
             self._atomic_save(state, os.path.join(self.dir, "best.pt"))
         pointer = os.path.join(self.dir, "latest")
         with open(f"{pointer}.tmp", "w") as f:
@@ -490,9 +502,10 @@ def autocast(cfg: RunConfig, ctx: Dist):
 
 def fault_hook(rank: int, where: str, step: int, spec: str | None, attempt: int = 1) -> None:
     """Test hook: inject a real fault into one rank. `spec` (or SPARKLOOM_FAULT) is
-    "rank=R,step=S|at=end,mode=exit|raise|hang[,attempt=N]": after global step S, or `at=end`
-    (after training, 2 s late, so rank 0 is already waiting to return), rank R calls
-    os._exit(13), raises, or sleeps forever; only on attempt N of the launcher (default 1),
+    "rank=R,step=S|at=end|at=save,mode=exit|raise|hang|slow[,attempt=N]": after global step
+    S, or `at=end` (after training, 2 s late, so rank 0 is already waiting to return), or
+    `at=save` (rank 0 about to write best.pt), rank R calls os._exit(13), raises, sleeps
+    forever, or (slow) sleeps 3 s and goes on; only on attempt N of the launcher (default 1),
     so a retry runs clean."""
     spec = spec or os.environ.get("SPARKLOOM_FAULT")
     if not spec:
@@ -511,6 +524,9 @@ def fault_hook(rank: int, where: str, step: int, spec: str | None, attempt: int 
             out.write(repr(time.time()))
     print(f"[train] injected fault on rank {rank} at {where} {step}: {mode}", file=sys.stderr,
           flush=True)  # fmt: skip
+    if mode == "slow":
+        time.sleep(3.0)
+        return
     if mode == "exit":
         os._exit(13)
     if mode == "hang":
@@ -537,6 +553,10 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     lm = getattr(model, "task", "classify") == "lm"  # causal LM: no classes, tokens are targets
     num_classes = 0 if lm else getattr(model, "num_labels", None) or model.cfg.num_classes
     num_parameters = sum(p.numel() for p in model.parameters())
+    teacher = None  # distillation with the teacher run here, on the student's own batches
+    if cfg.distill and cfg.distill.get("teacher"):
+        t = cfg.distill["teacher"]
+        teacher = load_exported(t["dir"], t["name"]).to(ctx.device).requires_grad_(False)
     ddp = wrap(model, ctx)
     if cfg.compile:
         # in place, on the DDP module: DDP's optimizer splits the graph at gradient buckets, so
@@ -549,7 +569,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     opt = build_optimizer(ddp, cfg.optimizer)
     sched = build_schedule(opt, cfg.schedule, steps_per_epoch * cfg.epochs)
-    ckpt = Checkpoints(cfg.checkpoint, ctx)
+    ckpt = Checkpoints(cfg.checkpoint, ctx, cfg.fault, cfg.attempt)
 
     # sums since the epoch's start and since the last step record: loss, micro-batches,
     # tokens, samples; kept on the device (no sync per micro-batch), saved with checkpoints
@@ -619,8 +639,13 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
                 out = ddp(**x)
                 if cfg.distill:  # soft targets from the teacher, plus the labels
                     d = cfg.distill
-                    teacher = batch[d["column"]].to(ctx.device, non_blocking=True)
-                    out["loss"] = distillation_loss(out["logits"], teacher, x["labels"],
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = teacher(**{k: v for k, v in x.items() if k != "labels"})
+                        soft = soft["logits"]
+                    else:
+                        soft = batch[d["column"]].to(ctx.device, non_blocking=True)
+                    out["loss"] = distillation_loss(out["logits"], soft, x["labels"],
                                                     d["temperature"], d["alpha"])  # fmt: skip
                 (out["loss"] / cfg.grad_accum).backward()
             rows = len(next(iter(x.values())))
@@ -688,8 +713,13 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             + (" *" if is_best else "") + (" (early stop)" if state["stopped_early"] else ""))  # fmt: skip
 
     best_path = os.path.join(cfg.checkpoint.dir, "best.pt") if cfg.checkpoint.dir else None
-    if best_path and os.path.exists(best_path):
-        unwrap(ddp).load_state_dict(Checkpoints.load(best_path)["model"])
+    if best_path:
+        # rank 0 wrote best.pt and reads it back; the other ranks get the weights from it, so
+        # none reads the file while rank 0 still replaces it (they would evaluate the previous
+        # best on their shard) or where it does not exist (a directory local to each host)
+        if ctx.main and os.path.exists(best_path):
+            unwrap(ddp).load_state_dict(Checkpoints.load(best_path)["model"])
+        broadcast_weights(unwrap(ddp), ctx)
     result: dict[str, Any] = {
         "history": state["history"],
         "steps": state["steps"],  # every log_every_steps: train loss, lr, throughput

@@ -120,3 +120,20 @@ def test_the_launcher_returns_rank_0s_result_and_retries_from_the_checkpoint(
     assert result.resumed_from is not None and result.resumed_from["step"] == 2
     assert result.world_size == 2 and len(result.history) == 2
     assert sum(map(sum, result.confusion["test"])) > 0  # rank 0 evaluates: its result came back
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("local_mode", MODES)
+def test_every_rank_evaluates_the_best_weights_rank_0_saved(spark, prepared, local_mode,
+                                                             monkeypatch):  # fmt: skip
+    """Rank 0 is 3 s slow writing best.pt: the other rank must not evaluate its test and
+    validation shard with the previous best (it used to read the file itself, racing)."""
+    cfg = lstm_config(prepared, local_mode)
+    monkeypatch.setenv("SPARKLOOM_FAULT", "rank=0,at=save,mode=slow")
+    result = run_deep(spark, cfg, Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name),
+                      "lstm", force=True)  # fmt: skip
+    last = result.history[-1]
+    assert result.best_epoch == len(result.history) == 2  # the final weights are the best
+    # the same weights on the same validation rows as the epoch's own evaluation
+    assert result.metrics["val_loss"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert result.metrics["val_accuracy"] == last["val_accuracy"]
