@@ -536,18 +536,30 @@ class DistillConfig(Section):
     distributor settings, same seed) trained on a teacher's soft targets plus the labels:
     alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * cross-entropy.
 
-    Teacher logits are computed once per example, in Spark, by batch scoring the teacher
-    (its own tokenizer and preprocessing) and stored with the training data: the only
-    choice here, because the teacher (BERT: WordPiece ids) and the student (LSTM/TextCNN:
-    word ids) read different inputs, and the training processes see the student's only.
-    Once per example also costs one teacher forward pass per row, not one per row per epoch.
+    `teacher_logits: precomputed` (the default) scores every example once, in Spark, by
+    batch scoring the teacher with its own tokenizer and preprocessing, and stores the
+    logits with the training data. It works for every teacher (BERT reads WordPiece ids the
+    student never sees), costs one teacher pass per example instead of one per example per
+    epoch, and keeps the teacher off the training processes' memory and time.
+    `on_the_fly` runs the teacher inside each training process on the student's own batch:
+    for a teacher that reads the student's inputs (the LSTM or TextCNN of the same features
+    stage), when the data is too large to store logits for, or changes from epoch to epoch.
     """
 
     teacher: Literal["bert", "lstm", "textcnn"] = "bert"
     student: Literal["lstm", "textcnn"] = "textcnn"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) term
-    teacher_logits: Literal["precomputed"] = "precomputed"
+    teacher_logits: Literal["precomputed", "on_the_fly"] = "precomputed"
+
+    @model_validator(mode="after")
+    def _shared_inputs(self) -> DistillConfig:
+        if self.teacher_logits == "on_the_fly" and self.teacher == "bert":
+            raise ValueError(
+                "distill.teacher_logits=on_the_fly runs the teacher on the student's word ids; "
+                "BERT reads its own WordPiece ids, so use teacher_logits=precomputed for it"
+            )
+        return self
 
 
 class QuantizeConfig(Section):

@@ -315,6 +315,13 @@ def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
     )  # fmt: skip
 
 
+def distill_json(cfg: Config) -> dict:
+    """What distill.json beside a distilled student records."""
+    d = cfg.distill
+    return {"teacher": d.teacher, "student": d.student, "temperature": d.temperature,
+            "alpha": d.alpha, "teacher_logits": d.teacher_logits}  # fmt: skip
+
+
 def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
     """The student's token ids with the teacher's logits for every row of every split,
     computed once in Spark by batch scoring the teacher's current model with its own
@@ -344,9 +351,7 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
             f"distill: the teacher '{d.teacher}' scored no logits for {missing} training rows "
             "(blank after its own preprocessing); nothing was trained"
         )
-    files = {**student.files, "distill.json": json.dumps(
-        {"teacher": d.teacher, "student": d.student, "temperature": d.temperature,
-         "alpha": d.alpha, "teacher_logits": d.teacher_logits})}  # fmt: skip
+    files = {**student.files, "distill.json": json.dumps(distill_json(cfg))}
     return DeepInputs(data, {}, student.model_extra, student.data_extra, files, stats=stats)
 
 
@@ -612,8 +617,11 @@ def run_deep(
         inputs = bert_finetune_inputs(cfg, catalog, labels)
     elif stage == "gpt2":
         inputs = gpt2_inputs(cfg, catalog, kept_tokenizer)
-    elif stage == "distill":
+    elif stage == "distill" and cfg.distill.teacher_logits == "precomputed":
         inputs = distill_inputs(cfg, catalog, labels)
+    elif stage == "distill":  # the teacher runs in the training processes, on these ids
+        inputs = text_inputs(catalog, labels)
+        inputs.files["distill.json"] = json.dumps(distill_json(cfg))
     else:
         inputs = text_inputs(catalog, labels)
     cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
@@ -643,9 +651,13 @@ def run_deep(
     )  # fmt: skip
     if stage == "distill":
         d = cfg.distill
-        train_config["distill"] = {"column": "teacher_logits", "temperature": d.temperature,
-                                   "alpha": d.alpha}  # fmt: skip
-        train_config["data"]["extra_columns"] = ["teacher_logits"]
+        train_config["distill"] = {"temperature": d.temperature, "alpha": d.alpha}
+        if d.teacher_logits == "precomputed":
+            train_config["distill"]["column"] = "teacher_logits"
+            train_config["data"]["extra_columns"] = ["teacher_logits"]
+        else:
+            teacher_dir = local_path(catalog.fs.qualify(catalog.path(f"{d.teacher}_model")))
+            train_config["distill"]["teacher"] = {"name": d.teacher, "dir": teacher_dir}
     if inputs.init:
         train_config["model"]["init"] = inputs.init
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from pipelines.catalog import Catalog, local_path
+from pipelines.errors import ConfigError
 from pipelines.runner import run_pipeline
 from pipelines.scoring import score
 from tests.conftest import make_config
@@ -51,3 +52,45 @@ def test_a_student_trains_on_the_teachers_logits(spark, tmp_path, text_dirs):
     test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
     scored, _, ref = score(test, f"runs:/{outcome.stage_run_ids['distill']}/model")
     assert ref.stage == "textcnn" and scored.count() == test.count()
+
+
+@pytest.mark.slow
+def test_teacher_logits_on_the_fly_train_the_student_the_precomputed_ones_do(
+    spark, tmp_path, text_dirs
+):
+    """The LSTM teacher run inside the 2 training processes on the student's batches gives
+    the soft targets Spark's batch scoring stored (log-probabilities: the same up to a
+    constant per row, which softmax does not see), so the same seed trains the same student."""
+
+    def config(mode: str):
+        return make_config(
+            tmp_path,
+            pipeline={"stages": ["ingest", "features", "lstm", "distill"]},
+            ingest={"format": "text_dirs", "path": str(text_dirs)},
+            features={"sequence": {"min_df": 1, "max_length": 32}},
+            lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1}, **SMALL},
+            textcnn={"model": {"embed_dim": 16, "num_filters": 8}, **SMALL},
+            distill={"teacher": "lstm", "student": "textcnn", "teacher_logits": mode},
+        )  # fmt: skip
+
+    cfg = config("precomputed")
+    pre = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["distill"]
+    cfg = config("on_the_fly")
+    fly = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["distill"]
+    assert not fly.skipped and "teacher_rows" not in fly.data_stats  # no scoring pass in Spark
+    assert fly.world_size == 2
+    for a, b in zip(pre.history, fly.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+    assert fly.metrics["test_accuracy"] == pre.metrics["test_accuracy"]
+
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    model_dir = local_path(catalog.fs.qualify(catalog.path("distill_model")))
+    with open(os.path.join(model_dir, "distill.json")) as f:
+        assert json.load(f)["teacher_logits"] == "on_the_fly"
+
+
+def test_on_the_fly_needs_a_teacher_that_reads_the_students_ids(tmp_path):
+    with pytest.raises(ConfigError, match="use teacher_logits=precomputed"):
+        make_config(tmp_path, pipeline={"stages": ["ingest"]},
+                    distill={"teacher": "bert", "teacher_logits": "on_the_fly"})  # fmt: skip
