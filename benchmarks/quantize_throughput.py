@@ -2,9 +2,11 @@
 
 What is measured
 ----------------
-For each model, the float model and ``models.quantize.quantize(model)`` (dynamic int8 of
-Linear and LSTM layers, 8-bit embeddings: what the ``quantize`` stage and batch scoring
-use) score the same ``--rows`` inputs in batches of ``--batch-size`` with ``torch.no_grad``,
+For each model, the float model and its int8 copy made by the ``quantize`` stage's recipe
+(``models.quantize.recipe``: dynamic int8 of Linear and LSTM layers with 8-bit embeddings for
+the text models; static int8 of the conv trunk and dense layers for the CNNs, calibrated on
+256 images; the CNNs also with dynamic, to show what static adds) score the same ``--rows``
+inputs in batches of ``--batch-size`` with ``torch.no_grad``,
 at 1 thread and at all cores, alternating float / int8 ``--repeats`` times; the report
 gives the best pass of each and the ratio int8 / float. Size is the state dict as
 ``torch.save`` writes it. Inputs are random token ids (padded after a random length) or
@@ -26,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.quantize import quantize, recipe, serialized_bytes  # noqa: E402
+from models.quantize import quantize, recipe, serialized_bytes, static_quantize  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
 MODELS = {
@@ -36,9 +38,22 @@ MODELS = {
                                     "max_position_embeddings": 512}, "text"),
     "lstm (demo size)": ("lstm", {"vocab_size": 20000, "num_classes": 5}, "text"),
     "textcnn": ("textcnn", {"vocab_size": 20000, "num_classes": 5}, "text"),
+    "cnn (28x28, demo size)": ("cnn", {"num_classes": 10, "in_channels": 1, "height": 28,
+                                       "width": 28, "conv1_channels": 32, "conv2_channels": 64,
+                                       "kernel_size": 5, "hidden_dim": 128}, "image"),
     "alexnet 0.5 (28x28)": ("alexnet", {"num_classes": 10, "in_channels": 1, "height": 28,
                                         "width": 28, "width_mult": 0.5}, "image"),
 }  # fmt: skip
+
+
+def int8_versions(name: str, model, gen: torch.Generator) -> dict:
+    """method -> the int8 model: the stage's recipe, and for the CNNs dynamic as well."""
+    how = recipe(name)
+    if how["method"] == "dynamic":
+        return {"dynamic": quantize(model, how["modules"])}
+    calibration = torch.randn(256, 1, 28, 28, generator=gen)
+    return {"static": static_quantize(model, how, calibration),
+            "dynamic": quantize(model, recipe(name, "dynamic")["modules"])}  # fmt: skip
 
 
 def inputs(kind: str, rows: int, seq: int, gen: torch.Generator) -> tuple[str, torch.Tensor]:
@@ -72,27 +87,30 @@ def main() -> None:
     rows = []
     for label, (name, cfg, kind) in MODELS.items():
         model = build_model(name, cfg).eval()
-        int8 = quantize(model, recipe(name)["modules"])  # what the quantize stage does
         key, x = inputs(kind, args.rows, args.seq, gen)
-        for threads in sorted({1, threads_all}):
-            torch.set_num_threads(threads)
-            best = {"float": 0.0, "int8": 0.0}
-            for m in (model, int8):  # warm-up
-                best_rows_per_s(m, key, x[: args.batch_size], args.batch_size)
-            for _ in range(args.repeats):  # alternate, so drift hits both alike
-                best["float"] = max(best["float"], best_rows_per_s(model, key, x, args.batch_size))
-                best["int8"] = max(best["int8"], best_rows_per_s(int8, key, x, args.batch_size))
-            rows.append({
-                "model": label, "threads": threads,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "float_mb": serialized_bytes(model) / 1e6, "int8_mb": serialized_bytes(int8) / 1e6,
-                "float_rows_per_s": best["float"], "int8_rows_per_s": best["int8"],
-                "speedup": best["int8"] / best["float"],
-            })  # fmt: skip
-            r = rows[-1]
-            print(f"{label:22s} threads={threads} size {r['float_mb']:.1f} -> {r['int8_mb']:.1f} MB"
-                  f"  rows/s {r['float_rows_per_s']:.0f} -> {r['int8_rows_per_s']:.0f}"
-                  f"  ({r['speedup']:.2f}x)", flush=True)  # fmt: skip
+        for method, int8 in int8_versions(name, model, gen).items():
+            for threads in sorted({1, threads_all}):
+                torch.set_num_threads(threads)
+                best = {"float": 0.0, "int8": 0.0}
+                for m in (model, int8):  # warm-up
+                    best_rows_per_s(m, key, x[: args.batch_size], args.batch_size)
+                for _ in range(args.repeats):  # alternate, so drift hits both alike
+                    best["float"] = max(
+                        best["float"], best_rows_per_s(model, key, x, args.batch_size)
+                    )
+                    best["int8"] = max(best["int8"], best_rows_per_s(int8, key, x, args.batch_size))
+                rows.append({
+                    "model": label, "method": method, "threads": threads,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "float_mb": serialized_bytes(model) / 1e6,
+                    "int8_mb": serialized_bytes(int8) / 1e6,
+                    "float_rows_per_s": best["float"], "int8_rows_per_s": best["int8"],
+                    "speedup": best["int8"] / best["float"],
+                })  # fmt: skip
+                r = rows[-1]
+                print(f"{label:24s} {method:7s} threads={threads} size {r['float_mb']:.1f} -> "
+                      f"{r['int8_mb']:.1f} MB  rows/s {r['float_rows_per_s']:.0f} -> "
+                      f"{r['int8_rows_per_s']:.0f}  ({r['speedup']:.2f}x)", flush=True)  # fmt: skip
         torch.set_num_threads(threads_all)
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                "python": platform.python_version(), "torch": torch.__version__,
@@ -103,9 +121,11 @@ def main() -> None:
     md = ["# quantize_throughput", "", f"Machine: {machine}", "",
           f"{args.rows} rows, sequence {args.seq}, batch {args.batch_size}, best of "
           f"{args.repeats} alternating passes.", "",
-          "| model | threads | parameters | float MB | int8 MB | float rows/s | int8 rows/s | int8 / float |",
-          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    md += [f"| {r['model']} | {r['threads']} | {r['parameters']:,} | {r['float_mb']:.1f} | "
+          "| model | int8 method | threads | parameters | float MB | int8 MB | float rows/s | "
+          "int8 rows/s | int8 / float |",
+          "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    md += [f"| {r['model']} | {r['method']} | {r['threads']} | {r['parameters']:,} | "
+           f"{r['float_mb']:.1f} | "
            f"{r['int8_mb']:.1f} | {r['float_rows_per_s']:.0f} | {r['int8_rows_per_s']:.0f} | "
            f"{r['speedup']:.2f} |" for r in rows]  # fmt: skip
     with open(args.out.removesuffix(".json") + ".md", "w") as f:

@@ -322,6 +322,27 @@ def distill_json(cfg: Config) -> dict:
             "alpha": d.alpha, "teacher_logits": d.teacher_logits}  # fmt: skip
 
 
+def student_and_teacher(cfg: Config, catalog: Catalog, threads: int = 1) -> dict[str, float]:
+    """What the distilled student costs beside its teacher: parameters, state-dict bytes and
+    CPU scoring rows/s (`threads` threads, best of 3) on the test split, each model on its
+    own inputs (BERT: WordPiece ids)."""
+    from models.quantize import rows_per_second, serialized_bytes
+    from models.train import load_exported
+    from pipelines.quantize import test_inputs
+
+    d, out = cfg.distill, {}
+    for role, stage, name in (("student", "distill", d.student), ("teacher", d.teacher, d.teacher)):
+        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
+        model = load_exported(model_dir, name)
+        x, _, key = test_inputs(cfg, catalog, name, model_dir)
+        out[f"{role}_parameters"] = float(sum(p.numel() for p in model.parameters()))
+        out[f"{role}_bytes"] = float(serialized_bytes(model))
+        out[f"{role}_rows_per_s"] = rows_per_second(model, x, key=key, threads=threads)
+    out["student_speedup_vs_teacher"] = out["student_rows_per_s"] / out["teacher_rows_per_s"]
+    out["student_size_vs_teacher"] = out["student_bytes"] / out["teacher_bytes"]
+    return out
+
+
 def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
     """The student's token ids with the teacher's logits for every row of every split,
     computed once in Spark by batch scoring the teacher's current model with its own

@@ -17,7 +17,7 @@ from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog, local_path
 from pipelines.config import IMAGE_MODELS, Config, flatten, stage_output
-from pipelines.deep import DeepResult, run_deep
+from pipelines.deep import DeepResult, run_deep, student_and_teacher
 from pipelines.errors import SparkloomError, Terminated
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
@@ -265,6 +265,16 @@ def _deep(stage: str):
         if stage == "distill":  # how the comparison names it: e.g. textcnn-distilled
             mlflow.set_tag("sparkloom.model", f"{result.model}-distilled")
             mlflow.set_tag("sparkloom.teacher", cfg.distill.teacher)
+            if not result.skipped:  # its size and CPU scoring speed beside the teacher's
+                cost = student_and_teacher(cfg, catalog)
+                tracking.log_metrics(cost)
+                log.info(
+                    "[distill] student %s: %.0f parameters, %.2f MB, %.0f rows/s; teacher %s: "
+                    "%.0f parameters, %.2f MB, %.0f rows/s (1 thread, test split)",
+                    result.model, cost["student_parameters"], cost["student_bytes"] / 1e6,
+                    cost["student_rows_per_s"], cfg.distill.teacher, cost["teacher_parameters"],
+                    cost["teacher_bytes"] / 1e6, cost["teacher_rows_per_s"],
+                )  # fmt: skip
         if not result.skipped:
             tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:

@@ -45,6 +45,14 @@ def test_a_student_trains_on_the_teachers_logits(spark, tmp_path, text_dirs):
     with open(os.path.join(model_dir, "distill.json")) as f:
         assert json.load(f) == {"teacher": "lstm", "student": "textcnn", "temperature": 2.0,
                                 "alpha": 0.7, "teacher_logits": "precomputed"}  # fmt: skip
+    # its size and scoring speed beside the teacher's, in its run
+    logged = mlflow.tracking.MlflowClient(cfg.mlflow.tracking_uri).get_run(
+        outcome.stage_run_ids["distill"]).data.metrics  # fmt: skip
+    assert logged["student_parameters"] == student.num_parameters
+    assert logged["teacher_parameters"] == outcome.results["lstm"].num_parameters
+    assert logged["student_rows_per_s"] > 0 and logged["teacher_rows_per_s"] > 0
+    assert logged["student_size_vs_teacher"] == pytest.approx(
+        logged["student_bytes"] / logged["teacher_bytes"])  # fmt: skip
     names = {r.stage for r in outcome.results["compare"].report.rows}
     assert {"lstm", "textcnn", "textcnn-distilled"} <= names
 
