@@ -341,10 +341,11 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
     mlflow.log_artifacts(model_dir, artifact_path=f"{artifact_path}-files")
     model = load_exported(model_dir, name)
     recipe = Path(model_dir) / "quantization.json"
-    if recipe.exists():  # the quantize stage's int8 model, as it measured it
+    how = json.loads(recipe.read_text()) if recipe.exists() else None
+    if how:  # the quantize stage's int8 model, as it measured it
         from models.quantize import load_int8
 
-        model = load_int8(model, json.loads(recipe.read_text()), model_dir)
+        model = load_int8(model, how, model_dir)
     preprocess = Path(model_dir) / "preprocess.json"
     if preprocess.exists():  # images: raw 0-255 pixels in, standardized inside the scorer
         p = json.loads(preprocess.read_text())
@@ -355,6 +356,10 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
         example = np.array([[2, 3, 4, 0], [5, 6, 0, 0]], dtype=np.int64)
     with torch.no_grad():
         probs = scorer(torch.from_numpy(example)).numpy()
+        if how and how["method"] == "static":  # FX graph modules of quantized ops do not
+            # pickle (their generated code imports a name torch cannot resolve); TorchScript
+            # is how quantized models ship, and loads without unpickling code
+            scorer = torch.jit.trace(scorer, torch.from_numpy(example), check_trace=False)
     info = mlflow.pytorch.log_model(
         scorer,
         name=artifact_path,

@@ -80,3 +80,33 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
     have = np.array([got[r["id"]] for r in feats])
     assert np.allclose(have, want, atol=0.02)
     assert (have.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+def test_a_static_int8_alexnet_is_logged_as_a_model_mlflow_loads(tmp_path):
+    """The FX graph modules of a static int8 AlexNet do not pickle; it is logged as
+    TorchScript and scores raw pixels like the int8 model it was made from."""
+    from models.quantize import INT8_WEIGHTS, recipe, static_quantize
+    from models.registry import ImageScorer, build_model
+    from models.train import export
+    from pipelines import tracking
+
+    torch.manual_seed(0)
+    cfg = {"in_channels": 1, "height": 16, "width": 16, "num_classes": 4, "width_mult": 0.25}
+    model = build_model("alexnet", cfg).eval()
+    how = {**recipe("alexnet"), "source": "alexnet"}
+    int8 = static_quantize(model, how, torch.randn(32, 1, 16, 16))
+    export(model, str(tmp_path))
+    files = tmp_path / "export"
+    torch.save(int8.state_dict(), files / INT8_WEIGHTS)
+    (files / "quantization.json").write_text(json.dumps(how))
+    pre = {"shape": [1, 16, 16], "mean": [0.1], "std": [0.3]}
+    (files / "preprocess.json").write_text(json.dumps(pre))
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        uri = tracking.log_torch_model(str(files), "alexnet", "model")
+    logged = mlflow.pytorch.load_model(uri)
+    pixels = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        want = ImageScorer(int8, pre["mean"], pre["std"]).eval()(pixels)
+        assert torch.allclose(logged(pixels), want, atol=1e-6)
