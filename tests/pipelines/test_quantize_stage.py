@@ -102,7 +102,8 @@ def test_a_static_int8_alexnet_is_logged_as_a_model_mlflow_loads(tmp_path):
     pre = {"shape": [1, 16, 16], "mean": [0.1], "std": [0.3]}
     (files / "preprocess.json").write_text(json.dumps(pre))
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # its own store and experiment: an earlier test's active experiment id is not in it
+    tracking.ensure_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "int8")
     with mlflow.start_run():
         uri = tracking.log_torch_model(str(files), "alexnet", "model")
     logged = mlflow.pytorch.load_model(uri)
