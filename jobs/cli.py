@@ -96,25 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         _print_outcome(cfg, outcome)
         return 0
     except (KeyboardInterrupt, Terminated) as e:
-        why = str(e) if isinstance(e, Terminated) else "stopped by SIGINT"
-        print(f"sparkloom: {why}; its MLflow runs are marked KILLED", file=sys.stderr)
-        return getattr(e, "exit_code", 130)
-    except SparkloomError as e:
-        if terminating():
-            print(f"sparkloom: {Terminated(terminating())}; its MLflow runs are marked KILLED",
-                  file=sys.stderr)  # fmt: skip
-            return 128 + terminating()
-        cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
-        if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
-            raise
-        print(f"sparkloom: error: {mask('error', str(e))}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:  # Spark/Py4J errors: one line unless --verbose
-        if terminating():  # what a stop left behind (a Py4J call cut mid-answer): the stop
+        return _killed(e)
+    except Exception as e:
+        if terminating():  # after a stop, what surfaces is the stop: a stage failed by the
+            # cancelled job, a Py4J call cut mid-answer
             log.debug("after the stop signal: %s", e, exc_info=True)
-            print(f"sparkloom: {Terminated(terminating())}; its MLflow runs are marked KILLED",
-                  file=sys.stderr)  # fmt: skip
-            return 128 + terminating()
+            return _killed(Terminated(terminating()))
+        if isinstance(e, SparkloomError):
+            cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
+            if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
+                raise
+            print(f"sparkloom: error: {mask('error', str(e))}", file=sys.stderr)
+            return e.exit_code
+        # Spark/Py4J errors: one line unless --verbose
         if args.verbose:
             raise
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -184,6 +178,12 @@ def _print_comparison(outcome) -> None:
     if len(rows) > 1:
         print("\n| model | test accuracy | test weighted F1 | n |\n| --- | ---: | ---: | ---: |")
         print("\n".join(rows) + "\n")
+
+
+def _killed(e: BaseException) -> int:
+    why = str(e) if not isinstance(e, KeyboardInterrupt) else "stopped by SIGINT"
+    print(f"sparkloom: {why}; its MLflow runs are marked KILLED", file=sys.stderr)
+    return getattr(e, "exit_code", 130)
 
 
 def stop_spark(spark) -> None:

@@ -72,9 +72,7 @@ def recipe(name: str, method: str = "auto") -> dict[str, Any]:
 def _engine() -> str:
     """The quantized kernels' backend: x86 (fbgemm + onednn) where there is one, else ARM's."""
     engines = torch.backends.quantized.supported_engines
-    engine = "x86" if "x86" in engines else "qnnpack" if "qnnpack" in engines else engines[-1]
-    torch.backends.quantized.engine = engine
-    return engine
+    return "x86" if "x86" in engines else "qnnpack" if "qnnpack" in engines else engines[-1]
 
 
 def quantize(model: nn.Module, modules: tuple[str, ...] | list[str] = MODULES) -> nn.Module:

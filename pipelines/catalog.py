@@ -162,6 +162,10 @@ class Catalog:
     def path(self, name: str) -> str:
         return f"{self.base}/{name}"
 
+    def local_path(self, name: str) -> str:
+        """The dataset's directory as a filesystem path (model files are read with open())."""
+        return local_path(self.fs.qualify(self.path(name)))
+
     def manifest(self, name: str) -> dict[str, Any] | None:
         self._recover(name)
         path = f"{self.path(name)}/{MANIFEST}"

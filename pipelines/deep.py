@@ -332,7 +332,7 @@ def student_and_teacher(cfg: Config, catalog: Catalog, threads: int = 1) -> dict
 
     d, out = cfg.distill, {}
     for role, stage, name in (("student", "distill", d.student), ("teacher", d.teacher, d.teacher)):
-        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
+        model_dir = catalog.local_path(f"{stage}_model")
         model = load_exported(model_dir, name)
         x, _, key = test_inputs(cfg, catalog, name, model_dir)
         out[f"{role}_parameters"] = float(sum(p.numel() for p in model.parameters()))
@@ -351,7 +351,7 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
 
     d = cfg.distill
     student = text_inputs(catalog, labels)
-    teacher_dir = local_path(catalog.fs.qualify(catalog.path(f"{d.teacher}_model")))
+    teacher_dir = catalog.local_path(f"{d.teacher}_model")
     ref = ModelRef("", d.teacher, teacher_dir, labels, cfg.model_dump(mode="json"))
     text = catalog.read("ingested", "ingest").select("id", "text")
     scored, quarantine, _ = score(text, ref)
@@ -363,10 +363,10 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
     ).localCheckpoint()  # the teacher scores every row once; the counts below reuse it
     data = student.data.join(logits, "id", "inner")
     stats = {
-        "teacher_rows": float(scored.count()),
+        "teacher_rows": float(logits.count()),
         "teacher_quarantined": float(quarantine.count()),
     }
-    missing = student.data.count() - data.count()
+    missing = student.data.join(logits, "id", "left_anti").count()
     if missing:
         raise DataError(
             f"distill: the teacher '{d.teacher}' scored no logits for {missing} training rows "
@@ -677,7 +677,7 @@ def run_deep(
             train_config["distill"]["column"] = "teacher_logits"
             train_config["data"]["extra_columns"] = ["teacher_logits"]
         else:
-            teacher_dir = local_path(catalog.fs.qualify(catalog.path(f"{d.teacher}_model")))
+            teacher_dir = catalog.local_path(f"{d.teacher}_model")
             train_config["distill"]["teacher"] = {"name": d.teacher, "dir": teacher_dir}
     if inputs.init:
         train_config["model"]["init"] = inputs.init

@@ -2,14 +2,14 @@
 the alias (`champion`) moves to it only when it beats the current holder on the same split.
 
 Candidates are this pipeline's classifier stages, the int8 (`quantize`) and distilled
-(`distill`) models included: a smaller model that scores as well is a fair champion. For each, the model is the one logged by
-the stage run that made the stage's current output (tag `sparkloom.output_fingerprint`,
-not skipped), so a stage skipped as up to date still offers the model an earlier run
-logged. The best candidate on `register.metric` becomes a version of `register.name` (an
-existing version from the same run is reused). The alias moves when there is no holder, or
-the holder was evaluated on the same data and split (`sparkloom.data`) and the candidate is
-strictly better; otherwise it stays, and the run says why. Every candidate and the
-decision are logged to the register stage's run.
+(`distill`) models included: a smaller model that scores as well is a fair champion. For
+each, the model is the one logged by the stage run that made the stage's current output
+(tag `sparkloom.output_fingerprint`, not skipped), so a stage skipped as up to date still
+offers the model an earlier run logged. The best candidate on `register.metric` becomes a
+version of `register.name` (an existing version from the same run is reused). The alias
+moves when there is no holder, or the holder was evaluated on the same data and split
+(`sparkloom.data`) and the candidate is strictly better; otherwise it stays, and the run
+says why. Every candidate and the decision are logged to the register stage's run.
 """
 
 from __future__ import annotations

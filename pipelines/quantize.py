@@ -23,7 +23,7 @@ import torch
 from pyspark.sql import functions as F
 
 from pipelines.catalog import Catalog, fingerprint, local_path
-from pipelines.config import IMAGE_MODELS, Config
+from pipelines.config import IMAGE_MODELS, Config, stage_output
 from pipelines.report import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,13 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
     qc = cfg.quantize
     source = qc.source
     made = catalog.require(f"{source}_model", source)
-    out = f"{source}_int8"
+    out = stage_output(cfg, "quantize")
     fp = fingerprint(made["fingerprint"], cfg.stage_hash("quantize"))
     done = None if force else catalog.current(out, fp)
     if done is not None:
         return QuantizeResult(**{**done["result"], "skipped": True})
 
-    model_dir = local_path(catalog.fs.qualify(catalog.path(f"{source}_model")))
+    model_dir = catalog.local_path(f"{source}_model")
     float_model = load_exported(model_dir, source)
     how = recipe(source, qc.method)
     if how["method"] == "static":  # activation ranges from training images, never test's

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 
 from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.config import IMAGE_MODELS, Config, flatten, stage_output
 from pipelines.deep import DeepResult, run_deep, student_and_teacher
 from pipelines.errors import SparkloomError, Terminated
@@ -169,7 +169,7 @@ def _quantize(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Qua
     mlflow.set_tag("sparkloom.quantized_from", result.source)
     tracking.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, int | float)})
     if not result.skipped:
-        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{result.source}_int8")))
+        model_dir = catalog.local_path(stage_output(cfg, "quantize"))
         if cfg.mlflow.log_models:  # files, and a model the registry can take
             outcome.model_uri = tracking.log_torch_model(model_dir, result.source, "model")
         else:
@@ -257,7 +257,7 @@ def _deep(stage: str):
         mlflow.log_dict(result.model_config, "model_config.json")
         if result.errors and stage in IMAGE_MODELS:
             _log_misclassified(catalog, stage, result)
-        model_dir = local_path(catalog.fs.qualify(catalog.path(f"{stage}_model")))
+        model_dir = catalog.local_path(f"{stage}_model")
         if stage == "gpt2" and not result.skipped:
             _log_samples(cfg, model_dir)
         if result.resumed_from:

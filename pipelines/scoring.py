@@ -118,11 +118,12 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         from models.quantize import INT8_WEIGHTS
         from models.weights import UnsafeWeights, load_weights
 
+        weights = [os.path.join(files, "state_dict.pt")]
+        if os.path.exists(os.path.join(files, INT8_WEIGHTS)):  # a static int8 model's
+            weights.append(os.path.join(files, INT8_WEIGHTS))
         try:  # on the driver, so an unsafe file is refused before any executor opens it
-            if not allow_pickle:
-                for name in ("state_dict.pt", INT8_WEIGHTS):
-                    if name == "state_dict.pt" or os.path.exists(os.path.join(files, name)):
-                        load_weights(os.path.join(files, name))
+            for path in weights if not allow_pickle else []:
+                load_weights(path)
         except UnsafeWeights as e:
             raise DataError(f"model {model_uri}: {e}") from None
     return ModelRef(run_id, stage, files, labels, config, allow_pickle, quantized)

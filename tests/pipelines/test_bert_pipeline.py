@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.runner import run_pipeline
 from pipelines.subword import SPECIAL_TOKENS, pretraining_examples
 from tests.conftest import make_config
@@ -48,7 +48,7 @@ def test_bert_pretrains_then_fine_tunes_through_torchdistributor(spark, tmp_path
 
     # fine-tuning started from the pretrained encoder: its word embeddings moved only a little
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    path = lambda name: local_path(catalog.fs.qualify(catalog.path(name)))  # noqa: E731
+    path = catalog.local_path
     a = torch.load(os.path.join(path("bert_pretrain_model"), "state_dict.pt"), weights_only=True)
     b = torch.load(os.path.join(path("bert_model"), "state_dict.pt"), weights_only=True)
     key = "bert.embeddings.word_embeddings.weight"
@@ -86,7 +86,7 @@ def test_static_masking_pretrains_on_masks_made_in_spark(spark, tmp_path, text_d
 
     # an epoch is two differently-masked copies of every training pair
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = local_path(catalog.fs.qualify(catalog.path("bert_pretrain_model")))
+    model_dir = catalog.local_path("bert_pretrain_model")
     with open(os.path.join(model_dir, "tokenizer.json")) as f:
         tokenizer_json = f.read()
     train = catalog.read("ingested", "ingest").filter("split = 'train'")

@@ -9,7 +9,7 @@ import os
 import mlflow
 import pytest
 
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.errors import ConfigError
 from pipelines.runner import run_pipeline
 from pipelines.scoring import score
@@ -41,7 +41,7 @@ def test_a_student_trains_on_the_teachers_logits(spark, tmp_path, text_dirs):
     assert student.metrics["test_accuracy"] >= 0.5  # 3 topics: a guess gets ~0.33
 
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = local_path(catalog.fs.qualify(catalog.path("distill_model")))
+    model_dir = catalog.local_path("distill_model")
     with open(os.path.join(model_dir, "distill.json")) as f:
         assert json.load(f) == {"teacher": "lstm", "student": "textcnn", "temperature": 2.0,
                                 "alpha": 0.7, "teacher_logits": "precomputed"}  # fmt: skip
@@ -93,7 +93,7 @@ def test_teacher_logits_on_the_fly_train_the_student_the_precomputed_ones_do(
     assert fly.metrics["test_accuracy"] == pre.metrics["test_accuracy"]
 
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = local_path(catalog.fs.qualify(catalog.path("distill_model")))
+    model_dir = catalog.local_path("distill_model")
     with open(os.path.join(model_dir, "distill.json")) as f:
         assert json.load(f)["teacher_logits"] == "on_the_fly"
 

@@ -17,7 +17,7 @@ from models.data import make_dataloader
 from models.quantize import load_int8
 from models.registry import ImageScorer
 from models.train import load_exported
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.converter import make_spark_converter
 from pipelines.runner import run_pipeline
 from pipelines.sample_data import digits, write_idx
@@ -77,7 +77,7 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
 
     # the stored model scores raw pixels the way training standardized them
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = local_path(catalog.fs.qualify(catalog.path("cnn_model")))
+    model_dir = catalog.local_path("cnn_model")
     with open(os.path.join(model_dir, "preprocess.json")) as f:
         pre = json.load(f)
     assert (
@@ -98,7 +98,7 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
     assert q["float_test_accuracy"] == pytest.approx(cnn.metrics["test_accuracy"], abs=1e-6)
     assert abs(q["accuracy_delta"]) <= 0.02 and q["agreement"] >= 0.95, q
     assert q["int8_bytes"] < 0.5 * q["float_bytes"]  # a 58 KB model: headers weigh; ~1/4 at size
-    int8_dir = local_path(catalog.fs.qualify(catalog.path("cnn_int8")))
+    int8_dir = catalog.local_path("cnn_int8")
     with open(os.path.join(int8_dir, "quantization.json")) as f:
         how = json.load(f)
     assert how["method"] == "static" and how["static"] == [

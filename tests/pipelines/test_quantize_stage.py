@@ -14,7 +14,7 @@ import torch
 from models.quantize import quantize
 from models.registry import Scorer
 from models.train import load_exported
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.runner import run_pipeline
 from pipelines.scoring import score
 from tests.conftest import make_config
@@ -49,7 +49,7 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
     assert reg.candidates[0]["value"] == pytest.approx(m["test_f1"])
 
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    int8_dir = local_path(catalog.fs.qualify(catalog.path("lstm_int8")))
+    int8_dir = catalog.local_path("lstm_int8")
     with open(os.path.join(int8_dir, "quantization.json")) as f:
         recipe = json.load(f)
     assert recipe["source"] == "lstm" and recipe["method"] == "dynamic"

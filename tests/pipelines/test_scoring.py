@@ -9,7 +9,7 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.runner import run_pipeline
 from pipelines.scoring import score
 from tests.conftest import make_config
@@ -70,9 +70,7 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
     from models.registry import Scorer
     from models.train import load_exported
 
-    model = Scorer(
-        load_exported(local_path(catalog.fs.qualify(catalog.path("lstm_model"))), "lstm")
-    )
+    model = Scorer(load_exported(catalog.local_path("lstm_model"), "lstm"))
     feats = catalog.read("features", "features").filter("split = 'test'").select("id", "token_ids")
     rows = feats.collect()
     ids = torch.zeros(len(rows), 32, dtype=torch.int64)
@@ -142,7 +140,7 @@ def test_image_models_score_files_like_the_in_process_scorer(spark, tmp_path):
     df = read_images(spark, str(pngs))
     n_files = sum(1 for p in pngs.rglob("*") if p.is_file())
     ingested = {r["id"]: bytes(r["image"]) for r in catalog.read("ingested", "ingest").collect()}
-    model_dir = local_path(catalog.fs.qualify(catalog.path("cnn_model")))
+    model_dir = catalog.local_path("cnn_model")
     pre = catalog.manifest("ingested")["image"]
     scorer = ImageScorer(load_exported(model_dir, "cnn"), pre["mean"], pre["std"]).eval()
     for stage in ("baseline", "cnn"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.catalog import Catalog, local_path
+from pipelines.catalog import Catalog
 from pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
@@ -34,7 +34,7 @@ def pipeline(tmp_path, text_dirs):
 
 def final_weights(spark, cfg) -> dict[str, torch.Tensor]:
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = local_path(catalog.fs.qualify(catalog.path("lstm_model")))
+    model_dir = catalog.local_path("lstm_model")
     return torch.load(os.path.join(model_dir, "state_dict.pt"), weights_only=True)
 
 
