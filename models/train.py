@@ -21,6 +21,7 @@ fail right after that optimizer step (used by the fault-injection tests).
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import math
 import os
@@ -219,6 +220,12 @@ def setup(cfg: RunConfig) -> Dist:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     if world_size > 1 and not dist.is_initialized():
+        # DDP imports torch._dynamo on first use. Imported after the process group exists, that
+        # import keeps references to the group (10 in torch 2.13) that destroy_process_group
+        # cannot drop, so gloo's threads live on into interpreter exit and, now and then,
+        # abort it (SIGABRT: "terminate called without an active exception") after a run
+        # that succeeded. Imported first, it never sees the group.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(
             backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.timeout_s)
         )
@@ -864,9 +871,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         return result
     finally:
         if dist.is_initialized():
-            # DDP's reducer keeps the process group alive from a reference cycle; left to the
-            # collector at interpreter exit, gloo's threads die mid-teardown (SIGABRT, about 1
-            # run in 15 under load). Free it now, while the interpreter is whole.
+            # Free the group (and stop gloo's threads) now, while the interpreter is whole; the
+            # DDP wrapper of the finished model is garbage by now but may sit in a cycle.
             gc.collect()
             dist.destroy_process_group()
 

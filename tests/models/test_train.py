@@ -111,17 +111,34 @@ def test_runs_without_pyspark_installed(tmp_path):
     assert json.loads(p.stdout[p.stdout.index("{") :])["global_step"] == 8
 
 
+# Each rank trains, then names the threads it still has: gloo's must be gone before the
+# interpreter exits, or they can abort a run that succeeded (SIGABRT at exit).
+RANK_SCRIPT = """
+import glob, os, sys
+sys.path.insert(0, {root!r})
+from models.train import main
+main([sys.argv[1]])
+names = sorted(open(t + "comm").read().strip() for t in glob.glob("/proc/self/task/*/"))
+print("rank", os.environ["RANK"], "threads at exit:", names, file=sys.stderr)
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(config(tmp_path, epochs=4)))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(root=str(ROOT)))
     p = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-         "-m", "models.train", str(cfg_path)],
+         str(script), str(cfg_path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
+    left = [line for line in p.stderr.splitlines() if "threads at exit" in line]
+    assert len(left) == 2, p.stderr[-3000:]
+    assert not [line for line in left if "gloo" in line], left  # the process group was freed
     out = json.loads(p.stdout[p.stdout.index("{\n") :])
     assert out["world_size"] == 2
     assert out["global_step"] == 4 * 4  # 120 rows / 2 ranks / 16 per batch = 4 steps per epoch
