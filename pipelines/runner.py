@@ -74,10 +74,11 @@ def run_pipeline(
             started = time.perf_counter()
             log.info("[%s] started", stage)
             section = {k: v for k, v in flatten(cfg).items() if k.startswith(f"{stage}.")}
+            redo = not force and _unrecorded(cfg, catalog, stage, parent.info.experiment_id)
             with tracking.stage_run(stage, params=section) as child:
                 outcome.stage_run_ids[stage] = child.info.run_id
                 try:
-                    result = _STAGES[stage](spark, cfg, catalog, force, outcome)
+                    result = _STAGES[stage](spark, cfg, catalog, force or redo, outcome)
                 except Exception as e:
                     if terminating():  # a job cancelled by SIGTERM: the stop, not a failure
                         raise Terminated(terminating()) from e
@@ -103,6 +104,21 @@ def run_pipeline(
             note = " (up to date, skipped; --force redoes it)" if result.skipped else ""
             log.info("[%s] done in %.1fs%s: %s", stage, seconds, note, result.summary())
     return outcome
+
+
+def _unrecorded(cfg: Config, catalog: Catalog, stage: str, experiment_id: str) -> bool:
+    """The stage's output is committed, but no finished run of it logged that output: it
+    failed or was killed after the commit, while logging its metrics or model. Skipping it
+    as up to date would leave MLflow without them (and `register` without a model), so the
+    stage is redone."""
+    output = stage_output(cfg, stage)
+    made = catalog.manifest(output) if output else None
+    if made is None or tracking.recorded(experiment_id, stage, made["fingerprint"]):
+        return False
+    log.warning("[%s] its output %s was committed by a run that did not finish (no finished "
+                "run logged it); redoing the stage so MLflow has its metrics and model",
+                stage, output)  # fmt: skip
+    return True
 
 
 def _ingest(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> IngestResult:

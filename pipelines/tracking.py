@@ -205,6 +205,23 @@ def _ended(error: BaseException | None) -> str:
     return RunStatus.to_string(RunStatus.FAILED)  # exceptions and sys.exit alike
 
 
+def recorded(experiment_id: str, stage: str, fingerprint: str) -> bool:
+    """Whether a finished run of `stage` made (not skipped) the output with this fingerprint:
+    what `register` looks up, so a stage skipped as up to date must have one."""
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`sparkloom.stage` = '{stage}' and "
+            f"tags.`sparkloom.output_fingerprint` = '{fingerprint}' and "
+            "tags.`sparkloom.skipped` = 'false' and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    return bool(runs)
+
+
 @contextmanager
 def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
     """The parent run: ends FINISHED on success, KILLED on SIGINT/SIGTERM, FAILED on any

@@ -67,3 +67,39 @@ def test_failing_stage_marks_runs_failed(spark, tmp_path):
     client = MlflowClient(cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+@pytest.mark.slow
+def test_a_stage_that_failed_after_its_commit_is_redone_not_skipped(
+    spark, tmp_path, text_dirs, monkeypatch
+):
+    """The baseline commits its model, then logging it to MLflow fails: the output is current
+    but no finished run holds its metrics or model. The next run must redo that stage (and
+    only it), or `register` would find nothing to register."""
+    cfg = make_config(tmp_path, ingest={"format": "text_dirs", "path": str(text_dirs)})
+    stages = ["ingest", "features", "baseline"]
+
+    def unreachable(*args, **kwargs):
+        raise OSError("artifact store unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr("pipelines.runner.tracking.log_spark_model", unreachable)
+        with pytest.raises(Exception, match="stage 'baseline' failed: OSError"):
+            run_pipeline(spark, cfg, stages)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("tests").experiment_id
+    failed = client.search_runs([exp], "tags.`sparkloom.stage` = 'baseline'")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert (Path(cfg.pipeline.data_root) / "t" / "baseline_model" / "_manifest.json").exists()
+
+    again = run_pipeline(spark, cfg, stages)
+    skipped = {s: r.skipped for s, r in again.results.items()}
+    assert skipped == {"ingest": True, "features": True, "baseline": False}
+    assert again.model_uri is not None
+    done = client.search_runs(
+        [exp], "tags.`sparkloom.stage` = 'baseline' and attributes.status = 'FINISHED'"
+    )
+    assert len(done) == 1 and done[0].data.metrics["test_accuracy"] >= 0.9
+
+    third = run_pipeline(spark, cfg, stages)  # now recorded: every stage is up to date
+    assert all(r.skipped for r in third.results.values())
