@@ -63,9 +63,8 @@ class ModelRef:
         return "image" if self.config["ingest"]["format"] in IMAGE_FORMATS else "text"
 
 
-def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
-    """Find the run behind a model URI, download what scoring needs."""
-    import mlflow
+def run_id_of(model_uri: str) -> str:
+    """The MLflow run behind models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/..."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -83,6 +82,16 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         run_id = model_uri.removeprefix("runs:/").split("/", 1)[0]
     else:
         raise DataError(f"model {model_uri}: give models:/NAME@ALIAS or runs:/RUN_ID/model")
+    return run_id
+
+
+def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
+    """Find the run behind a model URI, download what scoring needs."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run_id = run_id_of(model_uri)
     run = client.get_run(run_id)
     stage = run.data.tags.get("sparkloom.stage")
     if stage not in SCORABLE:
@@ -390,12 +399,13 @@ def run_score(spark, cfg, catalog, force: bool = False) -> ScoreStageResult:
 
     sc = cfg.score
     uri = sc.model or f"models:/{cfg.register.name or cfg.pipeline.name}@{cfg.register.alias}"
-    ref = resolve(uri)
     ingested = catalog.require("ingested", "ingest")
-    fp = fingerprint(ingested["fingerprint"], cfg.stage_hash("score"), ref.run_id)
+    run_id = run_id_of(uri)  # the skip test needs the run only: nothing is downloaded for it
+    fp = fingerprint(ingested["fingerprint"], cfg.stage_hash("score"), run_id)
     done = None if force else catalog.current("scores", fp)
     if done is not None:
         return ScoreStageResult(**{**done["result"], "skipped": True})
+    ref = resolve(uri)
 
     image = ref.modality == "image"
     col = "image" if image else "text"

@@ -19,7 +19,7 @@ LSTM = {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
 
 
 @pytest.mark.slow
-def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
+def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypatch):
     cfg = make_config(
         tmp_path,
         pipeline={"stages": ["ingest", "features", "baseline", "lstm", "register", "score"]},
@@ -45,7 +45,13 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs):
         "label",
         "predicted_label",
     }
-    again = run_pipeline(spark, cfg, ["score"])  # same data, section and champion: skipped
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"an up-to-date score stage downloaded {kwargs or args}")
+
+    with monkeypatch.context() as m:  # same data, section and champion: skipped, and the
+        m.setattr("mlflow.artifacts.download_artifacts", no_download)  # model not fetched
+        again = run_pipeline(spark, cfg, ["score"])
     assert again.results["score"].skipped and again.results["score"].accuracy == s.accuracy
     extra = spark.createDataFrame([("blank", "  "), ("null", None)], "id string, text string")
     df = test.unionByName(extra)
