@@ -78,7 +78,8 @@ class Scorer(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids)["logits"].softmax(-1)
+        # an int8 model's 8-bit embedding reads contiguous ids only (a column slice is not)
+        return self.model(input_ids=input_ids.contiguous())["logits"].softmax(-1)
 
 
 class ImageScorer(nn.Module):

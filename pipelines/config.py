@@ -565,19 +565,20 @@ class DistillConfig(Section):
 class QuantizeConfig(Section):
     """The `quantize` stage: an int8 copy of a trained classifier, measured beside it on the
     test split. `dynamic` quantizes Linear, LSTM and Embedding layers (BERT: Linear);
-    `static` also runs the CNNs' conv trunk in int8, with activation ranges observed on
-    `calibration_rows` training images; `auto` is static for the CNNs, dynamic otherwise."""
+    `static` also runs the CNNs' convolutions in int8 (cnn, alexnet, textcnn), with
+    activation ranges observed on `calibration_rows` training rows; `auto` is static for the
+    image CNNs, dynamic otherwise."""
 
     source: Literal["lstm", "textcnn", "bert", "cnn", "alexnet"] = "bert"
     method: Literal["auto", "dynamic", "static"] = "auto"
-    calibration_rows: int = Field(512, ge=1)  # training images the static ranges come from
+    calibration_rows: int = Field(512, ge=1)  # training rows the static ranges come from
     threads: int = Field(1, ge=1)  # CPU threads for the throughput measurement
 
     @model_validator(mode="after")
     def _static_for_cnns(self) -> QuantizeConfig:
-        if self.method == "static" and self.source not in IMAGE_MODELS:
+        if self.method == "static" and self.source not in (*IMAGE_MODELS, "textcnn"):
             raise ValueError(
-                f"quantize.method=static covers the CNNs {list(IMAGE_MODELS)}, not "
+                f"quantize.method=static covers the CNNs {[*IMAGE_MODELS, 'textcnn']}, not "
                 f"'{self.source}' (no static int8 kernels for its embedding/LSTM/attention "
                 "layers); use quantize.method=dynamic or auto"
             )

@@ -75,7 +75,8 @@ def test_inputs(
     config = cfg.model_dump(mode="json")
     ref = ModelRef("", stage, model_dir, [], config)
     ids = _token_ids(ref, data.select("id", "text"), ref.max_length)
-    rows = ids.join(data.select("id", "label_index"), "id").orderBy("id").collect()
+    rows = ids.join(data.select("id", "label_index"), "id").orderBy("id")
+    rows = (rows.limit(limit) if limit else rows).collect()
     x = torch.tensor([r["ids"] for r in rows], dtype=torch.int64)
     return x, torch.tensor([r["label_index"] for r in rows]), "input_ids"
 
@@ -96,7 +97,7 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
     model_dir = catalog.local_path(f"{source}_model")
     float_model = load_exported(model_dir, source)
     how = recipe(source, qc.method)
-    if how["method"] == "static":  # activation ranges from training images, never test's
+    if how["method"] == "static":  # activation ranges from training rows, never test's
         calibration, _, _ = test_inputs(cfg, catalog, source, model_dir, "train",
                                         qc.calibration_rows)  # fmt: skip
         int8_model = static_quantize(float_model, how, calibration)

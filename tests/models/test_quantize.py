@@ -109,6 +109,39 @@ def test_static_quantization_runs_the_cnn_trunks_in_int8_and_reloads_exactly(tmp
             assert torch.equal(again(images=images)["logits"], q(images=images)["logits"])
 
 
+def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
+    """TextCNN's convolutions (one per filter size) and head in int8, calibrated on token
+    ids; padding and masking still decide which windows count, so padded rows score as
+    unpadded ones, and the stored int8 weights rebuild the same model."""
+    from models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
+
+    torch.manual_seed(0)
+    model = decisive(build_model("textcnn", TEXTCNN))
+    gen = torch.Generator().manual_seed(3)
+    calibration = torch.randint(1, 2000, (128, 24), generator=gen)
+    ids = torch.randint(1, 2000, (256, 24), generator=gen)
+    ids[::2, 12:] = 0  # half the rows padded
+    assert recipe("textcnn")["method"] == "dynamic"  # auto: asked for, not the default
+    how = recipe("textcnn", "static")
+    q = static_quantize(model, how, calibration)
+    kinds = [type(m).__name__ for m in q.modules()]
+    assert kinds.count("Conv1d") == len(model.cfg.filter_sizes)  # the quantized kind
+    assert not any(isinstance(m, nn.Conv1d | nn.Linear | nn.Embedding) for m in q.modules())
+    assert serialized_bytes(q) < 0.45 * serialized_bytes(model)  # 8-bit embedding table too
+    with torch.no_grad():
+        whole = q(input_ids=ids)["logits"]
+        alone = q(input_ids=ids[:3])["logits"]
+        trimmed = q(input_ids=ids[:1, :12])["logits"]  # the padded row without its pads
+    assert torch.equal(whole[:3], alone) and torch.equal(whole[:1], trimmed)
+    labels = model(input_ids=ids)["logits"].argmax(-1)
+    assert compare(model, q, ids, labels)["agreement"] >= 0.9
+
+    torch.save(q.state_dict(), tmp_path / INT8_WEIGHTS)
+    again = load_int8(build_model("textcnn", TEXTCNN).eval(), how, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids)["logits"], whole)
+
+
 def test_static_quantization_is_for_the_cnns_only():
     import pytest
 

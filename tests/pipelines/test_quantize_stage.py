@@ -20,6 +20,15 @@ from pipelines.scoring import score
 from tests.conftest import make_config
 
 
+def _test_split_ids(catalog: Catalog, length: int = 32) -> tuple[list, torch.Tensor]:
+    """The test split's rows of the features stage and their token ids, right-padded."""
+    feats = catalog.read("features", "features").filter("split = 'test'").collect()
+    ids = torch.zeros(len(feats), length, dtype=torch.int64)
+    for i, r in enumerate(feats):
+        ids[i, : len(r["token_ids"])] = torch.tensor(r["token_ids"])
+    return feats, ids
+
+
 @pytest.mark.slow
 def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_dirs):
     cfg = make_config(
@@ -69,10 +78,7 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
     assert ref.quantized["method"] == "dynamic" and ref.stage == "lstm"
     got = {r["id"]: r["probabilities"] for r in scored.collect()}
     int8 = Scorer(quantize(load_exported(int8_dir, "lstm"))).eval()
-    feats = catalog.read("features", "features").filter("split = 'test'").collect()
-    ids = torch.zeros(len(feats), 32, dtype=torch.int64)
-    for i, r in enumerate(feats):
-        ids[i, : len(r["token_ids"])] = torch.tensor(r["token_ids"])
+    feats, ids = _test_split_ids(catalog)
     with torch.no_grad():
         want = int8(ids).numpy()
     # dynamic quantization scales activations per batch, so Spark's 64-row batches give
@@ -111,3 +117,48 @@ def test_a_static_int8_alexnet_is_logged_as_a_model_mlflow_loads(tmp_path):
     with torch.no_grad():
         want = ImageScorer(int8, pre["mean"], pre["std"]).eval()(pixels)
         assert torch.allclose(logged(pixels), want, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_static_int8_textcnn_is_measured_logged_and_scored(spark, tmp_path, text_dirs):
+    """quantize.method=static on a TextCNN: calibrated on training rows, its int8 weights
+    stored; batch scoring rebuilds exactly that model, and the model MLflow logged
+    (TorchScript) scores sequences of another length the same."""
+    from models.quantize import load_int8
+
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "features", "textcnn", "quantize"]},
+        ingest={"format": "text_dirs", "path": str(text_dirs)},
+        features={"sequence": {"min_df": 1, "max_length": 32}},
+        textcnn={"model": {"embed_dim": 16, "num_filters": 8},
+                 "training": {"epochs": 4, "batch_size": 8, "optimizer": {"lr": 0.02}}},
+        quantize={"source": "textcnn", "method": "static", "calibration_rows": 40},
+    )  # fmt: skip
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    m = outcome.results["quantize"].metrics
+    assert outcome.results["quantize"].name == "textcnn-int8"
+    assert m["float_test_accuracy"] == pytest.approx(
+        outcome.results["textcnn"].metrics["test_accuracy"], abs=1e-9
+    )
+    assert abs(m["accuracy_delta"]) <= 0.05 and m["agreement"] >= 0.9
+
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    int8_dir = catalog.local_path("textcnn_int8")
+    with open(os.path.join(int8_dir, "quantization.json")) as f:
+        how = json.load(f)
+    assert how["method"] == "static" and how["calibration_rows"] == 40
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
+    scored, _, ref = score(test, f"runs:/{outcome.stage_run_ids['quantize']}/model")
+    assert ref.quantized["method"] == "static" and ref.stage == "textcnn"
+    got = {r["id"]: r["probabilities"] for r in scored.collect()}
+    int8 = Scorer(load_int8(load_exported(int8_dir, "textcnn"), how, int8_dir)).eval()
+    feats, ids = _test_split_ids(catalog)
+    with torch.no_grad():
+        want = int8(ids).numpy()
+        logged = mlflow.pytorch.load_model(outcome.model_uri)
+        assert torch.allclose(logged(ids[:5, :20]), int8(ids[:5, :20]), atol=1e-6)
+    have = np.array([got[r["id"]] for r in feats])
+    assert np.allclose(have, want, atol=1e-5)  # fixed scales: the same in any batch
