@@ -567,7 +567,7 @@ class QuantizeConfig(Section):
     test split. `dynamic` quantizes Linear, LSTM and Embedding layers (BERT: Linear);
     `static` also runs the CNNs' convolutions in int8 (cnn, alexnet, textcnn), with
     activation ranges observed on `calibration_rows` training rows; `auto` is static for the
-    image CNNs, dynamic otherwise."""
+    CNNs, dynamic otherwise."""
 
     source: Literal["lstm", "textcnn", "bert", "cnn", "alexnet"] = "bert"
     method: Literal["auto", "dynamic", "static"] = "auto"

@@ -121,8 +121,8 @@ def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
     calibration = torch.randint(1, 2000, (128, 24), generator=gen)
     ids = torch.randint(1, 2000, (256, 24), generator=gen)
     ids[::2, 12:] = 0  # half the rows padded
-    assert recipe("textcnn")["method"] == "dynamic"  # auto: asked for, not the default
-    how = recipe("textcnn", "static")
+    how = recipe("textcnn")  # auto: static, as for the image CNNs
+    assert how["method"] == "static" and recipe("textcnn", "dynamic")["method"] == "dynamic"
     q = static_quantize(model, how, calibration)
     kinds = [type(m).__name__ for m in q.modules()]
     assert kinds.count("Conv1d") == len(model.cfg.filter_sizes)  # the quantized kind
