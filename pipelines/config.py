@@ -27,6 +27,7 @@ STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
 CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize")
 TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "distill", "gpt2")  # text stages
 IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
+STATIC_INT8 = (*IMAGE_MODELS, "textcnn")  # quantize.method=static: the CNNs (models.quantize)
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
 # which sections decide a stage's output (its own and those upstream of it)
 DEPENDS = {
@@ -576,9 +577,9 @@ class QuantizeConfig(Section):
 
     @model_validator(mode="after")
     def _static_for_cnns(self) -> QuantizeConfig:
-        if self.method == "static" and self.source not in (*IMAGE_MODELS, "textcnn"):
+        if self.method == "static" and self.source not in STATIC_INT8:
             raise ValueError(
-                f"quantize.method=static covers the CNNs {[*IMAGE_MODELS, 'textcnn']}, not "
+                f"quantize.method=static covers the CNNs {list(STATIC_INT8)}, not "
                 f"'{self.source}' (no static int8 kernels for its embedding/LSTM/attention "
                 "layers); use quantize.method=dynamic or auto"
             )

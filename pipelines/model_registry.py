@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.catalog import Catalog
 from pipelines.config import CLASSIFIERS, Config, stage_output
 from pipelines.errors import DataError
+from pipelines.tracking import making_run
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,12 @@ def find_candidates(cfg: Config, catalog: Catalog, client: MlflowClient) -> list
         made = catalog.manifest(stage_output(cfg, stage))
         if made is None:
             raise DataError(f"register: no '{stage}' model yet; run the '{stage}' stage first")
-        runs = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=(
-                f"tags.`sparkloom.output_fingerprint` = '{made['fingerprint']}' "
-                "and tags.`sparkloom.skipped` = 'false' and attributes.status = 'FINISHED'"
-            ),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not runs:
+        run = making_run(experiment.experiment_id, stage, made["fingerprint"])
+        if run is None:
             raise DataError(
                 f"register: the current '{stage}' model was logged by no finished run in "
                 f"experiment '{cfg.experiment}'; rerun it with --force so MLflow has it"
             )
-        run = runs[0]
         value = run.data.metrics.get(rc.metric)
         if value is None:
             raise DataError(f"register: the '{stage}' run {run.info.run_id} has no {rc.metric}")

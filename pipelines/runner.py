@@ -113,7 +113,7 @@ def _unrecorded(cfg: Config, catalog: Catalog, stage: str, experiment_id: str) -
     stage is redone."""
     output = stage_output(cfg, stage)
     made = catalog.manifest(output) if output else None
-    if made is None or tracking.recorded(experiment_id, stage, made["fingerprint"]):
+    if made is None or tracking.making_run(experiment_id, stage, made["fingerprint"]):
         return False
     log.warning("[%s] its output %s was committed by a run that did not finish (no finished "
                 "run logged it); redoing the stage so MLflow has its metrics and model",

@@ -205,9 +205,10 @@ def _ended(error: BaseException | None) -> str:
     return RunStatus.to_string(RunStatus.FAILED)  # exceptions and sys.exit alike
 
 
-def recorded(experiment_id: str, stage: str, fingerprint: str) -> bool:
-    """Whether a finished run of `stage` made (not skipped) the output with this fingerprint:
-    what `register` looks up, so a stage skipped as up to date must have one."""
+def making_run(experiment_id: str, stage: str, fingerprint: str) -> Any | None:
+    """The latest finished run of `stage` that made (not skipped) the output with this
+    fingerprint: the run whose model `register` takes, and which a stage skipped as up to
+    date must have."""
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient().search_runs(
@@ -217,9 +218,10 @@ def recorded(experiment_id: str, stage: str, fingerprint: str) -> bool:
             f"tags.`sparkloom.output_fingerprint` = '{fingerprint}' and "
             "tags.`sparkloom.skipped` = 'false' and attributes.status = 'FINISHED'"
         ),
+        order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return bool(runs)
+    return runs[0] if runs else None
 
 
 @contextmanager
