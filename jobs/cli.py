@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     spark = None
     try:
         from pipelines.config import load_config
-        from pipelines.ingest import check_local_input
+        from pipelines.sources import check_local_input
 
         cfg = load_config(args.conf, args.overrides)
         stages = (

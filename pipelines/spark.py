@@ -152,7 +152,7 @@ def read_images(spark: SparkSession, path: str, glob: str = "*"):
     from pyspark.sql import functions as F
 
     from pipelines.errors import DataError
-    from pipelines.ingest import binary_files
+    from pipelines.sources import binary_files
 
     if not os.path.isdir(path) and "://" not in path:
         raise DataError(f"--images: {path} is not a folder of image files")

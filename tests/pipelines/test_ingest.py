@@ -6,7 +6,8 @@ from pyspark.sql import functions as F
 from pipelines.catalog import Catalog
 from pipelines.config import SplitConfig
 from pipelines.errors import DataError
-from pipelines.ingest import resolve_input_path, run_ingest, with_ids, with_split
+from pipelines.ingest import run_ingest, with_ids, with_split
+from pipelines.sources import resolve_input_path
 from tests.conftest import make_config, make_docs, write_csv, write_jsonl
 
 DOCS = make_docs()  # 90 documents, 3 labels
