@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
                   "bert_pretrain", "bert", "distill", "gpt2", "quantize", "register")  # fmt: skip
@@ -69,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare(argv[1:])
     args = parse_args(argv)
     _setup_logging(args.verbose)
-    from pipelines.errors import SparkloomError, Terminated
-    from pipelines.spark import handle_termination, terminating
-    from pipelines.tracking import mask
+    from pipelines.errors import Terminated
+    from pipelines.spark import handle_termination
 
     handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
     spark = None
@@ -89,35 +89,74 @@ def main(argv: list[str] | None = None) -> int:
             check_local_input(cfg.require_ingest())  # before paying for a JVM
 
         from pipelines.runner import run_pipeline
-        from pipelines.spark import get_spark
+        from pipelines.spark import get_spark, quiet_task_failures
 
         spark = get_spark(cfg.spark)
+        if not args.verbose:
+            quiet_task_failures(spark)
         outcome = run_pipeline(spark, cfg, stages, force=args.force, command=args.command)
         _print_outcome(cfg, outcome)
         return 0
-    except (KeyboardInterrupt, Terminated) as e:
-        return _killed(e)
-    except Exception as e:
-        if terminating():  # after a stop, what surfaces is the stop: a stage failed by the
-            # cancelled job, a Py4J call cut mid-answer
-            log.debug("after the stop signal: %s", e, exc_info=True)
-            return _killed(Terminated(terminating()))
-        if isinstance(e, SparkloomError):
-            cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
-            if args.verbose and cause is not None and not isinstance(cause, SparkloomError):
-                raise
-            print(f"sparkloom: error: {mask('error', str(e))}", file=sys.stderr)
-            return e.exit_code
-        # Spark/Py4J errors: one line unless --verbose
-        if args.verbose:
-            raise
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        print(f"sparkloom: {args.command} failed: {type(e).__name__}: {mask('error', first)} "
-              "(rerun with --verbose for the full traceback)", file=sys.stderr)  # fmt: skip
-        return 1
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        return fail(e, args.command, args.verbose)
     finally:
         if spark is not None:
             stop_spark(spark)
+
+
+def fail(e: BaseException, command: str, verbose: bool, model: str | None = None) -> int:
+    """How every entry point (stages, run, score, generate, compare) ends on an error: one
+    line on stderr that names the problem and the fix, and the exit code: SparkloomError's
+    own, 3 for a `model` MLflow does not have, 128+N for a stop, 1 for anything else.
+    --verbose adds the traceback where the error is not one of ours."""
+    from pipelines.errors import SparkloomError, Terminated
+    from pipelines.spark import terminating
+    from pipelines.tracking import mask
+
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        return _killed(e, command)
+    if terminating():  # after a stop, what surfaces is the stop: a stage failed by the
+        # cancelled job, a Py4J call cut mid-answer
+        log.debug("after the stop signal: %s", e, exc_info=e)
+        return _killed(Terminated(terminating()), command)
+    cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
+    if verbose and not (isinstance(e, SparkloomError) and isinstance(cause, SparkloomError | None)):
+        traceback.print_exception(e, file=sys.stderr)
+    shown = _not_in_mlflow(e, model) or e
+    if isinstance(shown, SparkloomError):
+        print(f"{_prog(command)}: error: {mask('error', str(shown))}", file=sys.stderr)
+        return shown.exit_code
+    # Spark/Py4J/MLflow errors: the first line; the traceback with --verbose
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    hint = "" if verbose else " (rerun with --verbose for the full traceback)"
+    print(f"sparkloom: {command} failed: {type(e).__name__}: {mask('error', first)}{hint}",
+          file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def _prog(command: str) -> str:
+    return "sparkloom" if command in (*STAGE_COMMANDS, "run") else f"sparkloom {command}"
+
+
+def _not_in_mlflow(e: BaseException, model: str | None):
+    """MLflow's "not found" (an unknown run id, registered model, version or alias) as a
+    DataError naming the model asked for and where to look; None for any other error."""
+    errors = sys.modules.get("mlflow.exceptions")  # an MLflow error means MLflow is imported
+    if errors is None or not isinstance(e, errors.MlflowException):
+        return None
+    if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+        return None
+    import mlflow
+
+    from pipelines.errors import DataError
+
+    what = f"model {model}" if model else "what was asked for"
+    first = next((ln for ln in str(e).splitlines() if ln.strip()), "not found")
+    return DataError(
+        f"{what} is not in MLflow at {mlflow.get_tracking_uri()}: {first}; check the run id "
+        "(`mlflow runs list --experiment-id ID`, or the MLflow UI), the registered model's "
+        "name and alias or version (the UI's Models page), and --tracking-uri"
+    )
 
 
 def _print_outcome(cfg, outcome) -> None:
@@ -180,20 +219,28 @@ def _print_comparison(outcome) -> None:
         print("\n".join(rows) + "\n")
 
 
-def _killed(e: BaseException) -> int:
+def _killed(e: BaseException, command: str = "run") -> int:
     why = str(e) if not isinstance(e, KeyboardInterrupt) else "stopped by SIGINT"
-    print(f"sparkloom: {why}; its MLflow runs are marked KILLED", file=sys.stderr)
+    if command in (*STAGE_COMMANDS, "run"):
+        why += "; its MLflow runs are marked KILLED"
+    print(f"{_prog(command)}: {why}", file=sys.stderr)
     return getattr(e, "exit_code", 130)
 
 
 def stop_spark(spark) -> None:
     """Stop the session; if the JVM is already gone (a kill of the whole process group), say
-    so in the debug log instead of replacing the run's own outcome with a Py4J traceback."""
+    so in the debug log instead of replacing the run's own outcome with a Py4J traceback.
+    When stop() cannot run (or a second Ctrl-C cuts it), the JVM we launched is killed: it
+    would otherwise outlive us, holding our stdout/stderr."""
+    from pipelines.errors import Terminated
+    from pipelines.spark import kill_jvm
+
     try:
         spark.stop()
-    except Exception as e:  # noqa: BLE001 - the exit code must stay the run's own
-        log.debug("SparkSession.stop failed (%s: %s); the JVM was already gone",
-                  type(e).__name__, e)  # fmt: skip
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # the outcome stays the run's own
+        kill_jvm()
+        log.debug("SparkSession.stop failed (%s: %s); the JVM was already gone or is now "
+                  "killed", type(e).__name__, e)  # fmt: skip
 
 
 def _setup_logging(verbose: bool) -> None:

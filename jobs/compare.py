@@ -12,7 +12,6 @@ compare:<experiment> in the same experiment.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,14 +36,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging
+    from jobs.cli import _setup_logging, fail
 
     args = parse_args(argv)
     _setup_logging(args.verbose)
-    from mlflow.exceptions import MlflowException
+    from pipelines.errors import Terminated
+    from pipelines.spark import handle_termination
 
-    from pipelines.errors import SparkloomError
-
+    handle_termination()
     try:
         cfg = None
         if args.conf:
@@ -72,9 +71,5 @@ def run(argv: list[str]) -> int:
                 log_report(report)
             print(f"logged to MLflow run {r.info.run_id} (compare:{experiment}), under comparison/")
         return 0
-    except (SparkloomError, ValueError, OSError, MlflowException) as e:
-        if args.verbose:
-            raise
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        print(f"sparkloom compare: error: {first}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        return fail(e, "compare", args.verbose)

@@ -13,7 +13,6 @@ lines, or .txt with one prompt per line) and writes Parquet, blank prompts to qu
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,7 +54,9 @@ def _sampling(args: argparse.Namespace, cfg):
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}  # fmt: skip
     s = Sampling(**{**vars(defaults), **{k: v for k, v in given.items() if v is not None}})
     if s.max_new_tokens < 1 or s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
-        raise ValueError(
+        from pipelines.errors import ConfigError
+
+        raise ConfigError(
             f"bad sampling settings {vars(s)}: max_new_tokens >= 1, temperature >= 0, "
             "top_k >= 0, 0 < top_p <= 1"
         )
@@ -63,12 +64,14 @@ def _sampling(args: argparse.Namespace, cfg):
 
 
 def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging, stop_spark
+    from jobs.cli import _setup_logging, fail, stop_spark
 
     args = parse_args(argv)
     _setup_logging(args.verbose)
-    from pipelines.errors import SparkloomError
+    from pipelines.errors import Terminated
+    from pipelines.spark import handle_termination
 
+    handle_termination()
     spark = None
     try:
         cfg = None
@@ -95,9 +98,8 @@ def run(argv: list[str]) -> int:
             print(f"generated {r.rows_out} completions -> {r.output}; {r.quarantined} prompts "
                   f"quarantined (blank) -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
         return 0
-    except (SparkloomError, ValueError) as e:
-        print(f"sparkloom generate: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        return fail(e, "generate", args.verbose, model=args.model)
     finally:
         if spark is not None:
             stop_spark(spark)

@@ -16,7 +16,6 @@ rows that could not be scored, with a reason, at <output>_quarantine.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "only for files you trust)")  # fmt: skip
     p.add_argument("--images", action="store_true",
                    help="--input is a folder of image files (png, jpeg, ...)")  # fmt: skip
-    p.add_argument("--id-column", default="id")
+    p.add_argument("--id-column", default="id",
+                   help="a column with one value per row; 'none' numbers the rows in input order")  # fmt: skip
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: --conf's, else sqlite:///mlflow.db)")  # fmt: skip
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
@@ -42,37 +42,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging, stop_spark
+    from jobs.cli import _setup_logging, fail, stop_spark
 
     args = parse_args(argv)
     _setup_logging(args.verbose)
-    from pipelines.errors import SparkloomError
+    from pipelines.errors import Terminated
+    from pipelines.spark import handle_termination
 
+    handle_termination()
     spark = None
     try:
         import mlflow
+        from mlflow.tracking import MlflowClient
 
         from pipelines.config import SparkConfig, load_config
-        from pipelines.scoring import write_scores
+        from pipelines.scoring import run_id_of, write_scores
         from pipelines.spark import get_spark, read_images, read_table
 
         cfg = load_config(args.conf) if args.conf else None
         mlflow.set_tracking_uri(
             args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
         )
+        MlflowClient().get_run(run_id_of(args.model))  # a wrong id fails before the JVM starts
         spark = get_spark(cfg.spark if cfg else SparkConfig())
         if args.images:
             df = read_images(spark, args.input)
         else:
             df = read_table(spark, args.input, args.input_column or "text")
-        r = write_scores(df, args.model, args.output, args.input_column, args.id_column,
+        r = write_scores(df, args.model, args.output, args.input_column,
+                         None if args.id_column.lower() == "none" else args.id_column,
                          args.allow_pickle)  # fmt: skip
         print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
               f"{r.quarantined} quarantined -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
         return 0
-    except SparkloomError as e:
-        print(f"sparkloom score: error: {e}", file=sys.stderr)
-        return e.exit_code
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        return fail(e, "score", args.verbose, model=args.model)
     finally:
         if spark is not None:
             stop_spark(spark)

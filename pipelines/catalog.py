@@ -2,8 +2,10 @@
 
 Every stage output lives at `<data_root>/<pipeline>/<dataset>` and is written to a
 temporary sibling first, then committed by rename; a failed write leaves the
-previous version readable. Each dataset carries `_manifest.json` (row counts,
-schema, config hash, a fingerprint of its inputs) so a re-run with the same
+previous version readable. The datasets of one stage are one commit (`Catalog.commit`):
+a journal written before the renames lets the next reader finish a commit cut short, so
+no reader sees a new dataset beside an old one. Each dataset carries `_manifest.json`
+(row counts, schema, config hash, a fingerprint of its inputs) so a re-run with the same
 inputs and config is recognised and skipped. The data root may be a local path
 or any Hadoop filesystem URI; all file operations go through Hadoop's FileSystem
 so the same code runs on a laptop and on HDFS/S3.
@@ -11,13 +13,16 @@ so the same code runs on a laptop and on HDFS/S3.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import socket
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -27,6 +32,7 @@ from pipelines.errors import DataError
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
+COMMITS = "_commits"  # journals of multi-dataset commits, under the pipeline's folder
 
 
 def local_path(url: str) -> str:
@@ -37,10 +43,25 @@ def local_path(url: str) -> str:
 
 
 def absolute_uri(path: str) -> str:
-    """Local relative paths become absolute; URIs (scheme://) pass through."""
+    """Local paths become absolute, `~` expanded; URIs (scheme://) pass through."""
     if "://" in path or path.startswith("file:"):
         return path
-    return os.path.abspath(path)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def open_input(path: str):
+    """A seekable binary file on any store the executors can reach, as stored (no
+    decompression): a local path or file: URI, or a URI pyarrow.fs knows (hdfs://, s3://
+    (s3a:// and s3n:// too), gs://)."""
+    import pyarrow.fs as pafs
+
+    if "://" not in path or path.startswith("file:"):
+        return open(local_path(path), "rb")
+    scheme, _, rest = path.partition("://")
+    fs, inner = pafs.FileSystem.from_uri(
+        ("s3" if scheme in ("s3a", "s3n") else scheme) + "://" + rest
+    )
+    return fs.open_input_file(inner)
 
 
 class HadoopFS:
@@ -87,6 +108,12 @@ class HadoopFS:
         if had_previous:
             self.delete(old)
 
+    def delete_empty_dir(self, path: str) -> None:
+        """Remove `path` if it is an empty folder; one another writer just filled stays."""
+        if self.exists(path) and not self.list_dir(path):
+            with contextlib.suppress(Exception):  # not empty any more: someone is committing
+                self._fs(path).delete(self._path(path), False)
+
     def mkdirs(self, path: str) -> None:
         self._fs(path).mkdirs(self._path(path))
 
@@ -106,6 +133,12 @@ class HadoopFS:
 
     def list_dir(self, path: str) -> list[str]:
         return [s.getPath().toString() for s in self._fs(path).listStatus(self._path(path))]
+
+    def is_dir(self, path: str) -> bool:
+        root = self.qualify(path)
+        if root.startswith("file:"):
+            return os.path.isdir(local_path(root))
+        return self._fs(root).getFileStatus(self._path(root)).isDirectory()
 
     def list_files(self, path: str) -> list[tuple[str, int, int]]:
         """(path relative to `path`, bytes, mtime ms) of every data file under `path`, sorted.
@@ -137,17 +170,38 @@ def _hidden(rel: str) -> bool:
 
 
 def _list_local(root: str) -> list[tuple[str, int, int]]:
+    """Symlinks are followed, to files and folders, as Spark follows them when it reads; a
+    link back to a folder above it (a loop Spark would follow until the path is too long)
+    or a broken link is an error naming it."""
     if os.path.isfile(root):
         st = os.stat(root)
         return [(os.path.basename(root), st.st_size, int(st.st_mtime * 1000))]
-    out = []
-    for folder, _dirs, files in os.walk(root):
-        for name in files:
-            full = os.path.join(folder, name)
-            rel = os.path.relpath(full, root).replace(os.sep, "/")
-            if not _hidden(rel):
-                st = os.stat(full)
-                out.append((rel, st.st_size, int(st.st_mtime * 1000)))
+    out: list[tuple[str, int, int]] = []
+
+    def walk(folder: str, prefix: str, above: frozenset) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if _hidden(entry.name):
+                continue
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError as e:
+                raise DataError(
+                    f"{entry.path} cannot be read ({e.strerror}; a broken symlink?); fix or "
+                    "remove it"
+                ) from None
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in above:
+                    raise DataError(
+                        f"{entry.path} links back to {os.path.realpath(entry.path)}, a folder "
+                        "above it: a symlink loop; remove the link or point ingest.path below it"
+                    )
+                walk(entry.path, f"{prefix}{entry.name}/", above | {key})
+            elif stat.S_ISREG(st.st_mode):
+                out.append((f"{prefix}{entry.name}", st.st_size, int(st.st_mtime * 1000)))
+
+    top = os.stat(root)
+    walk(root, "", frozenset({(top.st_dev, top.st_ino)}))
     return sorted(out)
 
 
@@ -199,28 +253,182 @@ class Catalog:
 
         `save` is any writer: `df.write.parquet`, `model.save`, a JSON file. `manifest`
         may be a function of the temporary path, to count what was actually written;
-        if it raises, nothing is committed.
+        if it raises, nothing is committed. A commit of one dataset (see `commit`).
         """
-        final = self.path(name)
-        tmp = f"{final}.__tmp-{uuid.uuid4().hex[:8]}"
+        with self.commit() as tx:
+            return tx.write(name, save, manifest)
+
+    def write_parquet(
+        self,
+        name: str,
+        df: DataFrame,
+        manifest: dict[str, Any] | Callable[[str], dict[str, Any]],
+        partition_by: list[str] | None = None,
+    ) -> dict[str, Any]:
+        with self.commit() as tx:
+            return tx.write_parquet(name, df, manifest, partition_by)
+
+    @contextlib.contextmanager
+    def commit(self) -> Iterator[Commit]:
+        """One commit for all the datasets a stage writes: they become visible together.
+
+            with catalog.commit() as tx:
+                q = tx.write_parquet("quarantine", quarantine, q_manifest)
+                m = tx.write_parquet("ingested", clean, manifest)  # may read tx.path("quarantine")
+
+        Each write runs at once on a temporary sibling and returns its manifest; on normal
+        exit all of them replace the previous versions, on an exception none does.
+        """
+        tx = Commit(self)
+        try:
+            yield tx
+        except BaseException:
+            tx.abort()
+            raise
+        tx.apply()
+
+    def _recover(self, name: str | None = None) -> None:
+        """Finish what interrupted commits left. A journaled commit is rolled forward (its
+        writer had decided; readers must see all its datasets or none), temporaries of a
+        commit that died before its journal are deleted, and a dataset whose single rename
+        was cut in two (`HadoopFS.replace`'s `.__old-` copy) is brought back."""
+        if not self.fs.exists(self.base):
+            return
+        entries = self.fs.list_dir(self.base)
+        commits = f"{self.base}/{COMMITS}"
+        journals: dict[str, str] = {}
+        markers: dict[str, str] = {}
+        halves: dict[str, str] = {}
+        if self.fs.exists(commits):
+            for p in self.fs.list_dir(commits):
+                file = p.rsplit("/", 1)[-1]
+                tag, _, kind = file.partition(".")
+                if kind == "json":
+                    journals[tag] = p
+                elif kind == "open":
+                    markers[tag] = p
+                elif kind in ("json.tmp", "open.tmp"):  # a journal or marker cut short
+                    halves[tag] = p
+        for tag, p in sorted(journals.items()):
+            datasets = json.loads(self.fs.read_text(p))["datasets"]
+            log.warning("finishing an interrupted commit of %s (%s)", ", ".join(datasets), p)
+            self._finish(tag, datasets)
+        live = {t for t, p in markers.items() if t not in journals and self._alive(p)}
+        for p in entries:
+            _, sep, tag = p.rsplit("/", 1)[-1].rpartition(".__tmp-")
+            if sep and tag not in journals and tag not in live:
+                log.warning("deleting %s, left by a commit that died before it was made", p)
+                self.fs.delete(p)
+        for tag, p in [*markers.items(), *halves.items()]:
+            if tag not in journals and tag not in live:
+                self.fs.delete(p)
+        self.fs.delete_empty_dir(commits)
+        final = self.path(name) if name else None
+        if final is None or self.fs.exists(final):
+            return
+        leftovers = [p for p in entries if f"/{name}.__old-" in p and self.fs.exists(p)]
+        if leftovers:
+            log.warning("restoring %s from an interrupted commit (%s)", final, leftovers[-1])
+            self.fs.rename(leftovers[-1], final)
+
+    def _finish(self, tag: str, datasets: dict[str, str]) -> None:
+        """Move each temporary of a journaled commit into place, then drop the journal.
+        Every step looks at what is there first, so a rerun after a crash at any point (or a
+        reader finishing it at the same time) completes it."""
+        for name, tmp_name in datasets.items():
+            final, tmp = self.path(name), f"{self.base}/{tmp_name}"
+            old = f"{final}.__old-{tag}"
+            if self.fs.exists(tmp):
+                if self.fs.exists(final) and not self.fs.exists(old):
+                    self._move(final, old)
+                self._move(tmp, final)
+            if self.fs.exists(old):
+                self.fs.delete(old)
+        commits = f"{self.base}/{COMMITS}"
+        self.fs.delete(f"{commits}/{tag}.json")
+        self.fs.delete(f"{commits}/{tag}.open")
+        self.fs.delete_empty_dir(commits)
+
+    def _move(self, src: str, dst: str) -> None:
+        try:
+            self.fs.rename(src, dst)
+        except OSError:
+            if self.fs.exists(src):  # else another reader finishing the same commit moved it
+                raise
+
+    def _alive(self, marker: str) -> bool:
+        """Whether the writer that opened a commit may still be running (then its temporaries
+        are its work in progress). Only a writer on this host can be known to be gone."""
+        try:
+            owner = json.loads(self.fs.read_text(marker))
+        except Exception:
+            return False  # written with one create+rename: unreadable means gone
+        if owner.get("host") != socket.gethostname():
+            return True
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+class Commit:
+    """The datasets of one commit, staged beside their final paths (`<name>.__tmp-<tag>`).
+
+    At the end a journal `_commits/<tag>.json` (name -> temporary) is written with one
+    create+rename: before it, a crash leaves only temporaries, which the next reader deletes
+    once the writer is gone (its `<tag>.open` marker names host and pid); after it, the next
+    reader completes the renames. Readers see all old or all new datasets. One writer per
+    dataset at a time, as the runner does.
+    """
+
+    def __init__(self, catalog: Catalog):
+        self.catalog, self.fs = catalog, catalog.fs
+        self.tag = uuid.uuid4().hex[:12]
+        self.staged: dict[str, str] = {}  # name -> temporary path
+        self._dir = f"{catalog.base}/{COMMITS}"
+
+    def path(self, name: str) -> str:
+        """Where `name` can be read inside the commit: its staged copy if this commit wrote it."""
+        return self.staged.get(name) or self.catalog.path(name)
+
+    def write(
+        self,
+        name: str,
+        save: Callable[[str], None],
+        manifest: dict[str, Any] | Callable[[str], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """`Catalog.write`, staged: `save` and `manifest` run now, the dataset appears on commit."""
+        if name in self.staged:
+            raise ValueError(f"dataset '{name}' is written twice in one commit; write it once")
+        if not self.staged:
+            self.catalog._recover()  # an earlier commit's leftovers must not meet this one's
+            owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+            self._create(f"{self._dir}/{self.tag}.open", owner)
+        final = self.catalog.path(name)
+        tmp = f"{final}.__tmp-{self.tag}"
         try:
             save(tmp)
             extra = manifest(tmp) if callable(manifest) else manifest
-            manifest = {
+            full = {
                 "dataset": name,
                 "path": final,
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 **extra,
             }
             self.fs.mkdirs(tmp)
-            self.fs.write_text(f"{tmp}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+            self.fs.write_text(f"{tmp}/{MANIFEST}", json.dumps(full, indent=2, sort_keys=True))
         except BaseException:
+            # a caller that catches this and goes on must not commit half a dataset
             if self.fs.exists(tmp):
                 self.fs.delete(tmp)
+            if not self.staged:
+                self._close()
             raise
-        self._recover(name)
-        self.fs.replace(tmp, final)
-        return manifest
+        self.staged[name] = tmp
+        return full
 
     def write_parquet(
         self,
@@ -241,15 +449,41 @@ class Catalog:
 
         return self.write(name, save, full_manifest)
 
-    def _recover(self, name: str) -> None:
-        """Undo a commit that died between its two renames: bring the old version back."""
-        final = self.path(name)
-        if self.fs.exists(final) or not self.fs.exists(self.base):
+    def apply(self) -> None:
+        if not self.staged:
             return
-        leftovers = [p for p in self.fs.list_dir(self.base) if f"/{name}.__old-" in p]
-        if leftovers:
-            log.warning("restoring %s from an interrupted commit (%s)", final, leftovers[-1])
-            self.fs.rename(leftovers[-1], final)
+        datasets = {name: tmp.rsplit("/", 1)[-1] for name, tmp in self.staged.items()}
+        journal = {"commit": self.tag, "datasets": datasets,
+                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        try:
+            self._create(f"{self._dir}/{self.tag}.json", json.dumps(journal, indent=2))
+        except BaseException:
+            self.abort()
+            raise
+        # from here the commit is made: a failure leaves the journal for the next reader
+        self.catalog._finish(self.tag, datasets)
+
+    def abort(self) -> None:
+        """Drop everything staged; the previous versions stay as they were."""
+        self.fs.delete(f"{self._dir}/{self.tag}.json")  # first: a half-deleted commit is void
+        for tmp in self.staged.values():
+            if self.fs.exists(tmp):
+                self.fs.delete(tmp)
+        self.staged.clear()
+        self._close()
+
+    def _close(self) -> None:
+        self.fs.delete(f"{self._dir}/{self.tag}.open")
+        self.fs.delete_empty_dir(self._dir)
+
+    def _create(self, path: str, text: str) -> None:
+        """Write a whole file or none: readers never see half a journal."""
+        self.fs.write_text(f"{path}.tmp", text)
+        try:
+            self.fs.rename(f"{path}.tmp", path)
+        except BaseException:
+            self.fs.delete(f"{path}.tmp")
+            raise
 
 
 def fingerprint(*parts: Any) -> str:

@@ -8,6 +8,7 @@ and says how to fix it.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import json
@@ -100,18 +101,34 @@ class ColumnsConfig(Section):
 
 
 class CsvConfig(Section):
+    """How the CSV was written. The defaults are RFC 4180, as pandas, Excel, Python's csv
+    module and database exports write it: a quote inside a quoted field is doubled (`""`),
+    and quoted fields may hold commas and line breaks."""
+
     header: bool = True
     sep: str | None = None  # None: "," for csv, tab for tsv
-    quote: str = '"'
-    escape: str = "\\"
-    multiline: bool = False  # quoted fields spanning lines; an unclosed quote then eats the file
+    quote: str = Field('"', min_length=1, max_length=1)
+    escape: str = Field('"', min_length=1, max_length=1)  # '\\' for files that write \"
+    multiline: bool = (
+        True  # quoted fields may span lines (an unclosed quote fails, naming its line)
+    )
+
+
+SPLITS = ("train", "validation", "test")
 
 
 class SplitConfig(Section):
+    """By a hash of the id with these ratios (the default), or the data's own split:
+    `column` names a column holding train/validation/test, or `ingest.path` maps each split
+    to its own input. A given split without validation rows gets `validation_ratio` of its
+    training rows, by the id hash."""
+
     train: float = Field(0.8, gt=0, le=1)
     validation: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
+    column: str | None = None
+    validation_ratio: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -122,6 +139,11 @@ class SplitConfig(Section):
                 "set ingest.split.train/validation/test so they sum to 1"
             )
         return self
+
+
+class LabelsConfig(Section):
+    # `Sport` and `sport ` are one class written two ways far more often than two classes
+    case_sensitive: bool = False
 
 
 class ImageConfig(Section):
@@ -136,22 +158,85 @@ class ImageConfig(Section):
     max_value: float = Field(255.0, gt=0)  # image_parquet: the value of a white pixel
 
 
+# which files in a folder are data, when ingest.file_glob is not set: a README.txt beside
+# part-1.csv is not a CSV record
+DEFAULT_GLOBS = {
+    "csv": ("*.csv", "*.csv.*"), "tsv": ("*.tsv", "*.tsv.*", "*.tab"),
+    "json": ("*.json", "*.jsonl", "*.ndjson", "*.json.*", "*.jsonl.*", "*.ndjson.*"),
+    "parquet": ("*.parquet", "part-*"), "image_parquet": ("*.parquet", "part-*"),
+    "text_dirs": ("*",), "image_dirs": ("*",), "idx": ("*",),
+}  # fmt: skip
+
+
 class IngestConfig(Section):
     format: Literal[
-        "csv", "tsv", "json", "parquet", "text_dirs", "image_dirs", "idx", "image_parquet"
-    ]
-    path: (
-        str  # local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a package ships
-    )
+        "csv", "tsv", "json", "parquet", "text_dirs", "image_dirs", "idx", "image_parquet",
+        "table", "sql",
+    ]  # fmt: skip
+    # a file or folder: local path, Hadoop filesystem URI, or pkg://<package>/<dir> for data a
+    # package ships; or {train: ..., validation: ..., test: ...}, the data's own split
+    path: str | dict[Literal["train", "validation", "test"], str] | None = None
+    table: str | None = None  # format=table: [catalog.][db.]name, from the session's catalog
+    query: str | None = None  # format=sql: a Spark SQL / HiveQL query
     columns: ColumnsConfig = ColumnsConfig()
     csv: CsvConfig = CsvConfig()
-    file_glob: str = "*"  # text_dirs/image_dirs: which files count as documents or images
+    encoding: str = "utf-8"  # csv/tsv/json/text_dirs: utf-8, latin-1, cp1252, utf-16, ...
+    # which files under a folder are read (a name pattern, or a list); None: by format
+    file_glob: str | list[str] | None = None
     image: ImageConfig = ImageConfig()
     split: SplitConfig = SplitConfig()
+    labels: LabelsConfig = LabelsConfig()
+    max_labels: int = Field(1000, ge=2)  # more distinct labels than this: a mis-read file
+
+    @model_validator(mode="after")
+    def _source(self) -> IngestConfig:
+        needs = {"table": "table", "sql": "query"}.get(self.format, "path")
+        for key in ("path", "table", "query"):
+            given = getattr(self, key) is not None
+            if key == needs and not given:
+                raise ValueError(
+                    f"ingest.format={self.format} reads ingest.{key}; set it"
+                    + (" (a file, a folder, or {train: ..., test: ...})" if key == "path" else "")
+                )
+            if key != needs and given:
+                raise ValueError(
+                    f"ingest.{key} does not apply to ingest.format={self.format} (it reads "
+                    f"ingest.{needs}); remove it"
+                )
+        if isinstance(self.path, dict):
+            if not {"train", "test"} <= set(self.path):
+                raise ValueError(
+                    "ingest.path by split needs at least train and test, e.g. "
+                    "{train: data/train.csv, test: data/test.csv}"
+                )
+            if self.split.column:
+                raise ValueError(
+                    "give the split by ingest.path per split or by ingest.split.column, not both"
+                )
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(
+                f"ingest.encoding {self.encoding!r} is not an encoding Python knows; use e.g. "
+                "utf-8, latin-1, cp1252 or utf-16"
+            ) from None
+        return self
 
     @property
     def modality(self) -> Literal["text", "image"]:
         return "image" if self.format in IMAGE_FORMATS else "text"
+
+    @property
+    def globs(self) -> tuple[str, ...]:
+        if self.file_glob is None:
+            return DEFAULT_GLOBS.get(self.format, ("*",))
+        return (self.file_glob,) if isinstance(self.file_glob, str) else tuple(self.file_glob)
+
+    def paths(self) -> dict[str | None, str]:
+        """Split name (None: split by ratios or column) -> input path."""
+        if isinstance(self.path, dict):
+            return {s: self.path[s] for s in SPLITS if s in self.path}
+        return {None: self.path} if self.path is not None else {}
 
 
 # --- features ----------------------------------------------------------------------------------
@@ -710,16 +795,72 @@ def _read_yaml_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the --conf path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text(), f"config file {path}") or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections at the top")
     parents = data.pop("extends", [])
+    if not isinstance(parents, str) and not (
+        isinstance(parents, list) and all(isinstance(p, str) for p in parents)
+    ):
+        raise ConfigError(f"'extends' in {path} must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for parent in [parents] if isinstance(parents, str) else parents:
         merged = _deep_merge(merged, _read_yaml_with_extends(path.parent / parent, (*seen, path)))
     return _deep_merge(merged, data)
+
+
+# Anchors and aliases stay allowed (`<<: *defaults` merges are common), but not how far they
+# expand: nine nested lists of ten aliases ("billion laughs") parse in a millisecond into a
+# structure that validation, the error formatter and the MLflow params then walk 10^9 times.
+_MAX_YAML_NODES = 1_000_000
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past _MAX_YAML_NODES nodes or
+    contain themselves."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded, written = _yaml_size(node, where)
+        if expanded > _MAX_YAML_NODES and expanded > written:
+            raise ConfigError(
+                f"{where} uses YAML aliases that expand to more than {_MAX_YAML_NODES:,} values;"
+                " write the repeated parts out, or reuse whole sections with `<<: *anchor`"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where} nests too deeply to be a config; flatten it") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_size(root: yaml.Node, where: str) -> tuple[int, int]:
+    """(nodes once every alias is expanded, nodes written in the text); linear in the latter."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            raise ConfigError(
+                f"{where} has a YAML alias inside its own anchor (a value that contains itself);"
+                " remove that alias"
+            )
+        open_.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = 1 + sum(size(child) for child in children)
+        open_.discard(id(node))
+        return sizes[id(node)]
+
+    return size(root), len(sizes)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -734,10 +875,14 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not key=value; write e.g. ingest.split.seed=7")
+    if not sep:
+        raise ConfigError(
+            f"override {_capped(override)} is not key=value; write e.g. ingest.split.seed=7"
+        )
+    if not key:  # the value may be a secret: not shown
+        raise ConfigError("an override has no key before '='; write e.g. ingest.split.seed=7")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = _load_yaml(raw, f"override {key}=...") if raw else ""
     except yaml.YAMLError:
         value = raw
     parts = key.split(".")
@@ -770,12 +915,17 @@ def _validate(data: dict[str, Any]) -> Config:
         raise ConfigError(_explain(e, data)) from None
 
 
+# pydantic adds the member's type to the path of a `str | int | ...` field: not a key to set
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|bytes|none|(list|dict|tuple|set)\[.*\])")
+
+
 def _explain(err: ValidationError, data: dict[str, Any]) -> str:
-    lines = []
+    lines: list[str | tuple[str, str]] = []  # a type error: (key, value shown), said once
+    wanted: dict[str, list[str]] = {}  # key -> what each member of its union accepts
     for e in err.errors():
         loc = [str(x) for x in e["loc"] if not str(x).startswith(("function-", "literal"))]
         # pydantic adds the union member's class name to the path of `X | None` fields
-        loc = [x for x in loc if not x[:1].isupper()]
+        loc = [x for x in loc if not x[:1].isupper() and not _UNION_MEMBER.fullmatch(x)]
         key = ".".join(loc) or "<top level>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'{_did_you_mean(loc)}")
@@ -786,12 +936,40 @@ def _explain(err: ValidationError, data: dict[str, Any]) -> str:
             plain = key == "<top level>" or msg.startswith(key + ".")
             lines.append(msg if plain else f"{key}: {msg}")
         else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            lines.append(
-                f"{key}: {e['msg'].lower()} (got {shown}); fix it in the YAML or pass {key}=..."
+            if key not in wanted:
+                lines.append((key, _shown(loc, e.get("input"))))
+            wanted.setdefault(key, []).append(str(e["msg"]).lower())
+    out = []
+    for line in lines:
+        if isinstance(line, tuple):
+            key, shown = line
+            first, *more = wanted[key]
+            said = first + "".join(
+                f"{' or' if i == len(more) - 1 else ','} {m.removeprefix('input should be ')}"
+                for i, m in enumerate(more)
             )
-    return "bad config: " + "; ".join(lines)
+            line = f"{key}: {said} (got {shown}); fix it in the YAML or pass {key}=..."
+        out.append(line)
+    return "bad config: " + "; ".join(out)
+
+
+def _shown(loc: list[str], value: Any) -> str:
+    """A rejected value as an error may show it: never a secret's, never more than 80 chars."""
+    from pipelines.secrets import is_secret
+
+    if any(is_secret(".".join(loc[: i + 1])) for i in range(len(loc))):
+        return "a value, hidden because the key names a secret"
+    return "a mapping" if isinstance(value, dict) else _capped(value)
+
+
+def _capped(value: Any, limit: int = 80) -> str:
+    import reprlib
+
+    # reprlib, not repr: it stops after a few items per level, so a huge value costs nothing
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _did_you_mean(loc: list[str]) -> str:

@@ -54,7 +54,7 @@ def _fit(img, ic: ImageConfig):
     """A PIL image at the configured size and channels."""
     from PIL import Image, ImageOps
 
-    img = img.convert("L" if ic.channels == 1 else "RGB")  # palette, alpha, CMYK, 16-bit too
+    img = _eight_bit(img).convert("L" if ic.channels == 1 else "RGB")  # palette, alpha, CMYK
     size = (ic.width, ic.height)
     if img.size == size:
         return img
@@ -64,6 +64,43 @@ def _fit(img, ic: ImageConfig):
     if ic.resize == "pad":
         return ImageOps.pad(img, size, method=method, color=0)
     return ImageOps.fit(img, size, method=method)
+
+
+def _eight_bit(img):
+    """Grayscale of more than 8 bits (16-bit PNG/TIFF/PGM: modes I;16, I;16B, ...; 32-bit
+    integer: I; float: F) scaled to an 8-bit L image; Pillow's convert("L") clips them
+    instead, so a 0..65535 gradient turns white after its first step. Other modes pass."""
+    from PIL import Image
+
+    if not (img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    a = np.asarray(img)
+    if a.size == 0:
+        return img.convert("L")
+    if img.mode == "F":
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise BadImage("pixel_out_of_range")
+        if a.min() >= 0 and a.max() <= 1:  # the usual float image: 0 black, 1 white
+            return Image.fromarray(np.rint(a * 255).astype(np.uint8))
+        return Image.fromarray(_stretched(a))
+    a = a.astype(np.int64)
+    if a.min() >= 0 and a.max() <= 65535:
+        # 16-bit data, also when Pillow opens it as I (older Pillow, some TIFF/PGM): the high
+        # byte, as Pillow itself reduces 16-bit RGB(A) and gray+alpha PNGs, so one file saved
+        # as grey or as colour gives the same pixels, and 8-bit values widened either way
+        # (x * 257 or x << 8) come back exact. Not the image's own range: a dark 16-bit
+        # image stays dark, as it would in 8 bits.
+        return Image.fromarray((a >> 8).astype(np.uint8))
+    return Image.fromarray(_stretched(a))  # beyond 16 bits there is no white to scale to
+
+
+def _stretched(a: np.ndarray) -> np.ndarray:
+    """Values mapped linearly from their own min..max to 0..255 (a constant image is black)."""
+    lo, hi = float(a.min()), float(a.max())
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
 def _chw(img) -> bytes:
@@ -327,8 +364,9 @@ def run_image_features(
         rows = spark.read.parquet(tmp).count()
         return {**common, "result": asdict(ImageFeaturesResult(rows, size))}
 
-    catalog.write("feature_model", model.save, common)
-    m = catalog.write_parquet("features", out, manifest, partition_by=["split"])
+    with catalog.commit() as tx:  # the features and the model that made them: both or neither
+        tx.write("feature_model", model.save, common)
+        m = tx.write_parquet("features", out, manifest, partition_by=["split"])
     return ImageFeaturesResult(**m["result"])
 
 

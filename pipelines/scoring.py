@@ -196,6 +196,56 @@ def score(
     return scored, quarantine, ref
 
 
+CLI_ID_FIX = (
+    "give --id-column a column with one value per row, or --id-column none to number the rows"
+)
+STAGE_ID_FIX = "run the ingest stage again with --force: it quarantines repeated ids (duplicate_id)"
+
+
+def require_unique_ids(df: DataFrame, id_col: str, fix: str, what: str = "--id-column") -> None:
+    """Fail unless `id_col` names each row once. Scores are matched back to their rows by
+    id (the score stage joins them to the labels), so a repeated id fans out there and an
+    output row could belong to any of its inputs."""
+    ids = df.select(F.col(id_col).cast("string").alias("id"))
+    bad = ids.groupBy("id").count().filter(F.col("id").isNull() | (F.col("count") > 1))
+    named = F.col("id").isNotNull()
+    s = bad.agg(
+        F.count("id").alias("repeated"),
+        F.sum(F.when(named, F.col("count"))).alias("rows"),
+        F.sum(F.when(~named, F.col("count"))).alias("nulls"),
+        F.min("id").alias("example"),
+        F.min_by(F.col("count"), F.when(named, F.col("id"))).alias("times"),
+    ).first()
+    if not s["repeated"] and not s["nulls"]:
+        return
+    problems = []
+    if s["repeated"]:
+        ids = "1 id appears" if s["repeated"] == 1 else f"{s['repeated']} ids appear"
+        problems.append(f"{ids} more than once ({s['rows']} rows), "
+                        f"e.g. '{s['example'][:80]}' on {s['times']} rows")  # fmt: skip
+    if s["nulls"]:
+        problems.append("1 row has no id" if s["nulls"] == 1 else f"{s['nulls']} rows have no id")
+    where = f"{what} '{id_col}'" if what == "--id-column" else f"{what}, column '{id_col}',"
+    raise DataError(
+        f"{where} does not name each row once: {'; '.join(problems)}; scores could not be "
+        f"matched back to their rows, so nothing was scored. Fix: {fix}"
+    )
+
+
+def number_rows(df: DataFrame, name: str) -> DataFrame:
+    """`df` with `name` = 0..N-1 in its order, without moving it to one partition. `df` must
+    be pinned (localCheckpoint): the numbers come from its partitions as they are."""
+    part, mono = F.spark_partition_id(), F.monotonically_increasing_id()
+    sizes = sorted(tuple(r) for r in df.groupBy(part.alias("p")).count().collect())
+    offsets, start = {}, 0
+    for p, n in sizes:
+        offsets[p], start = start, start + n
+    first = F.create_map(*[F.lit(x) for kv in offsets.items() for x in kv]) if offsets else None
+    within = mono - F.shiftleft(part.cast("long"), 33)  # the id is (partition << 33) + position
+    number = (first[part] + within) if first is not None else within
+    return df.withColumn(name, number.cast("string"))
+
+
 def _require(df: DataFrame, col: str, id_col: str) -> None:
     for c in (col, id_col):
         if c not in df.columns:
@@ -339,13 +389,20 @@ class ScoreResult:
 
 
 def write_scores(
-    df: DataFrame, model_uri: str, output: str, input_col: str | None = None, id_col: str = "id",
-    allow_pickle: bool = False,
+    df: DataFrame, model_uri: str, output: str, input_col: str | None = None,
+    id_col: str | None = "id", allow_pickle: bool = False,
 ) -> ScoreResult:  # fmt: skip
     """Scores as Parquet at `output`, quarantine beside it at `output`_quarantine; the counts
-    are checked on what was written."""
+    are checked on what was written. `id_col` must name each row once; None numbers the rows
+    0..N-1 in input order as `id`."""
     output = output.rstrip("/")
     df = df.localCheckpoint()  # the counts and the written rows come from the same input
+    if id_col is None:
+        df, id_col = number_rows(df, "id"), "id"
+    else:
+        if id_col not in df.columns:
+            raise DataError(f"no column '{id_col}' among {df.columns}; set --id-column")
+        require_unique_ids(df, id_col, CLI_ID_FIX)
     scored, quarantine, ref = score(df, model_uri, input_col, id_col, allow_pickle=allow_pickle)
     rows_in, rows_out, quarantined = write_with_quarantine(
         df, scored, quarantine, output, "scoring"
@@ -411,26 +468,28 @@ def run_score(spark, cfg, catalog, force: bool = False) -> ScoreStageResult:
     col = "image" if image else "text"
     data = catalog.read("ingested", "ingest").filter(F.col("split") == sc.split)
     df = data.select("id", col, "label").localCheckpoint()  # counts and outputs: same rows
+    require_unique_ids(df, "id", STAGE_ID_FIX, what="dataset 'ingested'")
     scored, quarantine, _ = score(df, ref, col, "id", prepared=image)
     scored = scored.join(df.select("id", "label"), "id", "left")
     own = MlflowClient().get_run(ref.run_id).data.metrics.get(f"{sc.split}_accuracy")
     common = {"fingerprint": fp, "model_uri": uri, "run_id": ref.run_id}
     rows_in = df.count()
-    catalog.write_parquet("scores_quarantine", quarantine, common)
+    with catalog.commit() as tx:  # scores and their quarantine: both or neither
+        tx.write_parquet("scores_quarantine", quarantine, common)
 
-    def manifest(tmp: str) -> dict:
-        written = spark.read.parquet(tmp)
-        rows_out = written.count()
-        quarantined = spark.read.parquet(catalog.path("scores_quarantine")).count()
-        if rows_in != rows_out + quarantined:
-            raise DataError(
-                f"score lost rows: {rows_in} in, {rows_out} scored + {quarantined} quarantined; "
-                "nothing was committed"
-            )
-        right = written.filter(F.col("predicted_label") == F.col("label")).count()
-        result = ScoreStageResult(uri, ref.run_id, ref.stage, sc.split, rows_in, rows_out,
-                                  quarantined, right / max(rows_out, 1), own)  # fmt: skip
-        return {**common, "result": {k: v for k, v in vars(result).items() if k != "skipped"}}
+        def manifest(tmp: str) -> dict:
+            written = spark.read.parquet(tmp)
+            rows_out = written.count()
+            quarantined = spark.read.parquet(tx.path("scores_quarantine")).count()
+            if rows_in != rows_out + quarantined:
+                raise DataError(
+                    f"score lost rows: {rows_in} in, {rows_out} scored + {quarantined} "
+                    "quarantined; nothing was committed"
+                )
+            right = written.filter(F.col("predicted_label") == F.col("label")).count()
+            result = ScoreStageResult(uri, ref.run_id, ref.stage, sc.split, rows_in, rows_out,
+                                      quarantined, right / max(rows_out, 1), own)  # fmt: skip
+            return {**common, "result": {k: v for k, v in vars(result).items() if k != "skipped"}}
 
-    made = catalog.write_parquet("scores", scored, manifest)
+        made = tx.write_parquet("scores", scored, manifest)
     return ScoreStageResult(**made["result"])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 
 from pyspark.sql import SparkSession
 
@@ -42,9 +46,146 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
         builder = builder.master(cfg.master)
     for key, value in {**DEFAULT_CONF, **cfg.conf}.items():
         builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(cfg.log_level)
+    before = len(_LAUNCHED)
+    try:
+        with _recording_jvm_launch():
+            spark = builder.getOrCreate()
+        spark.sparkContext.setLogLevel(cfg.log_level)
+    except BaseException:
+        # Ctrl-C, SIGTERM or a failure while the JVM boots: pyspark drops the process it
+        # launched, and that JVM outlives us holding our stdout/stderr, so `sparkloom ... | tee`
+        # and CI steps hang. Only this call's launch: a session joined here is not ours to end.
+        kill_jvm(_LAUNCHED[before:])
+        raise
     return spark
+
+
+# Who logs a failed task, with its whole JVM stack, once per attempt, before the job's error
+# reaches the driver: the stage's one-line error says what failed; --verbose keeps them
+TASK_FAILURE_LOGGERS = (
+    "org.apache.spark.executor.Executor",
+    "org.apache.spark.scheduler.TaskSetManager",
+    "org.apache.spark.scheduler.TaskSchedulerImpl",
+    "org.apache.spark.storage.BlockManager",
+)
+
+
+def quiet_task_failures(spark: SparkSession) -> None:
+    """Silence the JVM's per-task failure logs in this driver (local mode: the executors too)."""
+    jvm = spark.sparkContext._jvm
+    off = jvm.org.apache.logging.log4j.Level.OFF
+    for name in TASK_FAILURE_LOGGERS:
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
+
+
+_LAUNCHED: list[subprocess.Popen] = []  # the spark-submit processes this process started
+_LAUNCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _recording_jvm_launch() -> Iterator[None]:
+    """Keep the Popen that pyspark's launch_gateway makes the moment it exists: a stop during
+    its wait for the gateway port would otherwise lose it (launch_gateway has no hook, and
+    SparkContext._gateway.proc is set only once the JVM answers)."""
+    from pyspark import java_gateway
+
+    original = getattr(java_gateway, "Popen", None)
+    if original is None:  # a pyspark that launches differently: nothing to record
+        yield
+        return
+
+    class Recorded(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _LAUNCHED.append(self)
+
+    with _LAUNCH_LOCK:  # two threads patching at once could leave the wrapper in place
+        java_gateway.Popen = Recorded
+        try:
+            yield
+        finally:
+            java_gateway.Popen = original
+
+
+def kill_jvm(procs: list[subprocess.Popen] | None = None, grace_s: float = 3.0) -> None:
+    """End the JVMs `get_spark` launched (default: all), with everything they started:
+    SIGTERM (Spark's shutdown hooks remove its temp folders), then SIGKILL after `grace_s`.
+    For a stop during start-up, or one after which SparkSession.stop() cannot run; a JVM that
+    spark-submit started for us (PYSPARK_GATEWAY_PORT) is not ours and is left alone."""
+    import signal
+
+    with _stops_ignored():
+        for proc in list(_LAUNCHED if procs is None else procs):
+            _LAUNCHED.remove(proc)
+            if proc.poll() is not None:
+                continue
+            tree = [(proc.pid, _start_time(proc.pid)), *_descendants(proc.pid)]
+            _signal_all(tree, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace_s)
+            _signal_all(tree, getattr(signal, "SIGKILL", signal.SIGTERM))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace_s)
+
+
+@contextlib.contextmanager
+def _stops_ignored() -> Iterator[None]:
+    """A second Ctrl-C (users press it again when the first seems slow) must not cut the
+    cleanup short and leave the JVM behind after all; the process is stopping anyway."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    stops = [signal.SIGINT, signal.SIGTERM]
+    before = {s: signal.getsignal(s) for s in stops}
+    for s in stops:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), so a pid reused by an unrelated
+    process is never signalled; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(pid: int) -> list[tuple[int, str | None]]:
+    """Children, grandchildren... of `pid` from /proc (spark-class's launcher JVM, Python
+    workers); none where there is no /proc, where killing `pid` is all we can do."""
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return []
+    parent_of = {}
+    for name in names:
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                parent_of[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent_of.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return [(c, _start_time(c)) for c in found]
+
+
+def _signal_all(tree: list[tuple[int, str | None]], signum: int) -> None:
+    for pid, started in tree:
+        if started is not None and _start_time(pid) != started:
+            continue  # gone, and the pid already someone else's
+        with contextlib.suppress(OSError):
+            os.kill(pid, signum)
 
 
 # Settings that make small and medium jobs behave; a conf file or --conf overrides each.
@@ -148,15 +289,17 @@ def read_table(spark: SparkSession, path: str, text_column: str = "text"):
 
 def read_images(spark: SparkSession, path: str, glob: str = "*"):
     """(id, content) for every file under the folder `path`, zero-byte files included (they
-    are quarantined, not lost); the id is the file's path under `path`."""
+    are quarantined, not lost; so are names Spark cannot open, with null content); the id is
+    the file's path under `path`."""
     from pyspark.sql import functions as F
 
     from pipelines.errors import DataError
-    from pipelines.sources import binary_files
+    from pipelines.sources import absolute_uri, binary_files, list_input
 
     if not os.path.isdir(path) and "://" not in path:
         raise DataError(f"--images: {path} is not a folder of image files")
-    return binary_files(spark, path, glob).select(F.col("rel").alias("id"), "content")
+    listing = list_input(spark, absolute_uri(path), (glob,), "--images")
+    return binary_files(spark, listing).select(F.col("rel").alias("id"), "content")
 
 
 def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tuple[int, int, int]:

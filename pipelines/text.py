@@ -192,11 +192,7 @@ def run_features(
             catalog.fs.mkdirs(tmp)
             catalog.fs.write_text(f"{tmp}/vocab.txt", text)
 
-        catalog.write(
-            "vocabulary",
-            save_vocabulary,
-            {**common, "size": len(vocabulary), "max_length": sc.max_length},
-        )
+        vocab_manifest = {**common, "size": len(vocabulary), "max_length": sc.max_length}
     out = out.select(*feature_columns(cfg.features))
 
     def manifest(tmp: str) -> dict:
@@ -207,9 +203,12 @@ def run_features(
         )
         return {**common, "result": asdict(result)}
 
-    # the model first: a features dataset must never exist without the model that made it
-    catalog.write("feature_model", model.save, common)
-    m = catalog.write_parquet("features", out, manifest, partition_by=["split"])
+    # one commit: features never sit beside another run's model or vocabulary
+    with catalog.commit() as tx:
+        if sc.enabled:
+            tx.write("vocabulary", save_vocabulary, vocab_manifest)
+        tx.write("feature_model", model.save, common)
+        m = tx.write_parquet("features", out, manifest, partition_by=["split"])
     return FeaturesResult(**m["result"])
 
 

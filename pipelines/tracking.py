@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -24,36 +23,24 @@ from mlflow.entities import RunStatus
 
 from pipelines.config import Config, flatten
 from pipelines.errors import Terminated
+from pipelines.secrets import MASK, is_secret, mask  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-_SECRET_WORDS = {"password", "passwd", "secret", "token", "credential", "credentials"}
-_SECRET_PAIRS = {("access", "key"), ("api", "key"), ("private", "key"), ("auth", "key")}
-_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]+@")
-MASK = "***"
-
-
-def mask(key: str, value: str) -> str:
-    """A value safe to log: passwords in URIs (scheme://user:***@host) and the values of keys
-    that name a secret (password, token, secret, access key, ...) are masked."""
-    words = [w for w in re.split(r"[._\-\s]+", key.lower()) if w]
-    if value and (
-        _SECRET_WORDS & set(words) or _SECRET_PAIRS & set(zip(words, words[1:], strict=False))
-    ):
-        return MASK
-    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", value)
-
-
 class MaskSecrets(logging.Filter):
-    """Masks passwords in URIs (scheme://user:***@host) in every record a handler emits:
-    data paths, tracking URIs and error messages name them."""
+    """Masks passwords in URIs (scheme://user:***@host) and secret `name=value` settings in
+    every record a handler emits, its traceback included: data paths, tracking URIs, Spark
+    settings and error messages name them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         masked = mask("message", message)
         if masked != message:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            # the handler would format the exception itself, after every filter has run
+            record.exc_text = mask("message", logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -66,10 +53,13 @@ def masked_yaml(cfg: Config) -> str:
 
     def walk(key: str, node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: walk(str(k), v) for k, v in node.items()}
+            return {k: walk(f"{key}.{k}" if key else str(k), v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(key, v) for v in node]
-        return mask(key, node) if isinstance(node, str) else node
+        if isinstance(node, str):
+            return mask(key, node)
+        # a numeric password (keyStorePassword: 123456) is as secret as a string one
+        return MASK if node is not None and is_secret(key) else node
 
     return yaml.safe_dump(walk("", cfg.model_dump(mode="json")), sort_keys=False)
 

@@ -42,7 +42,8 @@ def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [
         "sparkloom: error: bad config: unknown key 'ingest.splt'; did you mean 'ingest.split'? "
-        "(keys allowed under ingest: format, path, columns, csv, file_glob, image, split)"
+        "(keys allowed under ingest: format, path, table, query, columns, csv, encoding, "
+        "file_glob, image, split, labels, max_labels)"
     ]
     assert p.stdout == ""
 
@@ -148,3 +149,28 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
     a = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/a/tiny/ingested").collect()))
     b = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/b/tiny/ingested").collect()))
     assert a == b and len(a) == 30
+
+
+def test_a_file_spark_fails_to_read_is_one_line_naming_it_and_exit_3(tmp_path):
+    """Issue 16.14: a Parquet file whose footer reads but whose data pages are corrupt failed
+    with 78-110 JVM stack-frame lines and exit 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    docs = make_docs(10)
+    pq.write_table(pa.Table.from_pylist(docs), folder / "good.parquet")
+    pq.write_table(pa.Table.from_pylist(docs), folder / "bad.parquet", compression="snappy")
+    data = bytearray((folder / "bad.parquet").read_bytes())
+    data[4:400] = b"\xff" * 396  # the data pages; the footer at the end still reads
+    (folder / "bad.parquet").write_bytes(bytes(data))
+    conf = tiny_conf(tmp_path)
+    p = sparkloom("ingest", "--conf", str(conf), "ingest.format=parquet", f"ingest.path={folder}",
+                  cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 3, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if "sparkloom: error" in ln]
+    assert len(errors) == 1 and "bad.parquet" in errors[0] and "fix or remove the file" in errors[0]
+    assert not [
+        ln for ln in p.stderr.splitlines() if ln.lstrip().startswith("at ")
+    ]  # no JVM frames

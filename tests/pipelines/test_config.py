@@ -57,7 +57,7 @@ def test_later_files_win(tmp_path):
         ("ingest.split.train=0.5", "add up to 0.7, not 1"),
         (
             "ingest.format=xls",
-            "ingest.format: input should be 'csv', 'tsv', 'json', 'parquet', 'text_dirs', 'image_dirs', 'idx' or 'image_parquet'",
+            "ingest.format: input should be 'csv', 'tsv', 'json', 'parquet', 'text_dirs', 'image_dirs', 'idx', 'image_parquet', 'table' or 'sql'",
         ),
         (
             "baseline.grid.elastic_net_param=[2]",

@@ -11,6 +11,10 @@ from pipelines.sources import resolve_input_path
 from tests.conftest import make_config, make_docs, write_csv, write_jsonl
 
 DOCS = make_docs()  # 90 documents, 3 labels
+GOOD = 20  # good rows of two labels, so every split of a tiny input has both classes
+GOOD_CSV_ROWS = b"".join(
+    b"g%d,good words %d,%s\n" % (i, i, b"ab"[i % 2 : i % 2 + 1]) for i in range(GOOD)
+)
 
 
 def ingest(spark, tmp_path, **ingest_cfg):
@@ -80,26 +84,28 @@ def test_quarantine_bad_csv_with_exact_counts(spark, tmp_path):
     bad.write_bytes(
         b"id,text,label\n"
         b"1,good text one,a\n"
-        b'2,"unclosed quote,a\n'  # malformed
+        b"2,a field short\n"  # malformed
         b"3,,b\n"  # null text
         b'4,"   ",b\n'  # empty text
         b"5,bad \xff\xfe bytes,a\n"  # invalid UTF-8
         b"6,no label here,\n"  # null label
         b"7,too,many,fields,a\n"  # malformed
-        b"8,good text two,b\n"
+        b'8,"good text two, with a comma\nand a line break",b\n' + GOOD_CSV_ROWS
     )
     result, catalog = ingest(spark, tmp_path, format="csv", path=str(bad), columns={"id": "id"})
-    assert (result.rows_in, result.rows_out, result.rows_quarantined) == (8, 2, 6)
+    assert (result.rows_in, result.rows_out, result.rows_quarantined) == (8 + GOOD, 2 + GOOD, 6)
     assert result.reasons == {
         "empty_text": 1, "invalid_utf8": 1, "malformed_record": 2, "null_label": 1, "null_text": 1,
     }  # fmt: skip
     q = rows(spark, catalog, "quarantine")
-    assert {k: v["reason"] for k, v in q.items()} == {
-        "2": "malformed_record", "3": "null_text", "4": "empty_text",
-        "5": "invalid_utf8", "6": "null_label", "7": "malformed_record",
+    assert {k: (v["reason"], v["lines"]) for k, v in q.items()} == {
+        "2": ("malformed_record", "3"), "3": ("null_text", "4"), "4": ("empty_text", "5"),
+        "5": ("invalid_utf8", "6"), "6": ("null_label", "7"), "7": ("malformed_record", "8"),
     }  # fmt: skip
     assert all(v["source"].endswith("bad.csv") for v in q.values())
-    assert set(rows(spark, catalog, "ingested")) == {"1", "8"}
+    got = rows(spark, catalog, "ingested")
+    assert {"1", "8"} <= set(got)
+    assert got["8"]["text"] == "good text two, with a comma\nand a line break"
     manifest = catalog.manifest("ingested")
     assert manifest["result"]["rows_quarantined"] == 6
 
@@ -113,20 +119,21 @@ def test_quarantine_text_dirs(spark, tmp_path):
     (root / "a" / "empty.txt").write_bytes(b"")
     (root / "b" / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (root / "stray.txt").write_text("a file outside any label folder")
+    for i in range(GOOD):
+        (root / "ab"[i % 2] / f"good{i}.txt").write_text(f"good words {i}")
     result, catalog = ingest(spark, tmp_path, format="text_dirs", path=str(root))
-    assert (result.rows_in, result.rows_out) == (5, 2)
+    assert (result.rows_in, result.rows_out) == (5 + GOOD, 2 + GOOD)
     assert result.reasons == {"empty_text": 1, "invalid_utf8": 1, "null_label": 1}
-    assert set(rows(spark, catalog, "ingested")) == {"a/ok.txt", "b/ok.txt"}
+    assert {"a/ok.txt", "b/ok.txt"} <= set(rows(spark, catalog, "ingested"))
 
 
 def test_malformed_json_line_goes_to_quarantine(spark, tmp_path):
     p = tmp_path / "in.jsonl"
-    p.write_text(
-        '{"text": "ok one", "label": "x"}\nnot json at all\n{"text": null, "label": "y"}\n'
-    )
+    good = "".join(f'{{"text": "ok {i}", "label": "{"xy"[i % 2]}"}}\n' for i in range(GOOD))
+    p.write_text(good + 'not json at all\n{"text": null, "label": "y"}\n')
     result, _ = ingest(spark, tmp_path, format="json", path=str(p))
     assert result.reasons == {"malformed_record": 1, "null_text": 1}
-    assert result.rows_out == 1
+    assert result.rows_out == GOOD
 
 
 def test_missing_path_and_missing_column_are_clear_errors(spark, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipelines.catalog import Catalog
+from pipelines.errors import DataError
 from pipelines.ingest import run_ingest
 from tests.conftest import make_config
 
@@ -20,13 +21,17 @@ CSV = (
     b"1,good text one,a,x\n"
     b"2,short row,b\n"  # a field missing: malformed
     b"3,long,row,a,x,y\n"  # fields too many: malformed (read as label 'row' otherwise)
-    b'4,"unclosed quote,a,x\n'  # malformed
+    b"4,four,fields,a,x,y,z\n"  # malformed
     b"5,,b,x\n"  # null text
     b'6,"   ",b,x\n'  # empty text
     b"7,bad \xff\xfe bytes,a,x\n"  # invalid UTF-8
     b"8,no label here,,x\n"  # null label
     b"9,good text two,b,y\n"
 )
+PADDED_CSV = CSV + b"".join(
+    b"g%d,good words %d,%s,x\n" % (i, i, b"ab"[i % 2 : i % 2 + 1]) for i in range(16)
+)
+GOOD = 16  # good rows of two labels in every case, so every split has both classes
 
 
 def test_spark_readers_lose_rows_quietly(spark, tmp_path):
@@ -78,22 +83,25 @@ JSONL = (
     b'{"id": "5", "text": "no label"}\n'  # null label
     b'{"id": "6", "text": "bad \xff bytes", "label": "a"}\n'  # invalid UTF-8: not JSON either
     b'{"id": "7", "text": "good two", "label": "b"}\n'
-)
+) + b"".join(b'{"id": "g%d", "text": "good %d", "label": "%s"}\n' % (i, i, b"ab"[i % 2 : i % 2 + 1])
+             for i in range(GOOD))  # fmt: skip
 
 CASES = {
-    "csv": (lambda root: write_tree(root, {"t.csv": CSV}) / "t.csv", {"columns": {"id": "id"}},
-            9, {"malformed_record": 3, "null_text": 1, "empty_text": 1, "invalid_utf8": 1,
+    "csv": (lambda root: write_tree(root, {"t.csv": PADDED_CSV}) / "t.csv", {"columns": {"id": "id"}},
+            9 + GOOD, {"malformed_record": 3, "null_text": 1, "empty_text": 1, "invalid_utf8": 1,
                 "null_label": 1}),
     "json": (lambda root: write_tree(root, {"t.jsonl": JSONL}) / "t.jsonl", {"columns": {"id": "id"}},
-             7, {"malformed_record": 2, "null_text": 1, "empty_text": 1, "null_label": 1}),
+             7 + GOOD, {"malformed_record": 2, "null_text": 1, "empty_text": 1, "null_label": 1}),
     "text_dirs": (lambda root: write_tree(root, {
         "a/ok.txt": b"fine words", "b/ok.txt": b"more fine words", "a/empty.txt": b"",
         "b/latin1.txt": "caf\xe9".encode("latin-1"), "stray.txt": b"no label folder",
-        "a/blank.txt": b" \t\n\r\n"}), {}, 6, {"empty_text": 2, "invalid_utf8": 1, "null_label": 1}),
+        "a/blank.txt": b" \t\n\r\n", **{f"{'ab'[i % 2]}/g{i}.txt": b"good %d" % i for i in range(GOOD)}}),
+        {}, 6 + GOOD, {"empty_text": 2, "invalid_utf8": 1, "null_label": 1}),
     "image_dirs": (lambda root: write_tree(root, {
         "0/a.png": png(10), "0/b.png": png(20), "1/c.png": png(200), "1/empty.png": b"",
-        "1/notes.png": b"not an image", "0/cut.png": png(30, 40)[:60], "stray.png": png(40)}),
-        {"image": {"height": 8, "width": 8}}, 7,
+        "1/notes.png": b"not an image", "0/cut.png": png(30, 40)[:60], "stray.png": png(40),
+        **{f"{i % 2}/g{i}.png": png(50 + i) for i in range(GOOD)}}),
+        {"image": {"height": 8, "width": 8}}, 7 + GOOD,
         {"empty_file": 1, "undecodable": 1, "truncated": 1, "null_label": 1}),
 }  # fmt: skip
 
@@ -115,7 +123,7 @@ def test_a_corrupt_file_fails_ingest_instead_of_vanishing(spark, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "good.csv").write_bytes(b"text,label\nfine words,a\nmore words,b\n")
     (tmp_path / "in" / "bad.csv.gz").write_bytes(b"\x1f\x8b" + b"\x00garbage" * 50)
-    with pytest.raises(Exception, match="bad.csv.gz"):
+    with pytest.raises(DataError, match=r"cannot read .*bad.csv.gz: .*; fix or remove the file"):
         ingest(spark, tmp_path, format="csv", path=str(tmp_path / "in"))
     catalog = Catalog(spark, str(tmp_path / "data"), "t")
     assert catalog.manifest("ingested") is None  # nothing committed

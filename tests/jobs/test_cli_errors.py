@@ -1,0 +1,171 @@
+"""The CLI's one-line errors and its stops, as a user meets them (real processes, real JVMs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_docs, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def conf_file(tmp_path: Path, app_name: str = "sparkloom") -> Path:
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(10))
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(
+        f"extends: {ROOT / 'conf' / 'defaults.yaml'}\n"
+        "pipeline: {name: tiny}\n"
+        f"mlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+        f"spark: {{master: 'local[1]', app_name: {app_name}, conf: {{spark.driver.memory: 1g}}}}\n"
+        f"ingest: {{format: json, path: {tmp_path / 'docs.jsonl'}, columns: {{id: id}}}}\n"
+    )
+    return conf
+
+
+# --- a stop while the JVM starts ---------------------------------------------------------------
+
+
+def processes_with(marker: str) -> dict[int, str]:
+    """Live processes whose command line holds `marker` (zombies have none)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found[int(pid)] = cmd
+    return found
+
+
+def spark_submit_jvm(app: str) -> dict[int, str]:
+    """The JVM that will hold the SparkContext (not spark-class's short-lived launcher)."""
+    return {pid: cmd for pid, cmd in processes_with(app).items()
+            if "deploy.SparkSubmit" in cmd and "launcher.Main" not in cmd}  # fmt: skip
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_jvm_starts_kills_it_and_frees_the_pipes(tmp_path, signum):
+    """Before: the JVM outlived the CLI forever, holding its stdout/stderr (`| tee` hung)."""
+    app = f"stop-at-start-{uuid.uuid4().hex[:12]}"
+    conf = conf_file(tmp_path, app)
+    proc = subprocess.Popen(
+        [str(BIN / "sparkloom"), "ingest", "--conf", str(conf)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        while not (jvm := spark_submit_jvm(app)):
+            assert proc.poll() is None and time.monotonic() < end, "no JVM started"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the JVM is booting; pyspark waits for its gateway port
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        try:
+            out, err = proc.communicate(timeout=30)  # EOF on both pipes: nothing holds them
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"no EOF on the CLI's pipes 30 s after {signum.name}")
+        seconds = time.monotonic() - sent
+        assert proc.returncode == 128 + signum, err[-3000:]
+        assert seconds < 15, seconds
+        assert err.strip().splitlines()[-1] == (
+            f"sparkloom: stopped by {signum.name}; its MLflow runs are marked KILLED"
+        )
+        assert "Traceback" not in err
+        assert processes_with(app) == {}, f"left running: {jvm}"
+    finally:
+        for pid in [*processes_with(app), proc.pid]:  # never leave a JVM on a shared machine
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+# --- score, generate: the one-line errors of `sparkloom <stage>` ------------------------------
+
+
+def sparkloom(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "sparkloom"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    """A real sqlite MLflow store with one experiment and one finished run, no models."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("tiny"))
+    client.set_terminated(run.info.run_id)
+    return uri
+
+
+UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
+
+
+def test_score_with_an_unknown_run_id_is_one_line_naming_the_uri_and_exit_3(tmp_path, store):
+    """Before: a 47-line traceback (MlflowException from get_run), after a JVM start."""
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(2))
+    model = f"runs:/{UNKNOWN_RUN}/model"
+    p = sparkloom("score", "--model", model, "--input", str(tmp_path / "docs.jsonl"),
+                  "--output", str(tmp_path / "scores"), "--tracking-uri", store, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 3
+    assert p.stderr.strip().splitlines() == [
+        f"sparkloom score: error: model {model} is not in MLflow at {store}: Run with "
+        f"id={UNKNOWN_RUN} not found; check the run id (`mlflow runs list --experiment-id ID`, "
+        "or the MLflow UI), the registered model's name and alias or version (the UI's Models "
+        "page), and --tracking-uri"
+    ]
+    assert p.stdout == "" and not (tmp_path / "scores").exists()
+
+
+def test_score_with_an_unknown_registered_model_is_one_line_before_spark(tmp_path, store):
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(2))
+    p = sparkloom("score", "--model", "models:/NoSuch@champion", "--input",
+                  str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "scores"),
+                  "--tracking-uri", store, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 3
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("sparkloom score: error: ") and "models:/NoSuch@champion" in lines[0]
+    assert "NoSuch not found" in lines[0]
+
+
+def test_score_verbose_adds_the_traceback_and_keeps_the_exit_code(tmp_path, store):
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(2))
+    model = f"runs:/{UNKNOWN_RUN}/model"
+    p = sparkloom("score", "--model", model, "--input", str(tmp_path / "docs.jsonl"), "--output",
+                  str(tmp_path / "scores"), "--tracking-uri", store, "--verbose", cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 3
+    assert p.stderr.startswith("Traceback") or "\nTraceback" in p.stderr
+    assert "mlflow.exceptions.MlflowException: Run with id=" in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"sparkloom score: error: model {model}")
+
+
+def test_generate_with_a_broken_model_folder_is_one_line_not_a_traceback(tmp_path):
+    """Before: the tokenizers library's traceback; an error that is not ours is one line
+    with the way to the traceback, as for `sparkloom <stage>`."""
+    model = tmp_path / "gpt2_model"
+    model.mkdir()
+    for name, text in {"state_dict.pt": "", "model.json": "{}", "tokenizer.json": "{}"}.items():
+        (model / name).write_text(text)
+    p = sparkloom("generate", "--model", str(model), "--prompt", "The match", cwd=tmp_path)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("sparkloom: generate failed: Exception: ")  # the tokenizer's
+    assert lines[0].endswith(" (rerun with --verbose for the full traceback)")
+    assert p.stdout == ""
