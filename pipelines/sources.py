@@ -595,7 +595,7 @@ def csv_scans(spark: SparkSession, ing: IngestConfig, parsed: DataFrame) -> dict
             raise DataError(
                 f"{path}: the quote that opens at line {sc.unclosed_quote_line} is never "
                 "closed, so the rest of the file would read as one field; close it in the "
-                "file, or set ingest.csv.quote to the character the file quotes with"
+                f"file, or set ingest.csv.quote/escape to how the file quotes ({how})"
             )
     rows = parsed.groupBy("source").agg(F.count(F.lit(1)).alias("n"), F.min("pos").alias("first"))
     counts = {r["source"]: (r["n"], r["first"]) for r in rows.collect()}
