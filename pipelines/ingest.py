@@ -162,9 +162,13 @@ def check_labels(good: DataFrame, ing: IngestConfig) -> list[str]:
         "check how the file quotes text (ingest.csv.quote/escape/multiline) and which column "
         f"holds the label (ingest.columns.label={label_col!r})"
     )
-    distinct = [r["label"] for r in good.select("label").distinct().limit(ing.max_labels + 1)
-                .collect()]  # fmt: skip
-    if len(distinct) > ing.max_labels:
+    # one job: (split, label) counts, at most 3 per label, so a mis-read file with a million
+    # "labels" stops at 3 x max_labels + 1 rows
+    bound = 3 * ing.max_labels
+    rows = good.groupBy("split", "label").count().limit(bound + 1).collect()
+    per_split = {(r["split"], r["label"]): r["count"] for r in rows}
+    distinct = sorted({lab for _, lab in per_split})
+    if len(distinct) > ing.max_labels or len(rows) > bound:
         raise DataError(
             f"more than {ing.max_labels} distinct labels (ingest.max_labels): the labels are "
             f"probably mis-read; {fix_read}, or raise ingest.max_labels"
@@ -186,8 +190,6 @@ def check_labels(good: DataFrame, ing: IngestConfig) -> list[str]:
                 "one label in the data, or set ingest.labels.case_sensitive=true if they are "
                 "different classes"
             )
-    per_split = {(r["split"], r["label"]): r["count"]
-                 for r in good.groupBy("split", "label").count().collect()}  # fmt: skip
     train = {lab for (sp, lab) in per_split if sp == "train"}
     if len(train) < 2:
         raise DataError(

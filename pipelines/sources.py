@@ -147,7 +147,7 @@ TEXT_COLUMNS = ("id", "text", "label", "source", "pos", "malformed", "bad_text",
 
 
 def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
-    """Every input record in one shape (TEXT_COLUMNS, or IMAGE_COLUMNS for images); with a
+    """Every input record in one shape (TEXT_COLUMNS, or _raw_image's for images); with a
     split per input path, each input's records carry its split in `given_split`."""
     reader = {
         "csv": _read_delimited, "tsv": _read_delimited, "json": _read_json,
@@ -256,7 +256,7 @@ def is_utf8(encoding: str) -> bool:
     return codecs.lookup(encoding).name == "utf-8"
 
 
-def bad_text_check(text: Column, encoding: str) -> Column:
+def bad_text_check(text: Column) -> Column:
     """Bytes the encoding cannot decode: Java's decoders put U+FFFD in their place."""
     return text.contains("\ufffd")
 
@@ -315,7 +315,15 @@ def _read_delimited(spark: SparkSession, ing: IngestConfig, listing: Listing) ->
     malformed = F.col(CORRUPT).isNotNull() | every
     text = F.col(ing.columns.text)
     return _unified(df, ing, _file_path(), malformed,
-                    bad_text_check(text, ing.encoding))  # fmt: skip
+                    bad_text_check(text))  # fmt: skip
+
+
+def per_file(spark: SparkSession, files: list[str], fn, schema: str) -> list:
+    """`fn` (a mapInPandas function over batches of `path`) run on the executors over the
+    files, up to 64 tasks of at least 64 files each; its rows, collected."""
+    n = max(1, min(len(files) // 64, 64))
+    df = spark.createDataFrame([(f,) for f in files], "path string").repartition(n)
+    return df.mapInPandas(fn, schema).collect()
 
 
 def check_csv_headers(spark: SparkSession, listing: Listing, ing: IngestConfig, sep: str) -> None:
@@ -353,10 +361,8 @@ def check_csv_headers(spark: SparkSession, listing: Listing, ing: IngestConfig, 
                 out.append(row)
             yield pd.DataFrame({"path": b["path"], "header": out})
 
-    n = max(1, min(len(files) // 64, 64))
-    df = spark.createDataFrame([(f,) for f in files], "path string").repartition(n)
-    found = {r["path"]: r["header"] for r in
-             df.mapInPandas(headers, "path string, header array<string>").collect()}  # fmt: skip
+    rows = per_file(spark, files, headers, "path string, header array<string>")
+    found = {r["path"]: r["header"] for r in rows}
     first = found[files[0]]
     for path in files[1:]:
         if found[path] is not None and first is not None and found[path] != first:
@@ -391,7 +397,7 @@ def _read_json(spark: SparkSession, ing: IngestConfig, listing: Listing) -> Data
     text_kind = F.col(f"_kind_{c.text}")
     problem = F.when(~text_kind.isin("STRING", "VOID", "NULL"), "text_not_string")
     return _unified(df, ing, F.col("_source"), F.col(CORRUPT).isNotNull(),
-                    bad_text_check(F.col(c.text), ing.encoding), problem)  # fmt: skip
+                    bad_text_check(F.col(c.text)), problem)  # fmt: skip
 
 
 def _read_parquet(spark: SparkSession, ing: IngestConfig, listing: Listing) -> DataFrame:
@@ -475,9 +481,7 @@ def parquet_footers(spark: SparkSession, files: list[str]) -> dict[str, tuple[li
                     errors.append(None)
             yield pd.DataFrame({"path": b["path"], "names": names, "error": errors})
 
-    n = max(1, min(len(files) // 64, 64))
-    df = spark.createDataFrame([(f,) for f in files], "path string").repartition(n)
-    rows = df.mapInPandas(footers, "path string, names array<string>, error string").collect()
+    rows = per_file(spark, files, footers, "path string, names array<string>, error string")
     return {r["path"]: (r["names"], r["error"]) for r in rows}
 
 
