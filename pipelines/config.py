@@ -328,9 +328,14 @@ class FeaturesConfig(Section):
 
 
 class GridConfig(Section):
-    reg_param: list[float] = [0.0, 0.01]
+    # a decade apart from 1e-6 to 1e-1: MLlib's regParam scales the mean loss, so the
+    # optimum shrinks as the training set grows (about 1 / (C * n) in scikit-learn's terms)
+    reg_param: list[float] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     elastic_net_param: list[float] = [0.0]
     max_iter: list[int] = [100]
+    # whether MLlib scales each feature by its standard deviation before penalising; which
+    # wins depends on the corpus (see docs/baseline.md), so both are tried
+    standardization: list[bool] = [False, True]
 
     @model_validator(mode="after")
     def _ranges(self) -> GridConfig:
@@ -338,6 +343,7 @@ class GridConfig(Section):
             ("reg_param", self.reg_param, lambda x: x >= 0, ">= 0"),
             ("elastic_net_param", self.elastic_net_param, lambda x: 0 <= x <= 1, "in [0, 1]"),
             ("max_iter", self.max_iter, lambda x: x >= 1, ">= 1"),
+            ("standardization", self.standardization, lambda x: True, "true or false"),
         ):
             if not values:
                 raise ValueError(f"baseline.grid.{name} is empty; give at least one value")
@@ -349,10 +355,20 @@ class GridConfig(Section):
 
 class BaselineConfig(Section):
     features_col: Literal["features", "word2vec"] = "features"
-    tuning: Literal["cross_validation", "train_validation_split", "none"] = "cross_validation"
+    # validation: one fit per grid point on the training split, scored on the validation
+    # split ingest made (no refit); cross_validation and train_validation_split re-split
+    # the training split (num_folds + 1, or 1 + 1 fits per point); none: the first point
+    tuning: Literal["validation", "cross_validation", "train_validation_split", "none"] = (
+        "validation"
+    )
     num_folds: int = Field(3, ge=2)
     train_ratio: float = Field(0.8, gt=0, lt=1)  # train_validation_split only
+    # fits run at once; fewer when that many coefficient matrices would not fit the driver
     parallelism: int = Field(2, ge=1)
+    # null: as many partitions as Spark has cores (MLlib runs one task per partition)
+    partitions: int | None = Field(None, ge=1)
+    # balanced: weight each training row by n / (classes * rows of its class)
+    class_weight: Literal["none", "balanced"] = "none"
     metric: Literal["f1", "accuracy", "weightedPrecision", "weightedRecall"] = "f1"
     grid: GridConfig = GridConfig()
     seed: int = 42

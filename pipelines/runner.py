@@ -142,6 +142,10 @@ def _baseline(
 ) -> BaselineResult:
     result, model = run_baseline(spark, cfg, catalog, force)
     mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
+    tracking.log_metrics(
+        {"features_used": result.features_used, "lr_iterations": result.iterations,
+         "lr_converged": float(result.converged), "fits_at_once": result.fits_at_once}
+    )  # fmt: skip
     if result.grid:
         tracking.log_metrics({f"tuning_{cfg.baseline.metric}": result.tuning_metric})
         mlflow.log_text(json.dumps(result.grid, indent=2), "tuning/grid_scores.json")
