@@ -47,8 +47,10 @@ demo-bert: $(VENV)/.demo-data
 demo-gpt2: $(VENV)/.demo-data
 	$(BIN)/sparkloom run --conf conf/gpt2.yaml
 
+# two workers, a test file each: on 2 cores most of a test's time is a JVM or a subprocess
+# starting or waiting, so two files at once take about 0.6 of the time of one after the other
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"

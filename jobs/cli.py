@@ -98,10 +98,23 @@ def main(argv: list[str] | None = None) -> int:
         _print_outcome(cfg, outcome)
         return 0
     except (Exception, KeyboardInterrupt, Terminated) as e:
+        if spark is not None and _jvm_broken(e) and not args.verbose:
+            # out of memory or a dead context: what the JVM and Py4J would print from here
+            # on (other threads' failures, a refused stop) repeats the one line below
+            logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
+            from pipelines.spark import kill_jvm
+
+            kill_jvm()
         return fail(e, args.command, args.verbose)
     finally:
         if spark is not None:
             stop_spark(spark)
+
+
+def _jvm_broken(e: BaseException) -> bool:
+    from pipelines.errors import ResourceError
+
+    return isinstance(getattr(e, "cause", None), ResourceError)
 
 
 def fail(e: BaseException, command: str, verbose: bool, model: str | None = None) -> int:
@@ -120,7 +133,8 @@ def fail(e: BaseException, command: str, verbose: bool, model: str | None = None
         log.debug("after the stop signal: %s", e, exc_info=e)
         return _killed(Terminated(terminating()), command)
     cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
-    if verbose and not (isinstance(e, SparkloomError) and isinstance(cause, SparkloomError | None)):
+    ours = isinstance(e, SparkloomError) and isinstance(cause, SparkloomError | None)
+    if verbose and (not ours or _jvm_broken(e)):
         traceback.print_exception(e, file=sys.stderr)
     shown = _not_in_mlflow(e, model) or e
     if isinstance(shown, SparkloomError):
@@ -254,6 +268,10 @@ def _setup_logging(verbose: bool) -> None:
 
     for handler in logging.getLogger().handlers:  # no password in a URI reaches the log
         handler.addFilter(MaskSecrets())
+        if not verbose:  # Py4J logs each call cut by a dying JVM, traceback and all
+            handler.addFilter(
+                lambda r: not str(r.msg).startswith("Exception while sending command")
+            )
     for noisy in ("py4j", "alembic", "mlflow", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:

@@ -39,6 +39,7 @@ from pipelines.catalog import Catalog, fingerprint
 from pipelines.config import BaselineConfig, Config
 from pipelines.errors import DataError
 from pipelines.report import classification_metrics, confusion_from_counts
+from pipelines.spark import blas_in_use
 from pipelines.text import load_feature_model
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,12 @@ def run_baseline(
 
     bc = cfg.baseline
     labels = upstream["labels"]
+    blas, native = blas_in_use(spark)
+    log.info(
+        "baseline: MLlib computes with %s%s", blas,
+        "" if native else " (no native BLAS: `apt install libopenblas0` provides libblas.so.3, "
+        "which MLlib then loads; see docs/baseline.md)",
+    )  # fmt: skip
     data = catalog.read("features", "features")
     feature_model = load_feature_model(catalog)
     train_all = data.filter(F.col("split") == "train")

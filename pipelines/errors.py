@@ -19,6 +19,13 @@ class DataError(SparkloomError):
     exit_code = 3
 
 
+class ResourceError(SparkloomError):
+    """The JVM ran out of something (memory, an executor, its SparkContext): the message
+    names the setting to change."""
+
+    exit_code = 5
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler's kill, `kill PID`) as an exception, so every `finally` runs and
     the MLflow runs end KILLED instead of staying RUNNING (see pipelines.spark)."""

@@ -31,7 +31,7 @@ from pipelines.report import (
     misclassified_figure,
 )
 from pipelines.scoring import ScoreStageResult, run_score
-from pipelines.spark import terminating
+from pipelines.spark import jvm_failure, terminating
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def run_pipeline(
                     if getattr(e, "tail", ""):  # a training rank's traceback, last lines
                         log.error("[%s] traceback of the failing rank (last lines):\n%s",
                                   stage, e.tail)  # fmt: skip
-                    raise StageFailed(stage, e) from e
+                    raise StageFailed(stage, jvm_failure(e, stage, cfg.spark) or e) from e
                 outcome.results[stage] = result
                 mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
                 output = stage_output(cfg, stage)

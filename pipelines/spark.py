@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pyspark.sql import SparkSession
 
 from pipelines.config import SparkConfig
-from pipelines.errors import SparkloomError
+from pipelines.errors import ResourceError, SparkloomError
 
 
 def check_java() -> None:
@@ -64,6 +64,8 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
 # reaches the driver: the stage's one-line error says what failed; --verbose keeps them
 TASK_FAILURE_LOGGERS = (
     "org.apache.spark.executor.Executor",
+    "org.apache.spark.ml.util.Instrumentation",  # MLlib logs a failed fit's error again
+    "org.apache.spark.util.SparkUncaughtExceptionHandler",
     "org.apache.spark.scheduler.TaskSetManager",
     "org.apache.spark.scheduler.TaskSchedulerImpl",
     "org.apache.spark.storage.BlockManager",
@@ -338,3 +340,102 @@ def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tup
     for final, t in tmps.items():
         fs.replace(t, final)
     return rows_in, rows_out, quarantined
+
+
+# What a stage's memory depends on, by stage: the settings the out-of-memory line names
+MEMORY_KNOBS = {
+    "baseline": "features.tf.num_features, baseline.parallelism, baseline.grid",
+    "features": "features.tf.num_features, features.sequence.vocab_size",
+    "score": "score's batch size",
+}
+
+
+def jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceError | None:
+    err = _jvm_failure(e, stage, cfg)
+    if err is not None:
+        err.__cause__ = e  # --verbose shows the JVM's trace
+    return err
+
+
+def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceError | None:
+    """A JVM resource failure as one line naming the setting to change; None otherwise.
+
+    Py4J's error text carries the Java exception and its causes, so an OutOfMemoryError
+    deep in an MLlib fit, a lost executor and a SparkContext that has stopped under the
+    stage are told apart by the text, as Spark reports them."""
+    text = str(e)
+    java = getattr(e, "java_exception", None)
+    if java is not None:
+        with contextlib.suppress(Exception):  # the JVM may be gone: the Python text stays
+            text = f"{java.toString()}\n{text}"
+    memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
+    if "java.lang.OutOfMemoryError" in text:
+        what = next(
+            (ln.strip() for ln in text.splitlines() if "java.lang.OutOfMemoryError" in ln), ""
+        )
+        return _out_of_memory(stage, what.split(": ", 1)[-1], cfg)
+
+    if "ExecutorLostFailure" in text or "Lost executor" in text:
+        return ResourceError(
+            f"an executor was lost during stage '{stage}' (killed for memory or its host "
+            "went away); raise spark.conf.spark.executor.memoryOverhead or "
+            "spark.executor.memory, and see the cluster manager's log for the executor"
+        )
+    stopped = ("Cannot call methods on a stopped SparkContext", "SparkContext was shut down",
+               "Answer from Java side is empty", "Error while sending or receiving",
+               "Connection refused", "Connection reset by peer")  # fmt: skip
+    # a Py4J or socket error from a JVM that has exited: the exit code says why
+    gone = any(s in text for s in stopped) or isinstance(e, ConnectionError)
+    gone = gone or type(e).__module__.startswith("py4j")
+    code = _jvm_exit_code() if gone else None
+    if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
+        return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
+    if code is not None or any(s in text for s in stopped):
+        return ResourceError(
+            f"the SparkContext stopped during stage '{stage}' (the JVM exited: out of "
+            f"memory or killed); spark.driver.memory is {memory}: raise "
+            "spark.conf.spark.driver.memory, and rerun with --verbose for the JVM's log"
+        )
+    return None
+
+
+JVM_OOM_EXIT = 52  # SparkExitCode.OOM: what a local JVM exits with after a task's OOM
+
+
+def _jvm_exit_code() -> int | None:
+    """The exit code of the JVM get_spark launched, once it has exited (None if alive)."""
+    for proc in _LAUNCHED:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=5)
+    return None
+
+
+def _out_of_memory(stage: str, what: str, cfg: SparkConfig) -> ResourceError:
+    memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
+    if (cfg.master or "local").startswith("local"):
+        where = (
+            f"the driver, which is the executor too in local mode, has spark.driver.memory="
+            f"{memory}: raise spark.conf.spark.driver.memory (under spark-submit: "
+            "--driver-memory)"
+        )
+    else:
+        where = (
+            "raise spark.conf.spark.executor.memory (a task) or --driver-memory "
+            f"(the driver, now {memory})"
+        )
+    knobs = MEMORY_KNOBS.get(stage)
+    return ResourceError(
+        f"the JVM ran out of memory in stage '{stage}' ({what}); {where}"
+        + (f", or ask for less: {knobs}" if knobs else "")
+    )
+
+
+def blas_in_use(spark: SparkSession) -> tuple[str, bool]:
+    """(the BLAS MLlib computes with, whether it is native), from netlib's own lookup:
+    NativeBLAS when a libblas.so.3 loads (OpenBLAS, MKL), else VectorBLAS or JavaBLAS."""
+    netlib = spark.sparkContext._jvm.dev.ludovic.netlib.blas
+    with contextlib.suppress(Exception):
+        return netlib.NativeBLAS.getInstance().getClass().getName(), True
+    with contextlib.suppress(Exception):
+        return netlib.BLAS.getInstance().getClass().getName(), False
+    return "unknown", False

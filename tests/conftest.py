@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
+import __main__
 from pipelines.config import Config, _validate
+
+# pytest-xdist's workers run under execnet, whose __main__ has neither __spec__ nor
+# __file__: pyspark.sql.connect (imported by mlflow.spark) takes that for a doctest run
+# and calls sys.exit(0) when grpc is not installed. Give it the file a real run has.
+if getattr(__main__, "__spec__", None) is None and not hasattr(__main__, "__file__"):
+    __main__.__file__ = "<pytest-xdist worker>"
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 

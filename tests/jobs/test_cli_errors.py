@@ -169,3 +169,45 @@ def test_generate_with_a_broken_model_folder_is_one_line_not_a_traceback(tmp_pat
     assert lines[0].startswith("sparkloom: generate failed: Exception: ")  # the tokenizer's
     assert lines[0].endswith(" (rerun with --verbose for the full traceback)")
     assert p.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_follows(
+    spark, tmp_path
+):
+    """An MLlib fit whose coefficients cannot fit a 512 MB driver: 20 classes x ~150k
+    used hashed features of random words. The last line of stderr names the fix."""
+    import numpy as np
+
+    from pipelines.catalog import Catalog
+    from pipelines.ingest import run_ingest
+    from pipelines.text import run_features
+    from tests.conftest import make_config
+
+    rng = np.random.default_rng(0)
+    vocab = np.array([f"w{i}x" for i in range(300_000)])
+    docs = [{"id": f"d{i}", "label": f"c{i % 20}", "text": " ".join(rng.choice(vocab, 60))}
+            for i in range(3000)]  # fmt: skip
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    cfg = make_config(
+        tmp_path,
+        ingest={"format": "json", "path": str(tmp_path / "in.jsonl"), "columns": {"id": "id"}},
+        features={"tf": {"num_features": 1 << 18}, "sequence": {"enabled": False}},
+        baseline={"tuning": "none", "grid": {"reg_param": [0.01], "max_iter": [20]}},
+    )  # fmt: skip
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    run_ingest(spark, cfg, catalog)
+    run_features(spark, cfg, catalog)
+    conf = tmp_path / "pipeline.yaml"
+    conf.write_text(cfg.to_yaml())
+
+    p = sparkloom("baseline", "--conf", str(conf), "spark.conf.spark.driver.memory=512m",
+                  cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 5, p.stderr[-3000:]
+    last = p.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("sparkloom: error: stage 'baseline' failed: the JVM ran out of memory")
+    assert "spark.driver.memory=512m" in last and "spark.conf.spark.driver.memory" in last
+    assert "features.tf.num_features" in last and "baseline.parallelism" in last
+    # no Py4J or JVM trace anywhere: the line is the whole story without --verbose
+    for noise in ("Traceback", "py4j", "\tat ", "Exception in thread"):
+        assert noise not in p.stderr, p.stderr[-3000:]

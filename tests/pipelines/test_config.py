@@ -109,7 +109,7 @@ def test_flatten_and_stage_hash():
     )
     flat = flatten(cfg)
     assert flat["ingest.split.train"] == "0.8"
-    assert flat["baseline.grid.reg_param"] == "[0.0, 0.01]"
+    assert flat["baseline.grid.reg_param"] == "[1e-06, 1e-05, 0.0001, 0.001, 0.01, 0.1]"
     other = Config.model_validate(
         {
             "pipeline": {"name": "p"},
