@@ -47,8 +47,8 @@ demo-bert: $(VENV)/.demo-data
 demo-gpt2: $(VENV)/.demo-data
 	$(BIN)/sparkloom run --conf conf/gpt2.yaml
 
-# two workers, a test file each: on 2 cores most of a test's time is a JVM or a subprocess
-# starting or waiting, so two files at once take about 0.6 of the time of one after the other
+# two workers, a test file each: on 2 cores much of a test's time is a JVM or a subprocess
+# starting or waiting, so two files run at once (one worker took 36-40 min, the CI limit 40)
 test: setup
 	$(BIN)/pytest -n 2 --dist loadfile
 
