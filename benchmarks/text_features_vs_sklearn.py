@@ -73,7 +73,6 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import (
-    ENGLISH_STOP_WORDS,
     HashingVectorizer,
     TfidfTransformer,
 )
@@ -81,6 +80,7 @@ from sklearn.linear_model import LogisticRegression as SkLR
 from sklearn.pipeline import make_pipeline
 
 from pipelines.config import FeaturesConfig
+from pipelines.synthetic import Corpus
 from pipelines.text import build_feature_pipeline
 
 NAME = "text_features_vs_sklearn"
@@ -88,71 +88,14 @@ N_FEATURES = FeaturesConfig().tf.num_features  # the project default, 2**16
 MAX_ITER = 50
 REG_PARAM = 0.01
 N_CLASSES = 5
-VOCAB_SIZE = 20_000
-CLASS_WORDS = 400
 WARMUP_DOCS = 2_000
 CORES = 2
-# Every word here is in both Spark's and sklearn's English stop-word lists, so both engines
-# drop exactly the same tokens from the documents.
-_STOPWORD_TEXT = (
-    "the and of to in is it that for was on with as by at from this be are or an but not have "
-    "had were which their there been its into more other some than then these will would about "
-    "after all can has he her his if no our out so they we what when who you"
-)
-STOPWORDS = _STOPWORD_TEXT.split()
-# Token mix: mostly Zipfian background words, some class-specific words, some stop words.
-P_STOPWORD, P_CLASS_WORD = 0.20, 0.10
-
-
-def make_vocab(rng: np.random.Generator) -> list[str]:
-    """Unique made-up words; real stop words are excluded so they can't act as content."""
-    reserved = set(ENGLISH_STOP_WORDS) | {"doing", "having", "ought", "theirs"}
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    seen: dict[str, None] = {}  # insertion-ordered set keeps the vocabulary deterministic
-    while len(seen) < VOCAB_SIZE:
-        for length in rng.integers(4, 11, size=VOCAB_SIZE):
-            word = "".join(rng.choice(letters, size=length))
-            if word not in reserved:
-                seen[word] = None
-    return list(seen)[:VOCAB_SIZE]
 
 
 def make_corpus(n_docs: int, seed: int) -> pd.DataFrame:
-    """Synthetic labelled documents (columns ``text``, ``label``), deterministic in ``seed``."""
-    rng = np.random.default_rng(seed)
-    words = np.array(make_vocab(rng) + STOPWORDS, dtype=object)
-    zipf = 1.0 / np.arange(1, VOCAB_SIZE + 1) ** 1.07
-    zipf /= zipf.sum()
-    # Class subsets skip the head of the Zipf curve so they stay distinctive.
-    class_words = np.stack(
-        [
-            rng.choice(np.arange(200, VOCAB_SIZE), CLASS_WORDS, replace=False)
-            for _ in range(N_CLASSES)
-        ]
-    )
-
-    labels = rng.integers(0, N_CLASSES, size=n_docs)
-    lengths = rng.integers(30, 51, size=n_docs)
-    token_label = np.repeat(labels, lengths)
-    n_tokens = token_label.size
-
-    ids = rng.choice(VOCAB_SIZE, size=n_tokens, p=zipf)
-    kind = rng.random(n_tokens)
-    is_class = kind < P_CLASS_WORD
-    is_stop = (kind >= P_CLASS_WORD) & (kind < P_CLASS_WORD + P_STOPWORD)
-    ids[is_class] = class_words[
-        token_label[is_class], rng.integers(0, CLASS_WORDS, size=is_class.sum())
-    ]
-    ids[is_stop] = VOCAB_SIZE + rng.integers(0, len(STOPWORDS), size=is_stop.sum())
-
-    tokens = words[ids]
-    ends = np.cumsum(lengths)
-    # Sentence-style capitalisation and punctuation exercise lowercasing and the \W+ split.
-    texts = [
-        " ".join(tokens[end - n : end]).capitalize() + "."
-        for end, n in zip(ends.tolist(), lengths.tolist(), strict=True)
-    ]
-    return pd.DataFrame({"text": texts, "label": labels})
+    """Synthetic labelled documents (columns ``text``, ``label``): pipelines.synthetic's
+    generator, 5 classes over a 20k-word Zipfian vocabulary, stop words mixed in."""
+    return Corpus(classes=N_CLASSES, seed=seed).docs(n_docs)
 
 
 def start_spark() -> SparkSession:

@@ -1,6 +1,20 @@
 """Errors a user can act on. The CLI prints them as one line, without a traceback."""
 
 
+def exception_text(e: BaseException) -> str:
+    """The error's text, led by the JVM's exception for a Py4JJavaError (whose own first
+    line, "An error occurred while calling o42.x", says nothing); Python's text alone when
+    the gateway is gone."""
+    text = str(e)
+    java = getattr(e, "java_exception", None)
+    if java is not None:
+        try:
+            return f"{java.toString()}\n{text}"
+        except Exception:  # noqa: BLE001 - a dead gateway: keep what Py4J said
+            return text
+    return text
+
+
 class SparkloomError(Exception):
     """Base class: the message names the problem and the fix."""
 

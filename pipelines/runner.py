@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -18,7 +17,7 @@ from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog
 from pipelines.config import IMAGE_MODELS, Config, flatten, stage_output
 from pipelines.deep import DeepResult, run_deep, student_and_teacher
-from pipelines.errors import SparkloomError, Terminated
+from pipelines.errors import SparkloomError, Terminated, exception_text
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from pipelines.ingest import IngestResult, run_ingest
 from pipelines.model_registry import RegisterResult, register
@@ -41,11 +40,7 @@ class StageFailed(SparkloomError):
     """A stage raised: names the stage, keeps the reason's first line and its exit code."""
 
     def __init__(self, stage: str, cause: BaseException):
-        text = str(cause)
-        java = getattr(cause, "java_exception", None)  # Py4JJavaError: "An error occurred
-        if java is not None:  # while calling o42.x" says nothing; the JVM's exception does
-            with contextlib.suppress(Exception):  # the gateway may be gone: keep Py4J's text
-                text = java.toString()
+        text = exception_text(cause)
         first = tracking.mask("error", next((ln for ln in text.splitlines() if ln.strip()), ""))
         if isinstance(cause, SparkloomError):  # ours already say what is wrong and the fix
             super().__init__(f"stage '{stage}' failed: {first}")

@@ -23,7 +23,7 @@ from pyspark.sql import types as T
 
 from pipelines.catalog import HadoopFS, absolute_uri, fingerprint, local_path
 from pipelines.config import IngestConfig
-from pipelines.errors import DataError
+from pipelines.errors import DataError, exception_text
 from pipelines.images import IDX_RECORDS, idx_header, idx_records
 
 CORRUPT = "_corrupt_record"
@@ -654,11 +654,7 @@ def read_errors():
     except DataError:
         raise
     except Exception as e:
-        text = str(e)
-        java = getattr(e, "java_exception", None)
-        if java is not None:
-            with contextlib.suppress(Exception):
-                text = java.toString() + "\n" + text
+        text = exception_text(e)
         m = READ_FAILURE.search(text)
         if m is None and "FAILED_READ_FILE" not in text:
             raise

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pyspark.sql import SparkSession
 
 from pipelines.config import SparkConfig
-from pipelines.errors import ResourceError, SparkloomError
+from pipelines.errors import ResourceError, SparkloomError, exception_text
 
 
 def check_java() -> None:
@@ -363,12 +363,9 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     Py4J's error text carries the Java exception and its causes, so an OutOfMemoryError
     deep in an MLlib fit, a lost executor and a SparkContext that has stopped under the
     stage are told apart by the text, as Spark reports them."""
-    text = str(e)
-    java = getattr(e, "java_exception", None)
-    if java is not None:
-        with contextlib.suppress(Exception):  # the JVM may be gone: the Python text stays
-            text = f"{java.toString()}\n{text}"
-    memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
+    from py4j.protocol import Py4JError, Py4JJavaError
+
+    text = exception_text(e)
     if "java.lang.OutOfMemoryError" in text:
         what = next(
             (ln.strip() for ln in text.splitlines() if "java.lang.OutOfMemoryError" in ln), ""
@@ -384,13 +381,17 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     stopped = ("Cannot call methods on a stopped SparkContext", "SparkContext was shut down",
                "Answer from Java side is empty", "Error while sending or receiving",
                "Connection refused", "Connection reset by peer")  # fmt: skip
-    # a Py4J or socket error from a JVM that has exited: the exit code says why
-    gone = any(s in text for s in stopped) or isinstance(e, ConnectionError)
-    gone = gone or type(e).__module__.startswith("py4j")
-    code = _jvm_exit_code() if gone else None
+    # a socket or Py4J error without a Java exception: the JVM may have exited, and its
+    # exit code says why (a Py4JJavaError is an answer, so that JVM is alive: no wait)
+    said = any(s in text for s in stopped)
+    cut = isinstance(e, ConnectionError) or (
+        isinstance(e, Py4JError) and not isinstance(e, Py4JJavaError)
+    )
+    code = _jvm_exit_code() if said or cut else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
         return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
-    if code is not None or any(s in text for s in stopped):
+    if code is not None or said:
+        memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
         return ResourceError(
             f"the SparkContext stopped during stage '{stage}' (the JVM exited: out of "
             f"memory or killed); spark.driver.memory is {memory}: raise "
