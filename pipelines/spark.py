@@ -379,10 +379,10 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
             "spark.executor.memory, and see the cluster manager's log for the executor"
         )
     stopped = ("Cannot call methods on a stopped SparkContext", "SparkContext was shut down",
-               "Answer from Java side is empty", "Error while sending or receiving",
-               "Connection refused", "Connection reset by peer")  # fmt: skip
+               "Answer from Java side is empty", "Error while sending or receiving")  # fmt: skip
     # a socket or Py4J error without a Java exception: the JVM may have exited, and its
-    # exit code says why (a Py4JJavaError is an answer, so that JVM is alive: no wait)
+    # exit code says why (a Py4JJavaError is an answer, so that JVM is alive: no wait).
+    # A refused connection alone is no sign: an MLflow server that is down says it too.
     said = any(s in text for s in stopped)
     cut = isinstance(e, ConnectionError) or (
         isinstance(e, Py4JError) and not isinstance(e, Py4JJavaError)

@@ -211,3 +211,18 @@ def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_foll
     # no Py4J or JVM trace anywhere: the line is the whole story without --verbose
     for noise in ("Traceback", "py4j", "\tat ", "Exception in thread"):
         assert noise not in p.stderr, p.stderr[-3000:]
+
+
+def test_only_a_jvm_failure_is_reported_as_one():
+    """An out-of-memory text names the driver's memory; a refused connection from
+    anything else (an MLflow server that is down) is not taken for a dead JVM."""
+    from pipelines.config import SparkConfig
+    from pipelines.spark import jvm_failure
+
+    cfg = SparkConfig(conf={"spark.driver.memory": "2g"})
+    oom = jvm_failure(RuntimeError("java.lang.OutOfMemoryError: Java heap space"), "baseline", cfg)
+    assert oom is not None and oom.exit_code == 5
+    assert "(Java heap space)" in str(oom) and "spark.driver.memory=2g" in str(oom)
+    mlflow_down = RuntimeError("API request to http://mlflow:5000/api failed: Connection refused")
+    assert jvm_failure(mlflow_down, "baseline", cfg) is None
+    assert jvm_failure(ValueError("a bad label"), "baseline", cfg) is None
