@@ -387,10 +387,15 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     cut = isinstance(e, ConnectionError) or (
         isinstance(e, Py4JError) and not isinstance(e, Py4JJavaError)
     )
+    # a Java answer from a context that is stopping: a task's OOM makes the JVM exit
+    # (code 52), and a fit still running meets the torn-down context first, as a
+    # NullPointerException or IllegalStateException that says nothing of memory
+    halted = isinstance(e, Py4JJavaError) and _context_stopped()
+    cut = cut or halted
     code = _jvm_exit_code() if said or cut else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
         return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
-    if code is not None or said:
+    if code is not None or said or halted:
         memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
         return ResourceError(
             f"the SparkContext stopped during stage '{stage}' (the JVM exited: out of "
@@ -400,6 +405,19 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     return None
 
 
+def _context_stopped() -> bool:
+    """Whether the SparkContext is gone or stopping (one Py4J call on a live JVM)."""
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context
+    if sc is None:
+        return True
+    try:
+        return bool(sc._jsc.sc().isStopped())
+    except Exception:  # the JVM no longer answers
+        return True
+
+
 JVM_OOM_EXIT = 52  # SparkExitCode.OOM: what a local JVM exits with after a task's OOM
 
 
@@ -407,7 +425,7 @@ def _jvm_exit_code() -> int | None:
     """The exit code of the JVM get_spark launched, once it has exited (None if alive)."""
     for proc in _LAUNCHED:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(timeout=5)
+            return proc.wait(timeout=15)  # shutdown hooks run first
     return None
 
 

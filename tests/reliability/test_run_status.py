@@ -100,12 +100,14 @@ def long_lstm(tmp_path, text_dirs):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum, group",
-    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGTERM, True)],
-    ids=["SIGTERM", "SIGINT", "SIGTERM-to-the-process-group"],
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT-to-the-process-group"],
 )
 def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, signum, group):
-    """`kill PID`, Ctrl-C, and a scheduler that signals the whole group (the JVM and the
-    training processes die with the driver: stopping Spark then fails, quietly)."""
+    """`kill PID`, and Ctrl-C, which a terminal sends to the whole group, as a scheduler
+    does with SIGTERM: the JVM and the training processes die with the driver, and
+    stopping Spark then fails, quietly. (SIGTERM to the group takes the same handler as
+    SIGTERM, and the group's death as SIGINT: one variant fewer, 80 s less of CI.)"""
     cfg = long_lstm(tmp_path, text_dirs)
     proc = start_run(tmp_path, cfg)
     wait_for(proc, "epoch 2/3000")  # the LSTM is training
