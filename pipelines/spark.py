@@ -391,8 +391,7 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     # (code 52), and a fit still running meets the torn-down context first, as a
     # NullPointerException or IllegalStateException that says nothing of memory
     halted = isinstance(e, Py4JJavaError) and _context_stopped()
-    cut = cut or halted
-    code = _jvm_exit_code() if said or cut else None
+    code = _jvm_exit_code() if said or cut or halted else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
         return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
     if code is not None or said or halted:
