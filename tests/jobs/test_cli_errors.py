@@ -213,9 +213,11 @@ def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_foll
         assert noise not in p.stderr, p.stderr[-3000:]
 
 
-def test_only_a_jvm_failure_is_reported_as_one():
+def test_only_a_jvm_failure_is_reported_as_one(spark):
     """An out-of-memory text names the driver's memory; a refused connection from
     anything else (an MLflow server that is down) is not taken for a dead JVM."""
+    import time
+
     from pipelines.config import SparkConfig
     from pipelines.spark import jvm_failure
 
@@ -226,3 +228,7 @@ def test_only_a_jvm_failure_is_reported_as_one():
     mlflow_down = RuntimeError("API request to http://mlflow:5000/api failed: Connection refused")
     assert jvm_failure(mlflow_down, "baseline", cfg) is None
     assert jvm_failure(ValueError("a bad label"), "baseline", cfg) is None
+    started = time.perf_counter()  # the JVM answers, so it is not waited on as one exiting
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert jvm_failure(refused, "baseline", cfg) is None
+    assert time.perf_counter() - started < 30  # not the 60 s wait for an exit
