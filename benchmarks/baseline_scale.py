@@ -165,15 +165,19 @@ def main(argv: list[str] | None = None) -> None:
             stdout=subprocess.PIPE, text=True, check=True,
         )  # fmt: skip
         row = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-        first = rows[0] if rows else row
-        row["cost_vs_smallest"] = round(
-            row["sparkloom_us_per_doc"] / first["sparkloom_us_per_doc"], 2
-        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{NAME}.json"
     data = json.loads(store.read_text()) if store.exists() else {}
+    # sizes run in separate invocations merge under one label; a size run again replaces
+    kept = {r["docs"]: r for r in data.get(args.label, {}).get("rows", [])}
+    kept.update({r["docs"]: r for r in rows})
+    rows = [kept[n] for n in sorted(kept)]
+    for row in rows:
+        row["cost_vs_smallest"] = round(
+            row["sparkloom_us_per_doc"] / rows[0]["sparkloom_us_per_doc"], 2
+        )
     data[args.label] = {"cores": os.cpu_count(), "seed": args.seed, "rows": rows}
     store.write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{NAME}.md").write_text(to_markdown(data))
