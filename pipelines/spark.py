@@ -387,17 +387,15 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     cut = isinstance(e, ConnectionError) or (
         isinstance(e, Py4JError) and not isinstance(e, Py4JJavaError)
     )
-    # a Java answer from a context that is stopping: a task's OOM makes the JVM exit
-    # (code 52), and a fit still running meets the torn-down context first, as a
-    # NullPointerException or IllegalStateException that says nothing of memory
-    halted = isinstance(e, Py4JJavaError) and _context_stopped()
-    # a cut connection to a JVM that no longer answers: it is exiting, and under load its
-    # shutdown hooks (a 512 MB heap just out of memory) can take tens of seconds
-    dead = cut and _context_stopped()
-    code = _jvm_exit_code() if said or dead or halted else None
+    # the context is gone or going: a task's OOM makes the JVM exit (code 52), and a fit
+    # still running meets the torn-down context first (a Java answer, an NPE or
+    # IllegalStateException that says nothing of memory) or a cut connection to a JVM
+    # that no longer answers; one that answers is alive and not waited on
+    gone = (cut or isinstance(e, Py4JJavaError)) and _context_stopped()
+    code = _jvm_exit_code() if said or gone else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
         return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
-    if code is not None or said or halted or dead:
+    if code is not None or said or gone:
         memory = cfg.conf.get("spark.driver.memory", "1g (Spark's default)")
         return ResourceError(
             f"the SparkContext stopped during stage '{stage}' (the JVM exited: out of "
@@ -423,12 +421,14 @@ def _context_stopped() -> bool:
 JVM_OOM_EXIT = 52  # SparkExitCode.OOM: what a local JVM exits with after a task's OOM
 
 
-def _jvm_exit_code(wait_s: float = 60.0) -> int | None:
-    """The exit code of the JVM get_spark launched, once it has exited (None if alive after
-    `wait_s`: Spark's shutdown hooks run first, and CI saw them outlast 15 s)."""
+JVM_EXIT_WAIT_S = 60  # Spark's shutdown hooks run first; under CI load they outlast 15 s
+
+
+def _jvm_exit_code() -> int | None:
+    """The exit code of the JVM get_spark launched, once it has exited (None if alive)."""
     for proc in _LAUNCHED:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.wait(timeout=wait_s)
+            return proc.wait(timeout=JVM_EXIT_WAIT_S)
     return None
 
 
