@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -46,36 +45,9 @@ NAME = "baseline_scale"
 sys.path.insert(0, str(HERE))
 
 
-class HeapWatch:
-    """The driver JVM's heap: live bytes after the latest GC, polled; and the raw peak."""
-
-    def __init__(self, spark, every_s: float = 0.5):
-        mf = spark.sparkContext._jvm.java.lang.management.ManagementFactory
-        self.pools = [p for p in mf.getMemoryPoolMXBeans() if str(p.getType()) == "Heap memory"]
-        for p in self.pools:
-            p.resetPeakUsage()
-        self.live_peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def _poll(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            live = sum(u.getUsed() for p in self.pools if (u := p.getCollectionUsage()))
-            self.live_peak = max(self.live_peak, live)
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        return {
-            "heap_live_peak_mb": round(self.live_peak / 2**20),
-            "heap_raw_peak_mb": round(sum(p.getPeakUsage().getUsed() for p in self.pools) / 2**20),
-        }
-
-
 def one_size(n: int, seed: int) -> dict:
     """Ingest, features and baseline on the first n documents; sklearn on the same split."""
-    from baseline_vs_sklearn import sklearn_side
+    from baseline_vs_sklearn import HeapWatch, sklearn_side
 
     from pipelines.baseline import run_baseline
     from pipelines.catalog import Catalog

@@ -33,12 +33,40 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "baseline_vs_sklearn"
 C_GRID = [0.1, 1.0, 10.0, 100.0, 1000.0]
+
+
+class HeapWatch:
+    """The driver JVM's heap: live bytes after the latest GC, polled; and the raw peak."""
+
+    def __init__(self, spark, every_s: float = 0.5):
+        mf = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+        self.pools = [p for p in mf.getMemoryPoolMXBeans() if str(p.getType()) == "Heap memory"]
+        for p in self.pools:
+            p.resetPeakUsage()
+        self.live_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _poll(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            live = sum(u.getUsed() for p in self.pools if (u := p.getCollectionUsage()))
+            self.live_peak = max(self.live_peak, live)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "heap_live_peak_mb": round(self.live_peak / 2**20),
+            "heap_raw_peak_mb": round(sum(p.getPeakUsage().getUsed() for p in self.pools) / 2**20),
+        }
 
 
 def sklearn_side(parquet: str, out: mp.Queue) -> None:
@@ -76,16 +104,13 @@ def sparkloom_side(cfg, spark) -> dict:
     from pipelines.catalog import Catalog
     from pipelines.text import run_features
 
-    jvm = spark.sparkContext._jvm
-    pools = [p for p in jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans()
-             if str(p.getType()) == "Heap memory"]  # fmt: skip
-    for p in pools:
-        p.resetPeakUsage()
+    watch = HeapWatch(spark)
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     t0 = time.perf_counter()
     run_features(spark, cfg, catalog, force=True)
     result, _ = run_baseline(spark, cfg, catalog, force=True)
     seconds = time.perf_counter() - t0
+    heap = watch.stop()
     test = result.metrics["test"]
     best = result.best_params
     return {
@@ -94,7 +119,7 @@ def sparkloom_side(cfg, spark) -> dict:
         "best": f"regParam={best['reg_param']:g} standardization={best['standardization']}",
         "fits": max(1, len(result.grid)),
         "seconds": round(seconds, 1),
-        "peak_memory_mb": round(sum(p.getPeakUsage().getUsed() for p in pools) / 2**20),
+        "peak_memory_mb": heap["heap_raw_peak_mb"],
         "features_used": f"{result.features_used} of {result.features_total}",
     }
 
