@@ -66,13 +66,16 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/text_features_vs_sklearn.py
 
-# A wheel for clusters; the same file renamed .zip is what --py-files takes.
-dist: setup
-	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+# A wheel for clusters; the same file renamed .zip is what --py-files takes. Building it
+# needs pip and setuptools only (a small venv of its own), not the runtime environment.
+BUILD_VENV ?= .venv-build
+dist:
+	test -x $(BUILD_VENV)/bin/pip || ($(PYTHON) -m venv $(BUILD_VENV) && $(BUILD_VENV)/bin/pip install -q "setuptools>=68" wheel)
+	rm -rf dist build && $(BUILD_VENV)/bin/pip wheel -q --no-deps --no-build-isolation -w dist .
 	cp dist/sparkloom-*.whl dist/sparkloom.zip
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
 
 clean:
-	rm -rf data mlflow.db mlruns dist build *.egg-info spark-warehouse
+	rm -rf data mlflow.db mlruns dist build *.egg-info spark-warehouse $(BUILD_VENV)

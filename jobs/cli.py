@@ -15,8 +15,9 @@ log = logging.getLogger("sparkloom")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sparkloom", description=__doc__)
-    p.add_argument("command", choices=[*STAGE_COMMANDS, "run"],
-                   help="one stage, or 'run' for the pipeline's stages in order")  # fmt: skip
+    p.add_argument("command", choices=[*STAGE_COMMANDS, "run", "preflight"],
+                   help="one stage, 'run' for the pipeline's stages in order, or 'preflight' to "
+                        "check that Spark, the data root and MLflow can run them")  # fmt: skip
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
                    help="YAML config; repeat to layer files (later wins); `sparkloom run "
                         "conf/pipelines/NAME.yaml` takes the pipeline file directly")  # fmt: skip
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.conf = [*files, *args.conf]
     if not args.conf:
         p.error("give the pipeline's YAML: `sparkloom run conf/pipelines/NAME.yaml` or --conf FILE")
-    if args.command != "run" and (args.from_stage or args.only):
+    if args.command not in ("run", "preflight") and (args.from_stage or args.only):
         p.error("--from and --only go with `run`; a single stage is `sparkloom STAGE --conf ...`")
     if args.from_stage and args.only:
         p.error("give --from or --only, not both")
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.conf, args.overrides)
         stages = (
             select_stages(list(cfg.pipeline.stages), args.from_stage, args.only)
-            if args.command == "run"
+            if args.command in ("run", "preflight")
             else [args.command]
         )
         if "ingest" in stages:
@@ -94,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         spark = get_spark(cfg.spark)
         if not args.verbose:
             quiet_task_failures(spark)
+        if args.command == "preflight" or cfg.preflight.enabled:
+            from pipelines.preflight import require
+
+            findings = require(spark, cfg, stages)
+            if args.command == "preflight":
+                from pipelines.preflight import table
+
+                print(f"preflight for {stages}: all checks passed\n{table(findings)}")
+                return 0
         outcome = run_pipeline(spark, cfg, stages, force=args.force, command=args.command)
         _print_outcome(cfg, outcome)
         return 0
@@ -149,7 +159,9 @@ def fail(e: BaseException, command: str, verbose: bool, model: str | None = None
 
 
 def _prog(command: str) -> str:
-    return "sparkloom" if command in (*STAGE_COMMANDS, "run") else f"sparkloom {command}"
+    return (
+        "sparkloom" if command in (*STAGE_COMMANDS, "run", "preflight") else f"sparkloom {command}"
+    )
 
 
 def _not_in_mlflow(e: BaseException, model: str | None):

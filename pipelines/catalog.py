@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,6 +114,13 @@ class HadoopFS:
         if self.exists(path) and not self.list_dir(path):
             with contextlib.suppress(Exception):  # not empty any more: someone is committing
                 self._fs(path).delete(self._path(path), False)
+
+    def touch(self, path: str) -> None:
+        """Set the file's modification time to now."""
+        self._fs(path).setTimes(self._path(path), int(time.time() * 1000), -1)
+
+    def mtime_ms(self, path: str) -> int:
+        return int(self._fs(path).getFileStatus(self._path(path)).getModificationTime())
 
     def mkdirs(self, path: str) -> None:
         self._fs(path).mkdirs(self._path(path))

@@ -83,6 +83,14 @@ class SparkConfig(Section):
     conf: dict[str, str | int | float | bool] = {}
 
 
+class PreflightConfig(Section):
+    """Checks before a pipeline's first stage (pipelines.preflight); `sparkloom preflight`
+    runs them alone."""
+
+    enabled: bool = True
+    timeout_s: int = Field(60, ge=1)  # how long to wait for executors to register
+
+
 class MlflowConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str | None = None  # default: the pipeline name
@@ -724,6 +732,7 @@ def stage_output(cfg: Config, stage: str) -> str | None:
 class Config(Section):
     pipeline: PipelineConfig
     spark: SparkConfig = SparkConfig()
+    preflight: PreflightConfig = PreflightConfig()
     mlflow: MlflowConfig = MlflowConfig()
     ingest: IngestConfig | None = None
     features: FeaturesConfig = FeaturesConfig()

@@ -10,8 +10,10 @@ The DataFrame is written once under a cache directory (a local path or any
 Hadoop filesystem URI, from `cache_dir`, the Spark conf
 `sparkloom.converter.cacheDir`, or a temp folder for local masters). The cache
 key is the DataFrame's canonical plan plus its input files' sizes and times, so
-converting the same DataFrame again reuses the files. The reader is
-`models.data.ParquetBatches`, which also runs without Spark (torchrun, GPU boxes).
+converting the same DataFrame again reuses the files, in this session or a later one.
+The `keep` most recently used entries stay; older ones go once unused for an hour.
+The reader is `models.data.ParquetBatches`, which also runs without Spark (torchrun,
+GPU boxes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +40,12 @@ log = logging.getLogger(__name__)
 
 CACHE_CONF = "sparkloom.converter.cacheDir"
 DEFAULT_ROW_GROUP_BYTES = 32 * 1024 * 1024
+KEEP = 32  # cache entries kept (most recently used first); a pipeline run uses 3 per stage
+IDLE_S = 3600  # an entry beyond `keep` is removed only when unused for this long
+# Plan nodes whose tree does not show their data (local rows, RDDs, caches), and Python
+# functions, whose tree shows a name but not the code or the files it reads
+_IN_MEMORY = ("LogicalRDD", "LocalRelation", "InMemoryRelation", "ExternalRDD")
+_PYTHON = ("EvalPython", "MapInPandas", "MapInArrow", "InPandas", "PythonUDF", "pythonUDF")
 
 
 class SparkDatasetConverter:
@@ -110,13 +119,18 @@ def make_spark_converter(
     vector_format: dict[str, str] | None = None,
     shapes: dict[str, list[int]] | None = None,
     row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
+    udf_inputs: Any = None,
+    keep: int = KEEP,
 ) -> SparkDatasetConverter:
     """Materialise `df` once as Parquet and return a converter over it.
 
     dtype: doubles (scalars and arrays) are stored as this ("float32" like
     petastorm; None keeps float64). vector_format: per ML-vector column, "dense"
     (default) or "sparse" (torch CSR batches). shapes: per array column, the
-    per-row shape to reshape to (e.g. an image as [1, 28, 28]).
+    per-row shape to reshape to (e.g. an image as [1, 28, 28]). udf_inputs: what the
+    plan's Python functions depend on (their settings, the text of the files they read);
+    with it such a plan's cache is reused across sessions, without it only in this one.
+    keep: cache entries kept under the cache root.
     """
     spark = df.sparkSession
     fs = HadoopFS(spark)
@@ -132,16 +146,17 @@ def make_spark_converter(
         "schema": df.schema.jsonValue(),
     }
     key = fingerprint(
-        df.semanticHash(),
+        _plan_key(df, udf_inputs),
         _input_fingerprint(df, fs),
         meta,
         row_group_bytes,
-        "sparkloom-converter-1",
+        "sparkloom-converter-2",
     )
     url = f"{root.rstrip('/')}/{key}"
     meta_url = f"{url}/{META_FILE}"
     if fs.exists(meta_url):
         log.info("converter: reusing the cache at %s", url)
+        fs.touch(meta_url)  # most recently used
         return SparkDatasetConverter(url, json.loads(fs.read_text(meta_url)), fs)
 
     tmp = f"{url}.__tmp-{uuid.uuid4().hex[:8]}"
@@ -156,7 +171,43 @@ def make_spark_converter(
         if fs.exists(tmp):
             fs.delete(tmp)
     log.info("converter: wrote %d rows to %s", meta["num_rows"], url)
+    _prune(fs, root, keep)
     return SparkDatasetConverter(url, meta, fs)
+
+
+def _plan_key(df: DataFrame, udf_inputs: Any) -> tuple[Any, ...]:
+    """What the plan computes, the same in every session: its canonical tree (expression ids
+    numbered from 0, no object identities), which with the input files' fingerprint decides
+    the rows. `semanticHash()` would not do: it hashes the file index object, so it differs
+    in every session and a cache keyed by it was never reused. Plans whose tree does not
+    decide their rows (in-memory data; Python functions without `udf_inputs`) fall back to
+    it: their cache lasts the session."""
+    try:
+        plan = df._jdf.queryExecution().optimizedPlan().canonicalized()
+        tree = plan.treeString(True, False, 2**31 - 1, False, False)  # every field, no ids
+    except Exception:  # noqa: BLE001 - a plan Py4J cannot print (Spark Connect): this session
+        return ("session", df.semanticHash())
+    python = any(node in tree for node in _PYTHON)
+    if any(node in tree for node in _IN_MEMORY) or (python and udf_inputs is None):
+        return ("session", df.semanticHash())
+    return ("plan", tree, udf_inputs) if python else ("plan", tree)
+
+
+def _prune(fs: HadoopFS, root: str, keep: int) -> None:
+    """Keep the `keep` most recently used entries; remove older ones unused for IDLE_S (a run
+    may still be reading one). A half-written or foreign folder is left alone."""
+    entries = []
+    for url in fs.list_dir(root):
+        meta = f"{url}/{META_FILE}"
+        if ".__tmp-" not in url and fs.exists(meta):
+            entries.append((fs.mtime_ms(meta), url))
+    entries.sort(reverse=True)
+    now_ms = time.time() * 1000
+    for used_ms, url in entries[keep:]:
+        if now_ms - used_ms > IDLE_S * 1000:
+            log.info("converter: removing the cache entry %s (unused for %.0f h)",
+                     url, (now_ms - used_ms) / 3.6e6)  # fmt: skip
+            fs.delete(url)
 
 
 def _cache_root(spark, cache_dir: str | None) -> str:

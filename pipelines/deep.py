@@ -19,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from pipelines import lm, subword
 from pipelines.catalog import Catalog, fingerprint, local_path
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
-from pipelines.errors import DataError, SparkloomError, Terminated
+from pipelines.errors import ConfigError, DataError, SparkloomError, Terminated, exception_text
 from pipelines.spark import terminating
 from pipelines.text import load_vocabulary
 
@@ -187,9 +188,53 @@ def launch(
             if attempt == tries:
                 suffix = f" (try {attempt} of {tries})" if tries > 1 else ""
                 raise TrainingError(message + suffix, tail, attempt) from e
+            short = _slots_short(spark, dc)
+            if short:  # Spark would wait 10 minutes for them, then fail the retry anyway
+                raise TrainingError(f"{message}; not retried: {short}", tail, attempt) from e
             log.warning("training try %d of %d failed after %.1fs: %s; retrying from the last "
                         "checkpoint", attempt, tries, seconds, message)  # fmt: skip
     raise AssertionError("unreachable")
+
+
+SLOTS_WAIT_S = 60  # for lost executors to come back before a retry
+
+
+def _slots_short(spark: SparkSession, dc: DistributorConfig) -> str | None:
+    """Why a retry's barrier stage cannot start (too few task slots once lost executors have
+    had SLOTS_WAIT_S to come back), or None."""
+    if dc.local_mode:
+        return None
+    from pipelines.preflight import wait_for_slots
+
+    slots = wait_for_slots(spark, dc.num_processes, SLOTS_WAIT_S)
+    if slots >= dc.num_processes:
+        return None
+    return (f"the application has {slots} task slots left and the barrier stage needs "
+            f"{dc.num_processes} (lost executors did not come back within {SLOTS_WAIT_S}s); "
+            "rerun when the cluster has them, or lower distributor.num_processes")  # fmt: skip
+
+
+def barrier_refusal(master: str, dynamic_allocation: str, local_mode: bool) -> str | None:
+    """Why Spark would refuse this run's barrier stage, or None. TorchDistributor runs one
+    rank per task of a barrier stage (unless local_mode), and Spark refuses barrier stages
+    under dynamic allocation (SPARK-24942; it ignores dynamic allocation on local masters).
+    Caught before any data is written, instead of as a launch that fails every try with
+    Spark's reason only in the JVM's log."""
+    if local_mode or master.startswith("local") or dynamic_allocation.strip().lower() != "true":
+        return None
+    return (
+        "distributed training runs its ranks as a Spark barrier stage, which Spark refuses "
+        "under dynamic allocation (SPARK-24942): set spark.dynamicAllocation.enabled=false "
+        "(spark.conf in the config, or spark-submit --conf), or distributor.local_mode=true "
+        "to run the ranks on the driver"
+    )
+
+
+def check_barrier(spark: SparkSession, dc: DistributorConfig) -> None:
+    dynamic = spark.conf.get("spark.dynamicAllocation.enabled", "false")
+    why = barrier_refusal(spark.sparkContext.master, dynamic, dc.local_mode)
+    if why:
+        raise ConfigError(why)
 
 
 def rank_entry(spark: SparkSession):
@@ -253,6 +298,7 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
            if r not in timed_out and not any(p in t for p in _PEER_FAILURE)}  # fmt: skip
     never = [r for r in range(world_size) if r not in state]
     hung = sorted(set(silent + stopped) - set(timed_out)) if timed_out else []
+    lost_executor = _lost_executor(exception_text(error))
     tail = ""
     if own:
         r, text = sorted(own.items())[0]
@@ -264,6 +310,8 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
                    "collective (distributor.timeout_s)")  # fmt: skip
         tail = "\n".join(timed_out[waiting[0]].strip().splitlines()[-6:])
         silent = []
+    elif silent and lost_executor:
+        culprit = f"rank {silent[0]} died with its executor: Spark lost {lost_executor}"
     elif silent:
         culprit = (f"rank {silent[0]} died without a Python error (killed, out of memory, or "
                    f"os._exit)")  # fmt: skip
@@ -282,6 +330,45 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
     others = sorted(set(raised) - set(own)) if (silent or own) else []
     lost = f"; ranks {others} then lost their peer" if others else ""
     return f"training failed: {culprit}{lost} (status files in {status_dir})", tail
+
+
+def write_splits(
+    spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, inputs: DeepInputs
+) -> dict[str, str]:
+    """Each non-empty split of the stage's data through the converter's Parquet cache:
+    split -> the folder the ranks read. The same data (in any session) reuses its cache."""
+    cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
+    # what the Python functions in the data's plan (tokenizers, image decoding) depend on:
+    # the stage's settings and the files it keeps (a tokenizer trained or loaded here)
+    udf_inputs = fingerprint(cfg.stage_hash(stage), sorted(inputs.files.items()))
+    # A canonical layout: rows hashed to partitions by id and sorted by id, so the files the
+    # loader reads (and the training order its seeded shuffle makes) do not depend on how
+    # the input happened to be listed or partitioned: the same data trains the same model.
+    files = int(spark.conf.get("spark.sql.shuffle.partitions", "8"))
+    paths = {}
+    for split in SPLITS:
+        part = (
+            inputs.data.filter(F.col("split") == split)
+            .drop("split")
+            .repartition(files, "id")
+            .sortWithinPartitions("id")
+        )
+        converter = make_spark_converter(part, cache, shapes=inputs.shapes, udf_inputs=udf_inputs)
+        if len(converter):
+            paths[split] = converter.local_path
+    return paths
+
+
+_EXECUTOR_LOST = re.compile(r"ExecutorLostFailure \((executor \S+)[^)]*\)(?: Reason: ([^\n]+))?")
+
+
+def _lost_executor(text: str) -> str | None:
+    """'executor 1 (Worker shutdown)' from Spark's ExecutorLostFailure in a job's error."""
+    m = _EXECUTOR_LOST.search(text)
+    if m is None:
+        return None
+    reason = (m.group(2) or "").strip().rstrip(".")
+    return f"{m.group(1)} ({reason[:200]})" if reason else m.group(1)
 
 
 NUM_ERRORS = 64  # misclassified test examples a run returns (shown as a grid of images)
@@ -645,27 +732,13 @@ def run_deep(
         inputs.files["distill.json"] = json.dumps(distill_json(cfg))
     else:
         inputs = text_inputs(catalog, labels)
-    cache = cfg.pipeline.cache_dir or catalog.path("converter_cache")
-    paths = {}
-    # A canonical layout: rows hashed to partitions by id and sorted by id, so the files the
-    # loader reads (and the training order its seeded shuffle makes) do not depend on how
-    # the input happened to be listed or partitioned: the same data trains the same model.
-    files = int(spark.conf.get("spark.sql.shuffle.partitions", "8"))
-    for split in SPLITS:
-        part = (
-            inputs.data.filter(F.col("split") == split)
-            .drop("split")
-            .repartition(files, "id")
-            .sortWithinPartitions("id")
-        )
-        converter = make_spark_converter(part, cache, shapes=inputs.shapes)
-        if len(converter):
-            paths[split] = converter.local_path
+    arch = cfg.distill.student if stage == "distill" else stage  # the model it trains
+    dc = getattr(cfg, arch).distributor
+    check_barrier(spark, dc)  # before the data is written
+    paths = write_splits(spark, cfg, catalog, stage, inputs)
     if "train" not in paths:
         raise DataError("the train split is empty; check ingest.split")
 
-    arch = cfg.distill.student if stage == "distill" else stage  # the model it trains
-    dc = getattr(cfg, arch).distributor
     train_config = run_config(
         cfg, arch, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
         os.path.join(work, fp, "status"), cpu_threads(spark, dc),

@@ -40,6 +40,12 @@ class ResourceError(SparkloomError):
     exit_code = 5
 
 
+class TrackingUnavailable(SparkloomError):
+    """The MLflow tracking server stopped answering (after MLflow's retries)."""
+
+    exit_code = 7
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler's kill, `kill PID`) as an exception, so every `finally` runs and
     the MLflow runs end KILLED instead of staying RUNNING (see pipelines.spark)."""

@@ -64,12 +64,17 @@ def find_candidates(cfg: Config, catalog: Catalog, client: MlflowClient) -> list
             f"add one of {list(CLASSIFIERS)} or set register.candidates"
         )
     experiment = client.get_experiment_by_name(cfg.experiment)
+    made = {s: catalog.manifest(stage_output(cfg, s)) for s in stages}
+    missing = [s for s in stages if made[s] is None]
+    if missing and (rc.candidates or len(missing) == len(stages)):
+        raise DataError(f"register: no {_quoted(missing)} model yet; run "
+                        f"{'that stage' if len(missing) == 1 else 'those stages'} first")  # fmt: skip
+    if missing:  # the default candidates: the classifiers of pipeline.stages that have run
+        log.warning("register: no %s model yet, so it is not a candidate (register.candidates "
+                    "names the stages that must be)", _quoted(missing))  # fmt: skip
     found = []
-    for stage in stages:
-        made = catalog.manifest(stage_output(cfg, stage))
-        if made is None:
-            raise DataError(f"register: no '{stage}' model yet; run the '{stage}' stage first")
-        run = making_run(experiment.experiment_id, stage, made["fingerprint"])
+    for stage in [s for s in stages if made[s] is not None]:
+        run = making_run(experiment.experiment_id, stage, made[stage]["fingerprint"])
         if run is None:
             raise DataError(
                 f"register: the current '{stage}' model was logged by no finished run in "
@@ -82,6 +87,10 @@ def find_candidates(cfg: Config, catalog: Catalog, client: MlflowClient) -> list
                       "data": run.data.tags.get("sparkloom.data", "")})  # fmt: skip
     found.sort(key=lambda c: c["value"], reverse=not rc.metric.endswith("loss"))
     return found
+
+
+def _quoted(stages: list[str]) -> str:
+    return " or ".join(f"'{s}'" for s in stages)
 
 
 def register(cfg: Config, catalog: Catalog) -> RegisterResult:

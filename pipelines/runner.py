@@ -68,37 +68,56 @@ def run_pipeline(
         for stage in stages:
             started = time.perf_counter()
             log.info("[%s] started", stage)
-            section = {k: v for k, v in flatten(cfg).items() if k.startswith(f"{stage}.")}
-            redo = not force and _unrecorded(cfg, catalog, stage, parent.info.experiment_id)
-            with tracking.stage_run(stage, params=section) as child:
-                outcome.stage_run_ids[stage] = child.info.run_id
-                try:
-                    result = _STAGES[stage](spark, cfg, catalog, force or redo, outcome)
-                except Exception as e:
-                    if terminating():  # a job cancelled by SIGTERM: the stop, not a failure
-                        raise Terminated(terminating()) from e
-                    seconds = time.perf_counter() - started
-                    log.error("[%s] failed after %.1fs", stage, seconds)
-                    if getattr(e, "tail", ""):  # a training rank's traceback, last lines
-                        log.error("[%s] traceback of the failing rank (last lines):\n%s",
-                                  stage, e.tail)  # fmt: skip
-                    raise StageFailed(stage, jvm_failure(e, stage, cfg.spark) or e) from e
-                outcome.results[stage] = result
-                mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
-                output = stage_output(cfg, stage)
-                if output:
-                    mlflow.set_tag("sparkloom.output",
-                                   tracking.mask("output", catalog.path(output)))  # fmt: skip
-                ingested = catalog.manifest("ingested")
-                if ingested:  # which data and split the metrics are on: comparable runs match
-                    mlflow.set_tag("sparkloom.data", ingested["fingerprint"])
-                made = catalog.manifest(output) if output else None
-                if made:  # a skipped stage's model is in the run that has this and skipped=false
-                    mlflow.set_tag("sparkloom.output_fingerprint", made["fingerprint"])
+            try:
+                result = _run_stage(spark, cfg, catalog, stage, force, parent, outcome, started)
+            except StageFailed:
+                raise
+            except Exception as e:  # MLflow around the stage: its run's start, tags or end
+                if terminating():
+                    raise Terminated(terminating()) from e
+                raise StageFailed(
+                    stage, tracking.unavailable(e, cfg.mlflow.tracking_uri) or e
+                ) from e
             seconds = time.perf_counter() - started
             note = " (up to date, skipped; --force redoes it)" if result.skipped else ""
             log.info("[%s] done in %.1fs%s: %s", stage, seconds, note, result.summary())
     return outcome
+
+
+def _run_stage(
+    spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool, parent,
+    outcome: PipelineOutcome, started: float,
+) -> Any:  # fmt: skip
+    """One stage in its child run: the stage's own failure is a StageFailed naming it (and
+    the fix, for a JVM or tracking-server failure); the caller wraps MLflow's around it."""
+    section = {k: v for k, v in flatten(cfg).items() if k.startswith(f"{stage}.")}
+    redo = not force and _unrecorded(cfg, catalog, stage, parent.info.experiment_id)
+    with tracking.stage_run(stage, params=section) as child:
+        outcome.stage_run_ids[stage] = child.info.run_id
+        try:
+            result = _STAGES[stage](spark, cfg, catalog, force or redo, outcome)
+        except Exception as e:
+            if terminating():  # a job cancelled by SIGTERM: the stop, not a failure
+                raise Terminated(terminating()) from e
+            seconds = time.perf_counter() - started
+            log.error("[%s] failed after %.1fs", stage, seconds)
+            if getattr(e, "tail", ""):  # a training rank's traceback, last lines
+                log.error("[%s] traceback of the failing rank (last lines):\n%s", stage, e.tail)
+            cause = (jvm_failure(e, stage, cfg.spark)
+                     or tracking.unavailable(e, cfg.mlflow.tracking_uri) or e)  # fmt: skip
+            raise StageFailed(stage, cause) from e
+        outcome.results[stage] = result
+        mlflow.set_tag("sparkloom.skipped", str(result.skipped).lower())
+        output = stage_output(cfg, stage)
+        if output:
+            mlflow.set_tag("sparkloom.output", tracking.mask("output", catalog.path(output)))
+        ingested = catalog.manifest("ingested")
+        if ingested:  # which data and split the metrics are on: comparable runs match
+            mlflow.set_tag("sparkloom.data", ingested["fingerprint"])
+        made = catalog.manifest(output) if output else None
+        if made:  # a skipped stage's model is in the run that has this and skipped=false
+            mlflow.set_tag("sparkloom.output_fingerprint", made["fingerprint"])
+    return result
 
 
 def _unrecorded(cfg: Config, catalog: Catalog, stage: str, experiment_id: str) -> bool:
@@ -154,7 +173,13 @@ def _baseline(
         )
         report.append(classification_report(cm, result.labels, title))
     mlflow.log_text("\n".join(report), "classification_report.md")
-    if cfg.mlflow.log_models and model is not None:
+    if result.skipped:  # the model is in the run that made it: not logged again
+        made = catalog.manifest(stage_output(cfg, "baseline"))
+        run = made and tracking.making_run(
+            mlflow.active_run().info.experiment_id, "baseline", made["fingerprint"]
+        )
+        outcome.model_uri = f"runs:/{run.info.run_id}/model" if run else None
+    elif cfg.mlflow.log_models and model is not None:
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result

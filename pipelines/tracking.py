@@ -22,7 +22,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from pipelines.config import Config, flatten
-from pipelines.errors import Terminated
+from pipelines.errors import Terminated, TrackingUnavailable
 from pipelines.secrets import MASK, is_secret, mask  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,62 @@ def _store_lock(uri: str) -> Iterator[None]:
 def configure(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment, creating them once (under a lock
     for sqlite); returns the experiment id, which everything after uses."""
+    _reset_outage(cfg.mlflow.tracking_uri)
     return ensure_experiment(cfg.mlflow.tracking_uri, cfg.experiment)
+
+
+# MLflow retries each HTTP call MLFLOW_HTTP_REQUEST_MAX_RETRIES times with exponential backoff
+# (2 s, 4 s, ...): its default of 7 is about 4 minutes a call. Ours is 5 (about a minute),
+# which rides out a server restart; a user's own setting is kept. Once one call has spent
+# its retries the server is down for this run: every later call (tags, the stage's and its
+# parent's end_run) gets none, so the run ends in seconds instead of minutes a call.
+RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+DEFAULT_RETRIES = "5"
+_before_outage: list[str] = []  # the retries setting before the server went down
+
+
+def _reset_outage(uri: str) -> None:
+    if _before_outage:
+        os.environ[RETRIES_ENV] = _before_outage.pop()
+    if uri.startswith(("http:", "https:")):
+        os.environ.setdefault(RETRIES_ENV, DEFAULT_RETRIES)
+
+
+def unavailable(e: BaseException, uri: str) -> TrackingUnavailable | None:
+    """An MLflow call that could not reach its tracking server, as one line naming it and the
+    fix; None for any other error. From here on MLflow calls in this process fail fast."""
+    import requests
+
+    text = str(e)
+    cut = isinstance(e, requests.exceptions.ConnectionError) or (
+        type(e).__name__ == "MlflowException" and text.startswith("API request to")
+        and " failed with " in text
+    )  # fmt: skip
+    if not cut:
+        return None
+    if not _before_outage:
+        _before_outage.append(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES))
+        os.environ[RETRIES_ENV] = "0"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    return TrackingUnavailable(
+        f"the MLflow tracking server at {mask('tracking_uri', uri)} is unreachable "
+        f"({mask('error', first)[:300]}; {_before_outage[0]} retries, {RETRIES_ENV}): start it "
+        "again (or fix mlflow.tracking_uri) and rerun: the runs left RUNNING are then marked "
+        "KILLED and the stages it did not record are redone"
+    )
+
+
+def _end(run_id: str, status: str, error: BaseException | None) -> None:
+    """end_run for the active run; while another error is on its way out, a failure to end
+    the run is logged and that error kept: the first error is the one that says what went
+    wrong (the run stays RUNNING and the next start marks it KILLED)."""
+    try:
+        mlflow.end_run(status)
+    except Exception as e:
+        if error is None:
+            raise
+        log.warning("could not mark MLflow run %s %s (%s); the next start of this pipeline "
+                    "marks it KILLED", run_id, status, str(e).splitlines()[0] if str(e) else e)  # fmt: skip
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -242,11 +297,10 @@ def pipeline_run(cfg: Config, command: str) -> Iterator[mlflow.ActiveRun]:
     finally:
         status = _ended(error)
         # close any stage run left open, then the parent
-        while (
-            mlflow.active_run() is not None and mlflow.active_run().info.run_id != run.info.run_id
-        ):
-            mlflow.end_run(status)
-        mlflow.end_run(status)
+        while (active := mlflow.active_run()) is not None and active.info.run_id != run.info.run_id:
+            _end(active.info.run_id, status, error)
+        if mlflow.active_run() is not None:
+            _end(run.info.run_id, status, error)
 
 
 @contextmanager
@@ -264,7 +318,7 @@ def stage_run(name: str, params: dict[str, Any] | None = None) -> Iterator[mlflo
         raise
     finally:
         if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
-            mlflow.end_run(_ended(error))
+            _end(run.info.run_id, _ended(error), error)
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "") -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -58,6 +59,30 @@ def test_missing_input_is_one_line_before_spark_starts(tmp_path):
         "set ingest.path to an existing file or folder"
     ]
     assert "Exception" not in p.stderr and "at org.apache" not in p.stderr
+
+
+def test_preflight_prints_its_table_and_a_failed_check_stops_the_run_before_any_stage(tmp_path):
+    conf = tiny_conf(tmp_path)
+    ok = sparkloom("preflight", "--conf", str(conf), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    lines = ok.stdout.splitlines()
+    assert lines[0] == "preflight for ['ingest', 'features', 'baseline']: all checks passed"
+    assert any(ln.split()[:3] == ["data", "root", "ok"] for ln in lines), ok.stdout
+    assert not (tmp_path / "data" / "tiny" / "ingested").exists()
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = sparkloom("run", "--conf", str(conf), f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+                  cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 6, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"sparkloom: error: preflight: the MLflow tracking server at http://127.0.0.1:{port} "
+        "is unreachable"
+    )
+    assert "[ingest] started" not in p.stderr
+    assert not (tmp_path / "data" / "tiny" / "ingested").exists()
 
 
 def test_missing_upstream_dataset_names_the_stage(tmp_path):
@@ -130,8 +155,8 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
     }
 
     def submit(*extra: str) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "spark-submit"), "--master", "local[2]", *extra, str(ROOT / "jobs" / "ingest.py"),
-               "--conf", str(conf), f"pipeline.data_root={tmp_path}/b"]  # fmt: skip
+        cmd = [str(BIN / "spark-submit"), "--master", "local[2]", *extra, str(ROOT / "jobs" / "submit.py"),
+               "ingest", "--conf", str(conf), f"pipeline.data_root={tmp_path}/b"]  # fmt: skip
         return subprocess.run(
             cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SITE = next(p for p in sys.path if p.endswith("site-packages"))
+CLUSTER_YAML = ROOT / "conf" / "spark" / "cluster.yaml"
 STAGE_DATASETS = {"ingest": "ingested", "features": "features", "baseline": "baseline_model",
                   "lstm": "lstm_model"}  # fmt: skip
 
@@ -234,6 +236,25 @@ def standalone_cluster(tmp_path: Path) -> Iterator[Cluster]:
             service.stop()
 
 
+def submit(cluster: Cluster, tmp_path: Path, bundle: Path, args: list[str],
+           timeout: int = 600) -> subprocess.CompletedProcess:  # fmt: skip
+    """spark-submit to the cluster with the node's Python and --py-files, as docs/cluster.md
+    says; its output is kept in tmp_path/spark-submit.log."""
+    python = str(cluster.python)
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": SITE,
+           "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}  # fmt: skip
+    p = run_logged([
+        str(BIN / "spark-submit"), "--master", cluster.url, "--py-files", str(bundle),
+        "--conf", f"spark.pyspark.python={python}", "--conf", "spark.driver.host=127.0.0.1",
+        *args,
+    ], env, tmp_path, timeout)  # fmt: skip
+    # spark-submit's PythonRunner merges the script's stderr (our log lines, the ranks'
+    # streamed output) into its stdout; its own stderr is the JVM's log
+    with open(tmp_path / "spark-submit.log", "a") as log:
+        log.write(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    return p
+
+
 @pytest.mark.slow
 def test_pipeline_trains_the_lstm_on_a_standalone_cluster(tmp_path, standalone_cluster):
     """spark-submit --master spark://... runs every stage; the LSTM's 2 ranks are a barrier
@@ -243,23 +264,19 @@ def test_pipeline_trains_the_lstm_on_a_standalone_cluster(tmp_path, standalone_c
     conf = tiny_conf(tmp_path, ["ingest", "features", "baseline", "lstm"],
                      spark={"app_name": "sparkloom-cluster-test"})  # fmt: skip
     bundle = build_bundle(tmp_path)
-    python = str(cluster.python)
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": SITE,
-           "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}  # fmt: skip
-    p = run_logged([
-        str(BIN / "spark-submit"), "--master", cluster.url, "--py-files", str(bundle),
-        "--conf", f"spark.pyspark.python={python}",
-        # two 1-core executors fill the 2-core worker: one barrier task (one rank) each
-        "--conf", "spark.executor.cores=1", "--conf", "spark.executor.memory=1g",
-        "--conf", "spark.driver.host=127.0.0.1",
-        str(ROOT / "jobs" / "run.py"), "--conf", str(conf),
-    ], env, tmp_path)  # fmt: skip
-    # spark-submit's PythonRunner merges the script's stderr (our log lines, the ranks'
-    # streamed output) into its stdout; its own stderr is the JVM's log
-    (tmp_path / "spark-submit.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    # two 1-core executors fill the 2-core worker: one barrier task (one rank) each
+    executors = ["--conf", "spark.executor.cores=1", "--conf", "spark.executor.memory=1g"]
+    p = submit(cluster, tmp_path, bundle, [
+        *executors, str(ROOT / "jobs" / "submit.py"), "run", "--conf", str(conf), "--conf", str(CLUSTER_YAML),
+        "spark.conf.spark.sql.shuffle.partitions=2",  # cluster.yaml's 200 is for real data
+    ])  # fmt: skip
     errors = [ln for ln in p.stdout.splitlines() if "Error" in ln or "error:" in ln]
     assert p.returncode == 0, "\n".join([*errors[:20], p.stdout[-3000:]])
     assert "45 rows in = 45 out" in p.stdout
+    # the preflight ran first, found the executors, and saw that the config's 8g driver
+    # memory (defaults.yaml) did nothing under spark-submit
+    assert "preflight: spark.driver.memory=8g from the config had no effect" in p.stdout
+    assert p.stdout.index("preflight (") < p.stdout.index("[ingest] started")
 
     data = tmp_path / "data" / "tiny"
     for stage, dataset in STAGE_DATASETS.items():
@@ -284,35 +301,100 @@ def test_pipeline_trains_the_lstm_on_a_standalone_cluster(tmp_path, standalone_c
     wait_until(finished, "the application did not complete", cluster.services, 30)
     (app,) = cluster.state()["completedapps"]
     assert app["state"] == "FINISHED", app
-    executors = sorted((cluster.work_dir / app["id"]).iterdir())
-    assert [e.name for e in executors] == ["0", "1"]
-    for e in executors:  # each fetched the bundle and ran one rank's barrier task (INFO log)
+    executor_dirs = sorted((cluster.work_dir / app["id"]).iterdir())
+    assert [e.name for e in executor_dirs] == ["0", "1"]
+    for e in executor_dirs:  # each fetched the bundle and ran one rank's barrier task
         assert (e / "sparkloom.zip").is_file()
         assert "BarrierTaskContext" in (e / "stderr").read_text(), tail(e / "stderr")
+
+    # batch scoring through the same entry point, on the cluster, with the logged baseline
+    model = f"runs:/{children['baseline'].info.run_id}/model"
+    scored = submit(cluster, tmp_path, bundle, [
+        *executors, str(ROOT / "jobs" / "submit.py"), "score", "--model", model,
+        "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "scores"),
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ])  # fmt: skip
+    assert scored.returncode == 0, scored.stdout[-3000:]
+    assert f"scored 45 rows with {model} (baseline)" in scored.stdout
+    assert pq.read_table(tmp_path / "scores").num_rows == 45
+
+
+@pytest.mark.slow
+def test_preflight_stops_what_the_cluster_cannot_run_before_any_stage(tmp_path, standalone_cluster):
+    """Dynamic allocation under a barrier stage, and executors larger than any worker (Spark
+    alone would wait forever): each is one line and exit code 6 within a minute, and no
+    stage has started."""
+    cluster = standalone_cluster
+    conf = tiny_conf(tmp_path, ["ingest", "features", "lstm"])
+    bundle = build_bundle(tmp_path)
+    run = [
+        str(ROOT / "jobs" / "submit.py"),
+        "run",
+        "--conf",
+        str(conf),
+        "--conf",
+        str(CLUSTER_YAML),
+    ]
+    cases = {
+        "dynamic allocation": (
+            ["--conf", "spark.executor.cores=1", *run,
+             "spark.conf.spark.dynamicAllocation.enabled=true",
+             "spark.conf.spark.dynamicAllocation.shuffleTracking.enabled=true"],
+            "which Spark refuses under dynamic allocation (SPARK-24942): set "
+            "spark.dynamicAllocation.enabled=false",
+        ),
+        "executor memory": (
+            ["--conf", "spark.executor.memory=16g", *run, "preflight.timeout_s=15"],
+            "no executor registered within 15s: no worker could give one "
+            "spark.executor.memory=16g and spark.executor.cores=all of a worker's",
+        ),
+    }  # fmt: skip
+    for name, (args, line) in cases.items():
+        started = time.monotonic()
+        p = submit(cluster, tmp_path, bundle, args, timeout=180)
+        seconds = time.monotonic() - started
+        errors = [ln for ln in p.stdout.splitlines() if "error:" in ln]
+        assert p.returncode == 6, f"{name}: exit {p.returncode}\n{p.stdout[-3000:]}"
+        assert len(errors) == 1 and errors[0].startswith("sparkloom: error: preflight: "), errors
+        assert line in errors[0], f"{name}: {errors[0]}"
+        assert seconds < 90, f"{name}: {seconds:.0f}s"
+        assert "[ingest] started" not in p.stdout
+        assert not (tmp_path / "data" / "tiny" / "ingested").exists()
 
 
 # --- an MLflow tracking server ----------------------------------------------------------------
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """`mlflow server` on a free port: sqlite backend, artifacts proxied over HTTP."""
-    port = free_port()
-    (tmp_path / "server").mkdir()
+def start_mlflow_server(tmp_path: Path, port: int) -> Service:
+    """`mlflow server` on `port`: sqlite backend, artifacts proxied over HTTP; the same
+    tmp_path and port start it again on the same store."""
+    (tmp_path / "server").mkdir(exist_ok=True)
     service = Service.start("mlflow server", [
         str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
         "--artifacts-destination", str(tmp_path / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ], tmp_path / "mlflow-server.log", dict(os.environ), tmp_path / "server")  # fmt: skip
+    ], tmp_path / f"mlflow-server-{time.monotonic_ns()}.log", dict(os.environ),
+       tmp_path / "server")  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+            return r.status == 200
+
     try:
-
-        def healthy() -> bool:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                return r.status == 200
-
         wait_until(healthy, f"mlflow server at {url} is not healthy", [service], 120)
-        yield url
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    service = start_mlflow_server(tmp_path, port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         service.stop()
 
@@ -327,6 +409,9 @@ def test_pipeline_logs_to_an_mlflow_tracking_server(tmp_path, mlflow_server):
                      mlflow={"tracking_uri": mlflow_server})  # fmt: skip
     p = run_logged([str(BIN / "sparkloom"), "run", "--conf", str(conf)], {**os.environ}, tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    # MLflow first tries to save the Spark model straight to the artifact URI, which Hadoop
+    # cannot write (mlflow-artifacts:), then uploads it: that try's Java trace stays hidden
+    assert "UnsupportedFileSystemException" not in p.stdout + p.stderr, p.stderr[-6000:]
 
     client = MlflowClient(mlflow_server)
     parent, children = stage_runs(client, "tiny")
@@ -354,3 +439,63 @@ def test_pipeline_logs_to_an_mlflow_tracking_server(tmp_path, mlflow_server):
     mlmodels = [yaml.safe_load(m.read_text()) for m in artifacts.rglob("MLmodel")]
     assert any("spark" in m["flavors"] for m in mlmodels), mlmodels
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "server" / "mlartifacts").exists()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_lost_during_a_stage_ends_the_run_with_its_own_error(tmp_path):
+    """The server stops as the baseline starts: the run ends in seconds (one call spends its
+    retries, the rest get none) with the stage's one line and exit code 7, not with
+    end_run's error after minutes a call. Back up, the rerun closes the runs it left RUNNING
+    and redoes the unrecorded stage."""
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        conf = tiny_conf(tmp_path, ["ingest", "features", "baseline"],
+                         spark={"master": "local[2]"}, mlflow={"tracking_uri": url})  # fmt: skip
+        cmd = [str(BIN / "sparkloom"), "run", "--conf", str(conf)]
+        env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # ours (5) is a minute
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env, cwd=tmp_path, start_new_session=True)  # fmt: skip
+        seen, stopped = [], None
+        try:
+            for line in proc.stdout:
+                seen.append(line)
+                if "[baseline] started" in line:
+                    server.stop()
+                    stopped = time.monotonic()
+                    break
+            seen.append(proc.communicate(timeout=300)[0])
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        out = "".join(seen)
+        (tmp_path / "run.log").write_text(out)
+        assert stopped is not None, out[-3000:]
+        seconds = time.monotonic() - stopped
+        errors = [ln for ln in out.splitlines() if "error:" in ln]
+        assert proc.returncode == 7, out[-3000:]
+        assert len(errors) == 1, errors
+        assert errors[0].startswith(
+            f"sparkloom: error: stage 'baseline' failed: the MLflow tracking server at {url} "
+            "is unreachable"
+        ), errors[0]
+        assert seconds < 60, f"{seconds:.0f}s from the stop to the exit"
+        assert "Traceback" not in out
+
+        server = start_mlflow_server(tmp_path, port)
+        p = run_logged(cmd, env, tmp_path)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        client = MlflowClient(url)
+        (exp,) = [e for e in client.search_experiments() if e.name == "tiny"]
+        runs = client.search_runs([exp.experiment_id])
+        assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+        lost = [r for r in runs if r.data.tags.get("sparkloom.closed_as_stale") == "true"]
+        assert lost and {r.info.status for r in lost} == {"KILLED"}
+        redone = [r for r in runs if r.data.tags.get("sparkloom.stage") == "baseline"
+                  and r.info.status == "FINISHED"]  # fmt: skip
+        assert len(redone) == 1 and redone[0].data.tags["sparkloom.skipped"] == "false"
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -176,3 +177,69 @@ def test_converter_round_trips_spark_column_types_exactly(spark, tmp_path):
 
     assert b["sparse"].layout == torch.sparse_csr
     assert b["sparse"].to_dense().tolist() == [[0, 4, 0, 0, 0], [1, 0, 0, 0, 2]]
+
+
+def test_converter_cache_keeps_the_most_recently_used_entries(spark, tmp_path):
+    from models.data import META_FILE
+    from pipelines.converter import make_spark_converter
+
+    cache = str(tmp_path / "cache")
+    old = make_spark_converter(spark.range(10), cache)
+    recent = make_spark_converter(spark.range(20), cache)
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(os.path.join(old.local_path, META_FILE), (two_hours_ago, two_hours_ago))
+    newest = make_spark_converter(spark.range(30), cache, keep=1)
+    assert not os.path.exists(old.local_path)  # beyond `keep` and unused for 2 h
+    assert os.path.exists(recent.local_path)  # beyond `keep`, but used within the hour
+    assert os.path.exists(newest.local_path) and len(os.listdir(cache)) == 2
+    again = make_spark_converter(spark.range(20), cache)
+    assert again.cache_dir_url == recent.cache_dir_url and len(again) == 20
+
+
+def test_converter_keys_last_a_session_where_the_plan_does_not_decide_the_rows(spark):
+    """A plan over files or a range is keyed by its canonical tree (the same in any session);
+    rows held in memory, and Python functions nobody vouched for, by semanticHash."""
+    from pyspark.sql import functions as F
+
+    from pipelines.converter import _plan_key
+
+    ranged = spark.range(10).withColumn("y", F.col("id") * 2)
+    assert _plan_key(ranged, None)[0] == "plan"
+    assert _plan_key(ranged, None) == _plan_key(
+        spark.range(10).withColumn("y", F.col("id") * 2), None
+    )
+    assert _plan_key(ranged, None) != _plan_key(
+        spark.range(10).withColumn("y", F.col("id") * 3), None
+    )
+    assert _plan_key(spark.createDataFrame([(1,)], "x long"), "settings")[0] == "session"
+    doubled = F.pandas_udf(lambda s: s * 2, "long")
+    with_udf = spark.range(10).select(doubled("id").alias("y"))
+    assert _plan_key(with_udf, None)[0] == "session"
+    assert _plan_key(with_udf, "settings")[0] == "plan"
+    assert _plan_key(with_udf, "settings") != _plan_key(with_udf, "other settings")
+
+
+def test_a_rank_that_died_with_its_executor_is_named_so(tmp_path):
+    """The driver knows when an executor is lost (a worker shut down, a node gone): the line
+    says so instead of 'died without a Python error'."""
+    from pipelines.deep import explain_failure
+
+    status = tmp_path / "status"
+    status.mkdir()
+    (status / "rank-0.started").write_text("pid 11 on node-a")
+    (status / "rank-1.started").write_text("pid 12 on node-b")
+    (status / "rank-1.error").write_text(
+        "pid 12 on node-b\nTraceback (most recent call last):\n"
+        "RuntimeError: [../gloo/transport/tcp/pair.cc:534] Connection closed by peer"
+    )
+    error = RuntimeError(
+        "org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 3.0 "
+        "failed 1 times, most recent failure: Lost task 0.0 in stage 3.0 (TID 7) (127.0.0.1 "
+        "executor 0): ExecutorLostFailure (executor 0 exited unrelated to the running tasks) "
+        "Reason: Worker shutdown\nDriver stacktrace:"
+    )
+    message, _ = explain_failure(str(status), 2, error)
+    assert message.startswith(
+        "training failed: rank 0 died with its executor: Spark lost executor 0 (Worker shutdown); "
+        "ranks [1] then lost their peer"
+    ), message

@@ -18,18 +18,31 @@ from tests.conftest import make_config
 SMALL = {"training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02}}}
 
 
-@pytest.mark.slow
-def test_a_student_trains_on_the_teachers_logits(spark, tmp_path, text_dirs):
-    cfg = make_config(
+def distill_config(tmp_path, text_dirs, stages: list[str], mode: str = "precomputed"):
+    return make_config(
         tmp_path,
-        pipeline={"stages": ["ingest", "features", "lstm", "textcnn", "distill", "compare"]},
+        pipeline={"stages": stages},
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"sequence": {"min_df": 1, "max_length": 32}},
         lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1}, **SMALL},
         textcnn={"model": {"embed_dim": 16, "num_filters": 8}, **SMALL},
-        distill={"teacher": "lstm", "student": "textcnn", "temperature": 2.0, "alpha": 0.7},
+        distill={"teacher": "lstm", "student": "textcnn", "temperature": 2.0, "alpha": 0.7,
+                 "teacher_logits": mode},
     )  # fmt: skip
-    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+
+
+@pytest.mark.slow
+def test_a_student_trains_on_the_teachers_logits_precomputed_or_on_the_fly(
+    spark, tmp_path, text_dirs
+):
+    """Precomputed: the LSTM teacher's logits come from Spark batch scoring. On the fly: the
+    teacher runs inside the 2 training processes on the student's batches and gives the
+    soft targets Spark stored (log-probabilities: the same up to a constant per row, which
+    softmax does not see), so the same seed trains the same student. One teacher serves
+    both (the second run finds it current)."""
+    stages = ["ingest", "features", "lstm", "textcnn", "distill", "compare"]
+    cfg = distill_config(tmp_path, text_dirs, stages)
+    outcome = run_pipeline(spark, cfg, stages)
     plain, student = outcome.results["textcnn"], outcome.results["distill"]
     assert student.model == "textcnn" and student.world_size == 2
     assert student.num_parameters == plain.num_parameters  # the same architecture and config
@@ -61,39 +74,18 @@ def test_a_student_trains_on_the_teachers_logits(spark, tmp_path, text_dirs):
     scored, _, ref = score(test, f"runs:/{outcome.stage_run_ids['distill']}/model")
     assert ref.stage == "textcnn" and scored.count() == test.count()
 
-
-@pytest.mark.slow
-def test_teacher_logits_on_the_fly_train_the_student_the_precomputed_ones_do(
-    spark, tmp_path, text_dirs
-):
-    """The LSTM teacher run inside the 2 training processes on the student's batches gives
-    the soft targets Spark's batch scoring stored (log-probabilities: the same up to a
-    constant per row, which softmax does not see), so the same seed trains the same student."""
-
-    def config(mode: str):
-        return make_config(
-            tmp_path,
-            pipeline={"stages": ["ingest", "features", "lstm", "distill"]},
-            ingest={"format": "text_dirs", "path": str(text_dirs)},
-            features={"sequence": {"min_df": 1, "max_length": 32}},
-            lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1}, **SMALL},
-            textcnn={"model": {"embed_dim": 16, "num_filters": 8}, **SMALL},
-            distill={"teacher": "lstm", "student": "textcnn", "teacher_logits": mode},
-        )  # fmt: skip
-
-    cfg = config("precomputed")
-    pre = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["distill"]
-    cfg = config("on_the_fly")
-    fly = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["distill"]
+    pre = student
+    cfg = distill_config(tmp_path, text_dirs, ["ingest", "features", "lstm", "distill"],
+                         "on_the_fly")  # fmt: skip
+    again = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results
+    assert again["lstm"].skipped  # the same teacher
+    fly = again["distill"]
     assert not fly.skipped and "teacher_rows" not in fly.data_stats  # no scoring pass in Spark
     assert fly.world_size == 2
     for a, b in zip(pre.history, fly.history, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     assert fly.metrics["test_accuracy"] == pre.metrics["test_accuracy"]
-
-    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    model_dir = catalog.local_path("distill_model")
     with open(os.path.join(model_dir, "distill.json")) as f:
         assert json.load(f)["teacher_logits"] == "on_the_fly"
 

@@ -83,3 +83,31 @@ def trained(client: MlflowClient) -> list[str]:
         filter_string="tags.`sparkloom.stage` = 'baseline' and tags.`sparkloom.skipped` = 'false'",
     )
     return [r.info.run_id for r in runs]
+
+
+def test_register_takes_the_classifiers_that_have_run_unless_candidates_are_named(
+    spark, tmp_path, text_dirs, caplog
+):
+    """`--only register` after some of the pipeline's classifiers: those that ran are the
+    candidates (the rest are named in a warning); named candidates must all have run."""
+    import pytest
+
+    from pipelines.runner import StageFailed
+
+    def cfg(**register):
+        return make_config(
+            tmp_path,
+            pipeline={"stages": ["ingest", "features", "baseline", "lstm", "register"]},
+            ingest={"format": "text_dirs", "path": str(text_dirs)},
+            baseline=GOOD, register={"name": "partly", **register},
+        )  # fmt: skip
+
+    out = run_pipeline(spark, cfg(), ["ingest", "features", "baseline", "register"])
+    registered = out.results["register"]
+    assert [c["stage"] for c in registered.candidates] == ["baseline"]
+    assert registered.version == "1" and registered.promoted
+    assert "register: no 'lstm' model yet, so it is not a candidate" in caplog.text
+
+    with pytest.raises(StageFailed) as e:
+        run_pipeline(spark, cfg(candidates=["baseline", "lstm"]), ["register"])
+    assert "register: no 'lstm' model yet; run that stage first" in str(e.value)

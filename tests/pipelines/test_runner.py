@@ -103,3 +103,7 @@ def test_a_stage_that_failed_after_its_commit_is_redone_not_skipped(
 
     third = run_pipeline(spark, cfg, stages)  # now recorded: every stage is up to date
     assert all(r.skipped for r in third.results.values())
+    # the skipped baseline points at the model of the run that made it, not a new copy
+    assert third.model_uri == f"runs:/{done[0].info.run_id}/model"
+    skipped_run = client.get_run(third.stage_run_ids["baseline"])
+    assert not client.list_artifacts(skipped_run.info.run_id, "model")

@@ -7,17 +7,21 @@ The signals go to a real `sparkloom run` process while its LSTM stage trains."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import runner
+from pipelines.catalog import Catalog
+from pipelines.deep import text_inputs, write_splits
 from pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
@@ -89,6 +93,7 @@ def long_lstm(tmp_path, text_dirs):
     return make_config(
         tmp_path,
         pipeline={"stages": ["ingest", "features", "lstm"]},
+        spark={"conf": {"spark.sql.shuffle.partitions": 2}},  # as the test session's
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"sequence": {"min_df": 1}},
         lstm={"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
@@ -128,7 +133,7 @@ def test_a_signal_to_a_running_stage_ends_its_runs_killed(tmp_path, text_dirs, s
 
 
 @pytest.mark.slow
-def test_the_next_start_closes_the_runs_sigkill_left_running(spark, tmp_path, text_dirs):
+def test_the_next_start_closes_the_runs_sigkill_left_running(spark, tmp_path, text_dirs, caplog):
     cfg = long_lstm(tmp_path, text_dirs)
     proc = start_run(tmp_path, cfg)
     wait_for(proc, "epoch 2/3000")
@@ -145,3 +150,15 @@ def test_the_next_start_closes_the_runs_sigkill_left_running(spark, tmp_path, te
     exp = client.get_experiment_by_name(cfg.experiment)
     stale = client.search_runs([exp.experiment_id], "tags.`sparkloom.closed_as_stale` = 'true'")
     assert sorted(r.info.run_name for r in stale) == ["lstm", "t:run"]
+
+    # The LSTM's data the killed process wrote through the converter is this process's
+    # cache too: another JVM, the same keys (semanticHash differed in every session).
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    cache = Path(catalog.local_path("converter_cache"))
+    written = sorted(p.name for p in cache.iterdir())
+    labels = catalog.require("features", "features")["labels"]
+    with caplog.at_level(logging.INFO, logger="pipelines.converter"):
+        paths = write_splits(spark, cfg, catalog, "lstm", text_inputs(catalog, labels))
+    assert caplog.text.count("converter: reusing the cache") == 3, caplog.text
+    assert len(written) == 3 and sorted(p.name for p in cache.iterdir()) == written
+    assert sorted(Path(p).name for p in paths.values()) == written
