@@ -214,13 +214,22 @@ def _slots_short(spark: SparkSession, dc: DistributorConfig) -> str | None:
             "rerun when the cluster has them, or lower distributor.num_processes")  # fmt: skip
 
 
-def barrier_refusal(master: str, dynamic_allocation: str, local_mode: bool) -> str | None:
+def trained_section(cfg: Config, stage: str) -> str:
+    """The config section whose model a deep stage trains (distill: the student's)."""
+    return cfg.distill.student if stage == "distill" else stage
+
+
+def dynamic_allocation(spark: SparkSession) -> bool:
+    return spark.conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
+
+
+def barrier_refusal(master: str, dynamic: bool, local_mode: bool) -> str | None:
     """Why Spark would refuse this run's barrier stage, or None. TorchDistributor runs one
     rank per task of a barrier stage (unless local_mode), and Spark refuses barrier stages
     under dynamic allocation (SPARK-24942; it ignores dynamic allocation on local masters).
     Caught before any data is written, instead of as a launch that fails every try with
     Spark's reason only in the JVM's log."""
-    if local_mode or master.startswith("local") or dynamic_allocation.strip().lower() != "true":
+    if local_mode or master.startswith("local") or not dynamic:
         return None
     return (
         "distributed training runs its ranks as a Spark barrier stage, which Spark refuses "
@@ -231,8 +240,7 @@ def barrier_refusal(master: str, dynamic_allocation: str, local_mode: bool) -> s
 
 
 def check_barrier(spark: SparkSession, dc: DistributorConfig) -> None:
-    dynamic = spark.conf.get("spark.dynamicAllocation.enabled", "false")
-    why = barrier_refusal(spark.sparkContext.master, dynamic, dc.local_mode)
+    why = barrier_refusal(spark.sparkContext.master, dynamic_allocation(spark), dc.local_mode)
     if why:
         raise ConfigError(why)
 
@@ -732,7 +740,7 @@ def run_deep(
         inputs.files["distill.json"] = json.dumps(distill_json(cfg))
     else:
         inputs = text_inputs(catalog, labels)
-    arch = cfg.distill.student if stage == "distill" else stage  # the model it trains
+    arch = trained_section(cfg, stage)  # the model it trains
     dc = getattr(cfg, arch).distributor
     check_barrier(spark, dc)  # before the data is written
     paths = write_splits(spark, cfg, catalog, stage, inputs)

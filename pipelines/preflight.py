@@ -29,8 +29,9 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines.catalog import Catalog, HadoopFS, local_path
+from pipelines.catalog import Catalog, local_path
 from pipelines.config import IMAGE_MODELS, TEXT_MODELS, Config
+from pipelines.deep import barrier_refusal, dynamic_allocation, local_dir, trained_section
 from pipelines.errors import SparkloomError
 from pipelines.secrets import mask
 
@@ -85,15 +86,18 @@ def run_preflight(spark: SparkSession, cfg: Config, stages: list[str]) -> list[F
     master = sc.master
     local = master.startswith("local")
     deep = [s for s in stages if s in DEEP_STAGES]
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     findings = [Finding("master", f"{master} (application {sc.applicationId})")]
     findings.append(_driver_memory(spark, cfg))
     slots = _executors(spark, cfg, deep, local, findings)
     findings += _barrier(spark, cfg, deep, slots)
-    findings.append(_data_root_from_driver(spark, cfg))
+    findings.append(_data_root_from_driver(catalog))
+    shared = None  # the folder checkpoints go to, when it is a mounted path
     if deep:
-        findings.append(_checkpoints(spark, cfg, deep))
+        shared, finding = _checkpoints(catalog, deep)
+        findings.append(finding)
     if not local and slots:
-        findings += _from_an_executor(spark, cfg, deep)
+        findings += _from_an_executor(spark, cfg, catalog, deep, shared)
     findings.append(_mlflow(cfg))
     return findings
 
@@ -127,12 +131,15 @@ def _executors(
     to preflight.timeout_s for them: until enough for the widest barrier stage are there, or
     their number has settled."""
     jsc = spark.sparkContext._jsc.sc()
-    if not local and _dynamic(spark):  # executors come when tasks wait for them: no waiting
+    if not local and dynamic_allocation(
+        spark
+    ):  # executors come when tasks wait for them: no waiting
         slots = _slots(jsc)
         findings.append(Finding("executors", f"on demand (dynamic allocation), {slots} task "
                                 "slots now"))  # fmt: skip
         return slots
-    need = max((_ranks(cfg, s) for s in deep if not _local_mode(cfg, s)), default=1)
+    barrier = [_distributor(cfg, s) for s in deep if not _distributor(cfg, s).local_mode]
+    need = max((dc.num_processes for dc in barrier), default=1)
     timeout = cfg.preflight.timeout_s
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
@@ -186,34 +193,19 @@ def wait_for_slots(spark: SparkSession, need: int, timeout_s: float) -> int:
     return slots
 
 
-def _dynamic(spark: SparkSession) -> bool:
-    return spark.conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
-
-
 def _slots(jsc: Any) -> int:
     """The tasks the application can run at once: what Spark checks a barrier stage against."""
     rp = jsc.resourceProfileManager().defaultResourceProfile()
     return int(jsc.maxNumConcurrentTasks(rp))
 
 
-def _ranks(cfg: Config, stage: str) -> int:
-    return _distributor(cfg, stage).num_processes
-
-
-def _local_mode(cfg: Config, stage: str) -> bool:
-    return _distributor(cfg, stage).local_mode
-
-
 def _distributor(cfg: Config, stage: str):
-    arch = cfg.distill.student if stage == "distill" else stage
-    return getattr(cfg, arch).distributor
+    return getattr(cfg, trained_section(cfg, stage)).distributor
 
 
 def _barrier(spark: SparkSession, cfg: Config, deep: list[str], slots: int) -> list[Finding]:
-    from pipelines.deep import barrier_refusal
-
     out = []
-    dynamic = spark.conf.get("spark.dynamicAllocation.enabled", "false")
+    dynamic = dynamic_allocation(spark)
     gpus = float(spark.conf.get("spark.task.resource.gpu.amount", "0") or 0)
     for stage in deep:
         dc = _distributor(cfg, stage)
@@ -227,12 +219,12 @@ def _barrier(spark: SparkSession, cfg: Config, deep: list[str], slots: int) -> l
                 f"'{stage}' trains {dc.num_processes} ranks as one barrier stage, which needs "
                 f"{dc.num_processes} task slots at once, and the application has {slots} "
                 f"(executors x spark.executor.cores / spark.task.cpus): lower "
-                f"{_section(cfg, stage)}.distributor.num_processes to {slots} or give the "
+                f"{trained_section(cfg, stage)}.distributor.num_processes to {slots} or give the "
                 "application more executors or cores"
             )
         if problem is None and dc.use_gpu and gpus < 1:
             problem = (
-                f"{_section(cfg, stage)}.distributor.use_gpu=true but spark.task.resource.gpu."
+                f"{trained_section(cfg, stage)}.distributor.use_gpu=true but spark.task.resource.gpu."
                 "amount is not set: give tasks GPUs (spark.task.resource.gpu.amount=1 and "
                 "spark.executor.resource.gpu.amount with a discovery script) or set use_gpu=false"
             )
@@ -240,16 +232,11 @@ def _barrier(spark: SparkSession, cfg: Config, deep: list[str], slots: int) -> l
     return out
 
 
-def _section(cfg: Config, stage: str) -> str:
-    return cfg.distill.student if stage == "distill" else stage
-
-
-def _data_root_from_driver(spark: SparkSession, cfg: Config) -> Finding:
-    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+def _data_root_from_driver(catalog: Catalog) -> Finding:
     root = catalog.base
     shown = mask("data_root", root)
     probe = f"{root}/_preflight-{uuid.uuid4().hex[:8]}"
-    fs = HadoopFS(spark)
+    fs = catalog.fs
     try:
         fs.mkdirs(root)
         fs.write_text(probe, "sparkloom preflight\n")
@@ -263,28 +250,22 @@ def _data_root_from_driver(spark: SparkSession, cfg: Config) -> Finding:
     return Finding("data root", f"{shown}: writable from the driver")
 
 
-def _checkpoints(spark: SparkSession, cfg: Config, deep: list[str]) -> Finding:
-    from pipelines.deep import local_dir
-
-    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+def _checkpoints(catalog: Catalog, deep: list[str]) -> tuple[str | None, Finding]:
+    """(the folder the deep stages' work dirs are in, the finding): it must be a path."""
     try:
-        folder = local_dir(catalog.path(f"{deep[0]}_work"))
+        folder = os.path.dirname(local_dir(catalog.path(f"{deep[0]}_work")).rstrip("/"))
     except SparkloomError as e:
-        return Finding("checkpoints", "not on a mounted filesystem", str(e))
-    return Finding("checkpoints", f"{os.path.dirname(folder.rstrip('/'))} (mounted path)")
+        return None, Finding("checkpoints", "not on a mounted filesystem", str(e))
+    return folder, Finding("checkpoints", f"{folder} (mounted path)")
 
 
-def _from_an_executor(spark: SparkSession, cfg: Config, deep: list[str]) -> list[Finding]:
+def _from_an_executor(
+    spark: SparkSession, cfg: Config, catalog: Catalog, deep: list[str], shared: str | None
+) -> list[Finding]:
     """One task on one executor: import sparkloom and torch, look up the checkpoint folder the
-    driver sees, count CUDA devices; and a one-row write to the data root from a task."""
-    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    shared = None
-    if deep:
-        with contextlib.suppress(SparkloomError):
-            from pipelines.deep import local_dir
-
-            shared = os.path.dirname(local_dir(catalog.path(f"{deep[0]}_work")).rstrip("/"))
-            os.makedirs(shared, exist_ok=True)
+    driver sees (`shared`), count CUDA devices; and a one-row write to the data root."""
+    if shared is not None:
+        os.makedirs(shared, exist_ok=True)
     report = _probe(spark, shared)
     out = []
     if "error" in report:
@@ -378,7 +359,7 @@ def _data_root_from_executor(spark: SparkSession, catalog: Catalog) -> Finding:
         )  # fmt: skip
     finally:
         with contextlib.suppress(Exception):
-            HadoopFS(spark).delete(probe)
+            catalog.fs.delete(probe)
     return Finding("data root from executors", f"{shown}: writable from a task")
 
 

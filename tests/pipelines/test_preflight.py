@@ -86,10 +86,10 @@ def test_every_problem_is_counted_and_the_first_is_the_line(spark, tmp_path):
 
 
 def test_barrier_stages_are_refused_under_dynamic_allocation_on_a_cluster_only():
-    why = barrier_refusal("spark://host:7077", "true", local_mode=False)
+    why = barrier_refusal("spark://host:7077", True, local_mode=False)
     assert why is not None and "SPARK-24942" in why
     assert "set spark.dynamicAllocation.enabled=false" in why
-    assert barrier_refusal("yarn", "TRUE ", local_mode=False) is not None
-    assert barrier_refusal("local[2]", "true", local_mode=False) is None  # Spark ignores it
-    assert barrier_refusal("spark://host:7077", "true", local_mode=True) is None  # no barrier
-    assert barrier_refusal("spark://host:7077", "false", local_mode=False) is None
+    assert barrier_refusal("yarn", True, local_mode=False) is not None
+    assert barrier_refusal("local[2]", True, local_mode=False) is None  # Spark ignores it
+    assert barrier_refusal("spark://host:7077", True, local_mode=True) is None  # no barrier
+    assert barrier_refusal("spark://host:7077", False, local_mode=False) is None
