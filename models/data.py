@@ -36,6 +36,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from models.storage import resolve
+
 META_FILE = "_sparkloom_meta.json"  # written by the converter: vector formats, shapes
 
 
@@ -63,13 +65,6 @@ def world() -> tuple[int, int]:
 
 
 # --- listing ----------------------------------------------------------------------------------
-
-
-def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or any URI pyarrow knows (file://, hdfs://, s3://, gs://)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def list_row_groups(path: str) -> tuple[pafs.FileSystem, list[RowGroup], pa.Schema, dict]:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models import storage
 from models.augment import AugmentConfig, ImageBatchTransform
 from models.data import ColumnTransform, make_dataloader
 from models.distill import distillation_loss
@@ -307,54 +308,45 @@ def build_schedule(opt: torch.optim.Optimizer, sc: ScheduleConfig, total_steps: 
 
 
 class Checkpoints:
-    """step-N.pt files plus a `latest` pointer, both replaced atomically; rank 0 writes."""
+    """step-N.pt files plus a `latest` pointer, each replaced whole; rank 0 writes.
+
+    `dir` is a local path or any URI `models.storage` serves (hdfs://, s3://, ...), so a
+    rank restarted on another host resumes from what rank 0 wrote."""
 
     def __init__(self, cc: CheckpointConfig, ctx: Dist, fault: str | None = None,
                  attempt: int = 1):  # fmt: skip
         self.dir, self.keep, self.ctx = cc.dir, max(1, cc.keep), ctx
         self.fault, self.attempt = fault, attempt  # the test hook (fault_hook, at=save)
         if self.dir and ctx.main:
-            os.makedirs(self.dir, exist_ok=True)
+            storage.makedirs(self.dir)
 
-    def _atomic_save(self, obj: Any, path: str) -> None:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a kill before this line leaves the previous files intact
+    def _steps(self) -> list[str]:
+        return [p for p in storage.listdir(self.dir) if p.startswith("step-") and p.endswith(".pt")]
 
     def save(self, state: dict[str, Any], best: bool) -> str | None:
         if not self.dir or not self.ctx.main:
             return None
-        path = os.path.join(self.dir, f"step-{state['global_step']:09d}.pt")
-        self._atomic_save(state, path)
+        name = f"step-{state['global_step']:09d}.pt"
+        path = storage.join(self.dir, name)
+        storage.torch_save(state, path)  # a kill mid-write leaves the previous files intact
         if best:
             fault_hook(self.ctx.rank, "save", state["global_step"], self.fault, self.attempt)
-            self._atomic_save(state, os.path.join(self.dir, "best.pt"))
-        pointer = os.path.join(self.dir, "latest")
-        with open(f"{pointer}.tmp", "w") as f:
-            f.write(os.path.basename(path))
-        os.replace(f"{pointer}.tmp", pointer)
-        for old in sorted(
-            p for p in os.listdir(self.dir) if p.startswith("step-") and p.endswith(".pt")
-        )[: -self.keep]:
-            os.remove(os.path.join(self.dir, old))
+            storage.torch_save(state, storage.join(self.dir, "best.pt"))
+        storage.write_text(storage.join(self.dir, "latest"), name)
+        for old in self._steps()[: -self.keep]:
+            storage.remove(storage.join(self.dir, old))
         return path
 
     def latest(self) -> str | None:
-        if not self.dir or not os.path.isdir(self.dir):
+        if not self.dir or not storage.is_dir(self.dir):
             return None
-        pointer = os.path.join(self.dir, "latest")
-        if os.path.exists(pointer):
-            with open(pointer) as f:
-                path = os.path.join(self.dir, f.read().strip())
-            if os.path.exists(path):
+        pointer = storage.join(self.dir, "latest")
+        if storage.exists(pointer):
+            path = storage.join(self.dir, storage.read_text(pointer).strip())
+            if storage.exists(path):
                 return path
-        steps = sorted(
-            p for p in os.listdir(self.dir) if p.startswith("step-") and p.endswith(".pt")
-        )
-        return os.path.join(self.dir, steps[-1]) if steps else None
+        steps = self._steps()
+        return storage.join(self.dir, steps[-1]) if steps else None
 
     @staticmethod
     def load(path: str) -> dict[str, Any]:
@@ -527,8 +519,7 @@ def fault_hook(rank: int, where: str, step: int, spec: str | None, attempt: int 
         time.sleep(2.0)
     status_dir = os.environ.get("SPARKLOOM_STATUS_DIR")
     if status_dir:  # when the fault fired, for the tests' fault-to-error times
-        with open(os.path.join(status_dir, f"fault-{rank}.time"), "w") as out:
-            out.write(repr(time.time()))
+        storage.write_text(storage.join(status_dir, f"fault-{rank}.time"), repr(time.time()))
     print(f"[train] injected fault on rank {rank} at {where} {step}: {mode}", file=sys.stderr,
           flush=True)  # fmt: skip
     if mode == "slow":
@@ -719,12 +710,12 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
             + (" *" if is_best else "") + (" (early stop)" if state["stopped_early"] else ""))  # fmt: skip
 
-    best_path = os.path.join(cfg.checkpoint.dir, "best.pt") if cfg.checkpoint.dir else None
+    best_path = storage.join(cfg.checkpoint.dir, "best.pt") if cfg.checkpoint.dir else None
     if best_path:
         # rank 0 wrote best.pt and reads it back; the other ranks get the weights from it, so
         # none reads the file while rank 0 still replaces it (they would evaluate the previous
         # best on their shard) or where it does not exist (a directory local to each host)
-        if ctx.main and os.path.exists(best_path):
+        if ctx.main and storage.exists(best_path):
             unwrap(ddp).load_state_dict(Checkpoints.load(best_path)["model"])
         broadcast_weights(unwrap(ddp), ctx)
     result: dict[str, Any] = {
@@ -761,20 +752,17 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
                 result["confusion"][split] = ev["confusion"]
     if cfg.checkpoint.dir and ctx.main:
         export(unwrap(ddp), cfg.checkpoint.dir)
-        result["export_dir"] = os.path.join(cfg.checkpoint.dir, "export")
+        result["export_dir"] = storage.join(cfg.checkpoint.dir, "export")
     return result
 
 
 def export(model: nn.Module, directory: str) -> None:
     """Weights as a plain state dict plus the config that builds the model: no pickled code."""
-    out = os.path.join(directory, "export")
-    os.makedirs(out, exist_ok=True)
-    torch.save(
-        {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        os.path.join(out, "state_dict.pt"),
-    )
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump({"config": model_config(model)}, f, indent=2)
+    out = storage.join(directory, "export")
+    storage.torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                       storage.join(out, "state_dict.pt"))  # fmt: skip
+    storage.write_text(storage.join(out, "model.json"),
+                       json.dumps({"config": model_config(model)}, indent=2))  # fmt: skip
 
 
 def load_exported(
@@ -782,10 +770,9 @@ def load_exported(
 ) -> nn.Module:
     """The model `export` wrote: `prefix`model.json and `prefix`state_dict.pt in `directory`
     (weights only: a file that would unpickle code is refused unless `allow_pickle`)."""
-    with open(os.path.join(directory, f"{prefix}model.json")) as f:
-        config = json.load(f)["config"]
+    config = json.loads(storage.read_text(storage.join(directory, f"{prefix}model.json")))["config"]
     model = build_model(name, config)
-    weights = os.path.join(directory, f"{prefix}state_dict.pt")
+    weights = storage.join(directory, f"{prefix}state_dict.pt")
     model.load_state_dict(load_weights(weights, allow_pickle))
     return model.eval()
 
@@ -811,12 +798,9 @@ def write_status(status_dir: str | None, state: str, text: str = "") -> None:
     """rank-N.started / .done / .error files: the launcher reads them to name a failing rank."""
     if not status_dir:
         return
-    os.makedirs(status_dir, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
-    path = os.path.join(status_dir, f"rank-{rank}.{state}")
-    with open(f"{path}.tmp", "w") as f:
-        f.write(f"pid {os.getpid()} host {socket.gethostname()}\n{text}")
-    os.replace(f"{path}.tmp", path)
+    storage.write_text(storage.join(status_dir, f"rank-{rank}.{state}"),
+                       f"pid {os.getpid()} host {socket.gethostname()}\n{text}")  # fmt: skip
 
 
 STOPPED = "stopped by SIGTERM from its launcher"  # torchrun/Spark stopping the survivors

@@ -15,17 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.storage import torch_source
+
 
 class UnsafeWeights(ValueError):
     """A weights file that only full unpickling (which can run code) would load."""
 
 
 def load_weights(path: str, allow_pickle: bool = False) -> Any:
-    """The tensors (state dict, checkpoint) saved at `path`, on the CPU."""
+    """The tensors (state dict, checkpoint) saved at `path` (a path or any URI), on the CPU."""
     try:
         with warnings.catch_warnings():  # quantized tensors trip torch's TypedStorage notice
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(torch_source(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             what = next((ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
@@ -35,5 +37,7 @@ def load_weights(path: str, allow_pickle: bool = False) -> Any:
                 "loading it could run code from the file, so it was refused. Save the model's "
                 "state_dict() instead, or pass --allow-pickle if you trust where it came from"
             ) from None
-    loaded = torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts it
+    loaded = torch.load(
+        torch_source(path), map_location="cpu", weights_only=False
+    )  # the caller trusts it
     return loaded.state_dict() if isinstance(loaded, nn.Module) else loaded

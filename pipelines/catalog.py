@@ -28,6 +28,7 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
+from models import storage
 from pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -224,9 +225,19 @@ class Catalog:
     def path(self, name: str) -> str:
         return f"{self.base}/{name}"
 
+    def uri(self, name: str) -> str:
+        """The dataset's directory as a full URI (`file:/...`, `hdfs://nn:8020/...`): what
+        `models.storage` (pyarrow.fs) opens on the driver and in the training processes."""
+        return self.fs.qualify(self.path(name))
+
     def local_path(self, name: str) -> str:
-        """The dataset's directory as a filesystem path (model files are read with open())."""
-        return local_path(self.fs.qualify(self.path(name)))
+        """The dataset's files in a local directory, for code that reads them with open(): the
+        directory itself on a local filesystem, else a copy made once per written version."""
+        uri = self.uri(name)
+        if storage.is_local(uri):
+            return local_path(uri)
+        version = json.dumps(self.manifest(name), sort_keys=True, default=str)
+        return storage.local_copy(uri, fingerprint(uri, version))
 
     def manifest(self, name: str) -> dict[str, Any] | None:
         self._recover(name)

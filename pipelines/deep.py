@@ -15,12 +15,10 @@ lines, which TorchDistributor streams to the driver's output.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,9 +26,10 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from models import storage
 from models.masking import IGNORE_INDEX
 from pipelines import lm, subword
-from pipelines.catalog import Catalog, fingerprint, local_path
+from pipelines.catalog import Catalog, fingerprint
 from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
 from pipelines.errors import ConfigError, DataError, SparkloomError, Terminated, exception_text
@@ -94,18 +93,6 @@ class DeepResult:
             f"{self.num_parameters:,} parameters, {self.world_size} processes, "
             f"{self.train_seconds:.1f}s training / {self.wall_seconds:.1f}s with launch"
         )
-
-
-def local_dir(url: str) -> str:
-    """torch.save needs a filesystem path: local or a shared mount on a cluster."""
-    if url.startswith("file:"):
-        return local_path(url)
-    if "://" in url:
-        raise DataError(
-            f"checkpoints need a mounted filesystem path, not {url}; set pipeline.data_root to a "
-            "path every executor sees (NFS, /dbfs, a FUSE mount of your object store)"
-        )
-    return url
 
 
 def run_config(
@@ -172,7 +159,7 @@ def launch(
     status_dir = train_config["status_dir"]
     tries = 1 + dc.max_retries
     for attempt in range(1, tries + 1):
-        shutil.rmtree(status_dir, ignore_errors=True)
+        storage.rmtree(status_dir)
         distributor = TorchDistributor(
             num_processes=dc.num_processes, local_mode=dc.local_mode, use_gpu=use_gpu
         )
@@ -289,13 +276,11 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
     """(one line: which rank failed first and why, the tail of its traceback), read from the
     ranks' status files (rank-N.started/.done/.error)."""
     state: dict[int, tuple[str, str]] = {}
-    for path in glob.glob(os.path.join(status_dir, "rank-*.*")):
-        name = os.path.basename(path)
-        if name.endswith(".tmp"):
+    for name in storage.listdir(status_dir):
+        if not name.startswith("rank-") or ".tmp" in name:
             continue
         rank, what = name.removeprefix("rank-").split(".", 1)
-        with open(path) as f:
-            text = f.read()
+        text = storage.read_text(storage.join(status_dir, name))
         if what == "error" or int(rank) not in state:
             state[int(rank)] = (what, text)
     silent = [r for r in range(world_size) if state.get(r, ("",))[0] == "started"]
@@ -507,17 +492,13 @@ def keep_tokenizer(path: str | None, make) -> tuple[str, dict]:
     that resumes tokenizes with the vocabulary its checkpoint learned. Retraining is not
     the same: the trainers of Hugging Face tokenizers break frequency ties differently from
     run to run (the same texts gave 4 token sets and 8 id orders in 8 runs here)."""
-    if path and os.path.exists(path):
-        with open(path) as f:
-            kept = json.load(f)
+    if path and storage.exists(path):
+        kept = json.loads(storage.read_text(path))
         log.info("reusing the tokenizer this stage's checkpoints were trained with (%s)", path)
         return kept["tokenizer"], kept["info"]
     tokenizer_json, info = make()
     if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({"tokenizer": tokenizer_json, "info": info}, f)
-        os.replace(f"{path}.tmp", path)
+        storage.write_text(path, json.dumps({"tokenizer": tokenizer_json, "info": info}))
     return tokenizer_json, info
 
 
@@ -598,11 +579,10 @@ def bert_finetune_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> De
     bc = cfg.bert
     if bc.init_from == "bert_pretrain":
         pre = catalog.require("bert_pretrain_model", "bert_pretrain")
-        model_dir = local_dir(catalog.path("bert_pretrain_model"))
-        with open(os.path.join(model_dir, "tokenizer.json")) as f:
-            tokenizer_json = f.read()
+        model_dir = catalog.uri("bert_pretrain_model")
+        tokenizer_json = storage.read_text(storage.join(model_dir, "tokenizer.json"))
         config = {**pre["result"]["model_config"], "num_classes": len(labels)}
-        init = {"kind": "bert_pretraining", "path": os.path.join(model_dir, "state_dict.pt")}
+        init = {"kind": "bert_pretraining", "path": storage.join(model_dir, "state_dict.pt")}
     else:
         tok_path = os.path.join(bc.init_from, "tokenizer.json")
         if not os.path.isfile(tok_path):
@@ -717,13 +697,12 @@ def run_deep(
         return DeepResult(**{**m["result"], "skipped": True})
 
     started = time.perf_counter()
-    work = local_dir(catalog.path(f"{stage}_work"))
-    checkpoint_dir = os.path.join(work, fp, "checkpoints")
-    kept_tokenizer = os.path.join(work, fp, "tokenizer.json")
+    work = catalog.uri(f"{stage}_work")  # any filesystem: rank 0 writes it via models.storage
+    checkpoint_dir = storage.join(work, fp, "checkpoints")
+    kept_tokenizer = storage.join(work, fp, "tokenizer.json")
     if force:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        if os.path.exists(kept_tokenizer):
-            os.remove(kept_tokenizer)
+        storage.rmtree(checkpoint_dir)
+        storage.remove(kept_tokenizer)
     labels: list[str] = {"bert_pretrain": NSP_LABELS, "gpt2": []}.get(stage, upstream["labels"])
     if image:
         inputs = image_inputs(cfg, stage, catalog, upstream)
@@ -749,7 +728,7 @@ def run_deep(
 
     train_config = run_config(
         cfg, arch, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
-        os.path.join(work, fp, "status"), cpu_threads(spark, dc),
+        storage.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
     if stage == "distill":
         d = cfg.distill
@@ -758,7 +737,7 @@ def run_deep(
             train_config["distill"]["column"] = "teacher_logits"
             train_config["data"]["extra_columns"] = ["teacher_logits"]
         else:
-            teacher_dir = catalog.local_path(f"{d.teacher}_model")
+            teacher_dir = catalog.uri(f"{d.teacher}_model")  # read by the ranks
             train_config["distill"]["teacher"] = {"name": d.teacher, "dir": teacher_dir}
     if inputs.init:
         train_config["model"]["init"] = inputs.init
@@ -789,13 +768,11 @@ def run_deep(
     export_dir = out["export_dir"]
 
     def save(tmp: str) -> None:
-        catalog.fs.mkdirs(tmp)
-        local_tmp = local_dir(tmp)
+        tmp = catalog.fs.qualify(tmp)
         for name in ("state_dict.pt", "model.json"):
-            shutil.copy(os.path.join(export_dir, name), os.path.join(local_tmp, name))
+            storage.copy(storage.join(export_dir, name), storage.join(tmp, name))
         for name, text in {**inputs.files, "labels.json": json.dumps(labels)}.items():
-            with open(os.path.join(local_tmp, name), "w") as f:
-                f.write(text)
+            storage.write_text(storage.join(tmp, name), text)
 
     catalog.write(out_name, save, {"fingerprint": fp, "config_hash": cfg.stage_hash(stage),
                                    "result": asdict(result), "train_config": train_config})  # fmt: skip

@@ -11,8 +11,8 @@ and their settings) and the running SparkContext, and returns one `Finding` per 
 
 Local masters get the cheap checks only (no Spark job): their executors are the driver.
 On a cluster the checks cost one tiny job on one executor (a file written to the data
-root; sparkloom and torch imported; the checkpoint folder looked up) and a wait of at most
-`preflight.timeout_s` for executors to register.
+root; sparkloom and torch imported; a file beside the checkpoints read and written through
+pyarrow.fs) and a wait of at most `preflight.timeout_s` for executors to register.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from models import storage
 from pipelines.catalog import Catalog, local_path
 from pipelines.config import IMAGE_MODELS, TEXT_MODELS, Config
-from pipelines.deep import barrier_refusal, dynamic_allocation, local_dir, trained_section
+from pipelines.deep import barrier_refusal, dynamic_allocation, trained_section
 from pipelines.errors import SparkloomError
 from pipelines.secrets import mask
 
@@ -92,12 +93,17 @@ def run_preflight(spark: SparkSession, cfg: Config, stages: list[str]) -> list[F
     slots = _executors(spark, cfg, deep, local, findings)
     findings += _barrier(spark, cfg, deep, slots)
     findings.append(_data_root_from_driver(catalog))
-    shared = None  # the folder checkpoints go to, when it is a mounted path
+    shared = None  # a probe folder beside the checkpoints, when the driver could write it
     if deep:
         shared, finding = _checkpoints(catalog, deep)
         findings.append(finding)
-    if not local and slots:
-        findings += _from_an_executor(spark, cfg, catalog, deep, shared)
+    try:
+        if not local and slots:
+            findings += _from_an_executor(spark, cfg, catalog, deep, shared)
+    finally:
+        if shared is not None:
+            with contextlib.suppress(Exception):
+                storage.rmtree(shared)
     findings.append(_mlflow(cfg))
     return findings
 
@@ -251,21 +257,35 @@ def _data_root_from_driver(catalog: Catalog) -> Finding:
 
 
 def _checkpoints(catalog: Catalog, deep: list[str]) -> tuple[str | None, Finding]:
-    """(the folder the deep stages' work dirs are in, the finding): it must be a path."""
+    """(a probe folder beside the deep stages' work dirs, the finding): rank 0 writes
+    checkpoints and the exported model there through pyarrow.fs (models.storage), the
+    driver reads them back, so the driver must reach that filesystem the same way."""
+    work = catalog.uri(f"{deep[0]}_work")
+    folder = work.rstrip("/").rsplit("/", 1)[0]
+    shown = mask("data_root", folder)
+    probe = storage.join(folder, f"_preflight-{uuid.uuid4().hex[:8]}")
     try:
-        folder = os.path.dirname(local_dir(catalog.path(f"{deep[0]}_work")).rstrip("/"))
-    except SparkloomError as e:
-        return None, Finding("checkpoints", "not on a mounted filesystem", str(e))
-    return folder, Finding("checkpoints", f"{folder} (mounted path)")
+        storage.write_text(storage.join(probe, "driver"), "sparkloom preflight")
+        storage.read_text(storage.join(probe, "driver"))
+    except Exception as e:  # noqa: BLE001 - any failure is the finding
+        with contextlib.suppress(Exception):
+            storage.rmtree(probe)
+        return None, Finding(
+            "checkpoints", f"{shown}: not writable",
+            f"the deep stages' checkpoints at {shown} cannot be written through pyarrow.fs "
+            f"({_short(e)}): for hdfs:// the driver and executors need libhdfs (HADOOP_HOME, "
+            "CLASSPATH=$(hadoop classpath --glob)); for s3a:// AWS credentials in the "
+            "environment; or point pipeline.data_root at a folder this user can write",
+        )  # fmt: skip
+    return probe, Finding("checkpoints", f"{shown}: writable from the driver")
 
 
 def _from_an_executor(
     spark: SparkSession, cfg: Config, catalog: Catalog, deep: list[str], shared: str | None
 ) -> list[Finding]:
-    """One task on one executor: import sparkloom and torch, look up the checkpoint folder the
-    driver sees (`shared`), count CUDA devices; and a one-row write to the data root."""
-    if shared is not None:
-        os.makedirs(shared, exist_ok=True)
+    """One task on one executor: import sparkloom and torch, read the file the driver wrote
+    beside the checkpoints (`shared`) and write one back, count CUDA devices; and a one-row
+    write to the data root."""
     report = _probe(spark, shared)
     out = []
     if "error" in report:
@@ -294,13 +314,17 @@ def _from_an_executor(
             )
         out.append(Finding("code on executors", found, problem))
         if shared is not None:
-            seen = report.get("shared") == "yes"
+            seen = report.get("shared") == "yes" and storage.exists(
+                storage.join(shared, "executor")
+            )
+            shown = mask("data_root", shared.rsplit("/", 1)[0])
             out.append(Finding(
-                "checkpoints from executors", f"{shared}: {'visible' if seen else 'not visible'}",
+                "checkpoints from executors", f"{shown}: {'shared' if seen else 'not shared'}",
                 None if seen else
-                f"the executors do not see the driver's folder {shared} (a disk of their own): "
-                "rank 0 writes checkpoints and the exported model there, so set "
-                "pipeline.data_root to a path every node mounts (NFS, /dbfs, a FUSE mount)",
+                f"an executor cannot read and write the driver's checkpoint folder {shown} "
+                f"({report.get('shared', 'no')}): rank 0 writes checkpoints and the exported "
+                "model there and the driver reads them, so set pipeline.data_root to one "
+                "filesystem for every node (hdfs://, s3a://, or a path all of them mount)",
             ))  # fmt: skip
         uses_gpu = any(_distributor(cfg, s).use_gpu for s in deep)
         if uses_gpu and report.get("cuda") == "0":
@@ -333,7 +357,14 @@ def _probe(spark: SparkSession, shared: str | None) -> dict[str, str]:
         except Exception as e:  # noqa: BLE001 - reported to the driver
             row["error"] = f"{type(e).__name__}: {e}"
         if shared is not None:
-            row["shared"] = "yes" if os.path.isdir(shared) else "no"
+            try:
+                from models import storage
+
+                storage.read_text(storage.join(shared, "driver"))
+                storage.write_text(storage.join(shared, "executor"), "sparkloom preflight")
+                row["shared"] = "yes"
+            except Exception as e:  # noqa: BLE001 - reported to the driver
+                row["shared"] = f"{type(e).__name__}: {e}"[:300]
         for _ in batches:
             pass
         yield pd.DataFrame({"key": list(row), "value": list(row.values())})

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog, fingerprint, local_path
+from models import storage
+from pipelines.catalog import Catalog, fingerprint
 from pipelines.config import IMAGE_MODELS, Config, stage_output
 from pipelines.report import classification_metrics
 
@@ -115,12 +116,13 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
                "measured": metrics}  # fmt: skip
 
     def save(tmp: str) -> None:
-        local = local_path(catalog.fs.qualify(tmp))
-        shutil.copytree(model_dir, local, ignore=shutil.ignore_patterns("_manifest.json"))
-        with open(os.path.join(local, "quantization.json"), "w") as f:
-            json.dump(written, f, indent=2)
-        if how["method"] == "static":
-            torch.save(int8_model.state_dict(), os.path.join(local, INT8_WEIGHTS))
+        with storage.staged(catalog.fs.qualify(tmp)) as local:  # uploaded when remote
+            shutil.copytree(model_dir, local, ignore=shutil.ignore_patterns("_manifest.json"),
+                            dirs_exist_ok=True)  # fmt: skip
+            with open(os.path.join(local, "quantization.json"), "w") as f:
+                json.dump(written, f, indent=2)
+            if how["method"] == "static":
+                torch.save(int8_model.state_dict(), os.path.join(local, INT8_WEIGHTS))
 
     catalog.write(out, save, {"fingerprint": fp, "result": {**asdict(result)} | {"skipped": False}})
     return result

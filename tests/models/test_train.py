@@ -96,6 +96,44 @@ def test_resume_after_a_failure_matches_the_uninterrupted_run(tmp_path, monkeypa
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_checkpoints_status_and_export_on_a_remote_filesystem_resume_bit_identical(
+    tmp_path, monkeypatch
+):
+    """Everything a rank writes goes through models.storage (pyarrow.fs): here an in-memory
+    filesystem stands in for hdfs:// or s3://; nothing is written to the local checkpoint dir,
+    and a run that fails resumes from the remote checkpoint to the same weights."""
+    from models import storage
+
+    clean = train_fn(config(tmp_path / "clean"))
+    root = f"memory://{tmp_path.name}"
+    storage.copy_tree(str(tmp_path / "clean" / "data"), f"{root}/data")
+
+    def remote(**over):
+        cfg = config(tmp_path / "clean", **over)
+        for split in ("train", "validation", "test"):
+            cfg["data"][split] = f"{root}/data/{split}"
+        cfg["checkpoint"] = {"dir": f"{root}/ckpt", "every_steps": 3}
+        cfg["status_dir"] = f"{root}/status"
+        return cfg
+
+    monkeypatch.setenv("SPARKLOOM_FAULT", "rank=0,step=11,mode=raise")
+    with pytest.raises(RuntimeError, match="injected fault on rank 0 at step 11"):
+        train_fn(remote())
+    monkeypatch.delenv("SPARKLOOM_FAULT")
+    assert storage.read_text(f"{root}/ckpt/latest") == "step-000000009.pt"
+    assert "injected fault" in storage.read_text(f"{root}/status/rank-0.error")
+    resumed = train_fn(remote())
+    assert resumed["resumed_from"] == {"path": f"{root}/ckpt/step-000000009.pt", "epoch": 1,
+                                       "step": 9}  # fmt: skip
+    assert resumed["export_dir"] == f"{root}/ckpt/export"
+    assert storage.listdir(f"{root}/ckpt/export") == ["model.json", "state_dict.pt"]
+    assert storage.exists(f"{root}/status/rank-0.done")
+    assert resumed["metrics"] == pytest.approx(clean["metrics"], abs=1e-6)
+    a = load_exported(clean["export_dir"], "lstm").state_dict()
+    b = load_exported(resumed["export_dir"], "lstm").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_runs_without_pyspark_installed(tmp_path):
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(config(tmp_path, epochs=1)))

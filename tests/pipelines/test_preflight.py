@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipelines.deep import barrier_refusal
-from pipelines.preflight import PreflightError, require
+from pipelines.preflight import PreflightError, require, run_preflight
 from tests.conftest import make_config
 
 TEXT_STAGES = ["ingest", "features", "baseline", "lstm"]
@@ -82,7 +82,11 @@ def test_every_problem_is_counted_and_the_first_is_the_line(spark, tmp_path):
     with pytest.raises(PreflightError) as e:
         require(spark, cfg, ["lstm"])
     assert str(e.value).startswith("preflight: 'lstm' trains 4 ranks")
-    assert str(e.value).endswith("(and 1 more: see the preflight table)")
+    # the data root, and the checkpoints beside it (written through pyarrow.fs), are not writable
+    assert str(e.value).endswith("(and 2 more: see the preflight table)")
+    found = {f.check: f for f in run_preflight(spark, cfg, ["lstm"])}
+    assert found["checkpoints"].problem.startswith("the deep stages' checkpoints at ")
+    assert "cannot be written through pyarrow.fs" in found["checkpoints"].problem
 
 
 def test_barrier_stages_are_refused_under_dynamic_allocation_on_a_cluster_only():
