@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -202,7 +204,9 @@ class Cluster:
 
 @pytest.fixture
 def standalone_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """One master and ONE worker (2 cores, 4g) from pyspark's own jars."""
+    """One master and ONE worker from pyspark's own jars: 2 cores and 10g to give, so the
+    documented 4g executors of one core fit twice (a worker's memory is a quota: the JVMs
+    take from this machine only what they use)."""
     from pyspark.find_spark_home import _find_spark_home
 
     spark_class = str(Path(_find_spark_home()) / "bin" / "spark-class")
@@ -224,7 +228,7 @@ def standalone_cluster(tmp_path: Path) -> Iterator[Cluster]:
         ], logs / "master.log", env, tmp_path))  # fmt: skip
         services.append(Service.start("worker", [
             spark_class, "org.apache.spark.deploy.worker.Worker", url,
-            "--cores", "2", "--memory", "4g", "--host", "127.0.0.1",
+            "--cores", "2", "--memory", "10g", "--host", "127.0.0.1",
             "--webui-port", str(worker_ui_port), "--work-dir", str(work),
         ], logs / "worker.log", env, tmp_path))  # fmt: skip
         cluster = Cluster(url, ui, work, python, services)
@@ -255,41 +259,75 @@ def submit(cluster: Cluster, tmp_path: Path, bundle: Path, args: list[str],
     return p
 
 
+def documented_command() -> list[list[str]]:
+    """The commands of docs/cluster.md's first bash block, each as its argv."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
 @pytest.mark.slow
-def test_pipeline_trains_the_lstm_on_a_standalone_cluster(tmp_path, standalone_cluster):
-    """spark-submit --master spark://... runs every stage; the LSTM's 2 ranks are a barrier
-    stage on the cluster's 2 one-core executors, and the code reaches them only through
-    --py-files."""
+def test_the_documented_cluster_command_trains_the_lstm(
+    tmp_path, standalone_cluster, mlflow_server
+):
+    """docs/cluster.md's spark-submit line, as written (cluster.yaml layered, 4g executors of
+    one core, --py-files, the nodes' Python, a URI data root, an MLflow server), with only
+    its hosts and paths replaced: ingest -> features -> baseline -> lstm; the LSTM's 2 ranks
+    are a barrier stage on the worker's 2 one-core executors, the code reaches them only
+    through --py-files, and rank 0 writes its checkpoints through the data root's URI."""
     cluster = standalone_cluster
-    conf = tiny_conf(tmp_path, ["ingest", "features", "baseline", "lstm"],
-                     spark={"app_name": "sparkloom-cluster-test"})  # fmt: skip
-    bundle = build_bundle(tmp_path)
-    # two 1-core executors fill the 2-core worker: one barrier task (one rank) each
-    executors = ["--conf", "spark.executor.cores=1", "--conf", "spark.executor.memory=1g"]
-    p = submit(cluster, tmp_path, bundle, [
-        *executors, str(ROOT / "jobs" / "submit.py"), "run", "--conf", str(conf), "--conf", str(CLUSTER_YAML),
-        "spark.conf.spark.sql.shuffle.partitions=2",  # cluster.yaml's 200 is for real data
-    ])  # fmt: skip
+    make, submit_cmd = documented_command()
+    assert make == ["make", "dist"]
+    conf = tiny_conf(tmp_path, ["ingest", "features", "baseline", "lstm"])
+    bundle = build_bundle(tmp_path)  # what make dist writes as dist/sparkloom.zip
+    data_root = f"file://{tmp_path / 'data'}"
+    replace = {
+        "spark://master:7077": cluster.url,
+        "dist/sparkloom.zip": str(bundle),
+        "spark.pyspark.python=/opt/envs/sparkloom/bin/python": f"spark.pyspark.python={cluster.python}",
+        "jobs/submit.py": str(ROOT / "jobs" / "submit.py"),
+        "conf/text_classification.yaml": str(conf),  # BBC News is the demo's; tests make their data
+        "conf/spark/cluster.yaml": str(CLUSTER_YAML),
+        "pipeline.data_root=hdfs:///sparkloom": f"pipeline.data_root={data_root}",
+        "mlflow.tracking_uri=http://mlflow:5000": f"mlflow.tracking_uri={mlflow_server}",
+    }  # fmt: skip
+    for placeholder in replace:
+        assert placeholder in submit_cmd, f"docs/cluster.md no longer has {placeholder}"
+    assert submit_cmd[0] == "spark-submit"
+    argv = [str(BIN / "spark-submit"), "--conf", "spark.driver.host=127.0.0.1",  # loopback
+            *(replace.get(a, a) for a in submit_cmd[1:]),
+            "spark.app_name=sparkloom-cluster-test",
+            "spark.conf.spark.sql.shuffle.partitions=2",  # cluster.yaml's 200 is for real data
+            ]  # fmt: skip
+    python = str(cluster.python)
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": SITE,
+           "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python}  # fmt: skip
+    p = run_logged(argv, env, tmp_path)
+    (tmp_path / "spark-submit.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     errors = [ln for ln in p.stdout.splitlines() if "Error" in ln or "error:" in ln]
     assert p.returncode == 0, "\n".join([*errors[:20], p.stdout[-3000:]])
     assert "45 rows in = 45 out" in p.stdout
-    # the preflight ran first, found the executors, and saw that the config's 8g driver
-    # memory (defaults.yaml) did nothing under spark-submit
-    assert "preflight: spark.driver.memory=8g from the config had no effect" in p.stdout
+    # the preflight ran first: two executors, the checkpoints shared with them
     assert p.stdout.index("preflight (") < p.stdout.index("[ingest] started")
+    assert re.search(r"checkpoints from executors +ok +file:\S+: shared", p.stdout), p.stdout[:3000]
+    assert "preflight: spark.driver.memory" not in p.stdout  # --driver-memory sized the JVM
 
     data = tmp_path / "data" / "tiny"
     for stage, dataset in STAGE_DATASETS.items():
         assert (data / dataset / "_manifest.json").is_file(), f"{stage}: no {dataset} manifest"
+    (checkpoints,) = (data / "lstm_work").glob("*/checkpoints")
+    assert (checkpoints / "latest").is_file() and list(checkpoints.glob("step-*.pt"))
 
     from mlflow.tracking import MlflowClient
 
-    parent, children = stage_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), "tiny")
+    parent, children = stage_runs(MlflowClient(mlflow_server), "tiny")
     assert parent.info.status == "FINISHED"
     statuses = {s: r.info.status for s, r in children.items()}
     assert statuses == dict.fromkeys(STAGE_DATASETS, "FINISHED")
     lstm = children["lstm"].data.metrics
     assert lstm["world_size"] == 2 and "test_accuracy" in lstm
+    # the server's proxied artifact store holds the models
+    assert list((tmp_path / "artifacts").rglob("MLmodel"))
 
     # The application ran on this cluster and ended cleanly (SparkContext.stop).
     def finished() -> bool:
@@ -310,9 +348,9 @@ def test_pipeline_trains_the_lstm_on_a_standalone_cluster(tmp_path, standalone_c
     # batch scoring through the same entry point, on the cluster, with the logged baseline
     model = f"runs:/{children['baseline'].info.run_id}/model"
     scored = submit(cluster, tmp_path, bundle, [
-        *executors, str(ROOT / "jobs" / "submit.py"), "score", "--model", model,
+        "--conf", "spark.executor.cores=1", str(ROOT / "jobs" / "submit.py"), "score", "--model", model,
         "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "scores"),
-        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--tracking-uri", mlflow_server,
     ])  # fmt: skip
     assert scored.returncode == 0, scored.stdout[-3000:]
     assert f"scored 45 rows with {model} (baseline)" in scored.stdout
