@@ -199,3 +199,28 @@ def test_a_file_spark_fails_to_read_is_one_line_naming_it_and_exit_3(tmp_path):
     assert not [
         ln for ln in p.stderr.splitlines() if ln.lstrip().startswith("at ")
     ]  # no JVM frames
+
+
+@pytest.mark.slow
+def test_a_second_process_training_the_lstm_reuses_its_converter_cache(tmp_path):
+    """The cache key is what decides the rows (the canonical plan, the input files, the
+    stage's settings), not a per-session hash: `--force` in a new process retrains from the
+    same Parquet files and writes none."""
+    conf = tiny_conf(tmp_path)
+    write_jsonl(tmp_path / "docs.jsonl", make_docs(20))  # every split has a row per rank
+    lstm = ("lstm.model.embed_dim=8", "lstm.model.hidden_dim=8", "lstm.training.epochs=1",
+            "lstm.training.batch_size=8", "features.sequence.max_length=16")  # fmt: skip
+    first = sparkloom("run", "--conf", str(conf), "pipeline.stages=[ingest,features,lstm]",
+                      *lstm, cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    cache = tmp_path / "data" / "tiny" / "converter_cache"
+    entries = sorted(p.name for p in cache.iterdir())
+    wrote = first.stderr.count("converter: wrote")
+    assert wrote == len(entries) == 3  # train, validation, test
+    assert "converter: reusing" not in first.stderr
+
+    second = sparkloom("lstm", "--conf", str(conf), "--force", *lstm, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("converter: reusing the cache at") == 3
+    assert "converter: wrote" not in second.stderr
+    assert sorted(p.name for p in cache.iterdir()) == entries
