@@ -57,6 +57,11 @@ def resolve(url: str) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def shown(url: str) -> str:
+    """How to print `url` for a person: a plain path when local (so `ls` takes it)."""
+    return resolve(url)[1] if is_local(url) else url
+
+
 def join(url: str, *parts: str) -> str:
     if is_local(url) and not url.startswith("file:"):
         return os.path.join(url, *parts)

@@ -322,7 +322,7 @@ def explain_failure(status_dir: str, world_size: int, error: Exception) -> tuple
         culprit = f"TorchDistributor failed: {first}"
     others = sorted(set(raised) - set(own)) if (silent or own) else []
     lost = f"; ranks {others} then lost their peer" if others else ""
-    return f"training failed: {culprit}{lost} (status files in {status_dir})", tail
+    return f"training failed: {culprit}{lost} (status files in {storage.shown(status_dir)})", tail
 
 
 def write_splits(
@@ -742,7 +742,7 @@ def run_deep(
     if inputs.init:
         train_config["model"]["init"] = inputs.init
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
-             stage, dc.num_processes, dc.local_mode, checkpoint_dir)  # fmt: skip
+             stage, dc.num_processes, dc.local_mode, storage.shown(checkpoint_dir))  # fmt: skip
     out = launch(spark, train_config, dc)
     result = DeepResult(
         model=arch,
