@@ -391,7 +391,11 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     # still running meets the torn-down context first (a Java answer, an NPE or
     # IllegalStateException that says nothing of memory) or a cut connection to a JVM
     # that no longer answers; one that answers is alive and not waited on
-    gone = (cut or isinstance(e, Py4JJavaError)) and _context_stopped()
+    # A connection to the gateway refused or cut is a JVM exiting even while a pooled
+    # connection still answers "not stopped" (System.exit's shutdown hooks are running)
+    gone = (cut and _raised_in_py4j(e)) or (
+        (cut or isinstance(e, Py4JJavaError)) and _context_stopped()
+    )
     code = _jvm_exit_code() if said or gone else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
         return _out_of_memory(stage, "java.lang.OutOfMemoryError in a task; the JVM exited", cfg)
@@ -403,6 +407,21 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
             "spark.conf.spark.driver.memory, and rerun with --verbose for the JVM's log"
         )
     return None
+
+
+def _raised_in_py4j(e: BaseException) -> bool:
+    """Whether `e` (or what it was raised from) came out of Py4J's client: a socket error
+    there is the gateway, not some other server."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            if f"{os.sep}py4j{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _context_stopped() -> bool:

@@ -232,3 +232,25 @@ def test_only_a_jvm_failure_is_reported_as_one(spark):
     refused = ConnectionRefusedError(111, "Connection refused")
     assert jvm_failure(refused, "baseline", cfg) is None
     assert time.perf_counter() - started < JVM_EXIT_WAIT_S / 2  # not waited on for an exit
+
+
+def test_a_refused_connection_is_the_gateway_only_when_py4j_raised_it():
+    """A JVM that is exiting after a task's OutOfMemoryError refuses Py4J's next connection
+    while a pooled one still says the context is not stopped: the py4j frame decides."""
+    from pipelines.spark import _raised_in_py4j
+
+    def raise_in(filename: str) -> BaseException:
+        code = compile("raise ConnectionRefusedError(111, 'Connection refused')", filename, "exec")
+        try:
+            exec(code)
+        except ConnectionRefusedError as e:
+            return e
+        raise AssertionError("did not raise")
+
+    gateway = raise_in("/venv/lib/python3.11/site-packages/py4j/clientserver.py")
+    assert _raised_in_py4j(gateway)
+    try:  # what MLlib's fit re-raises from the gateway's error
+        raise RuntimeError("fit failed") from gateway
+    except RuntimeError as wrapped:
+        assert _raised_in_py4j(wrapped)
+    assert not _raised_in_py4j(raise_in("/venv/lib/python3.11/site-packages/urllib3/connection.py"))
