@@ -8,8 +8,8 @@ import logging
 import sys
 import traceback
 
-STAGE_COMMANDS = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet",
-                  "bert_pretrain", "bert", "distill", "gpt2", "quantize", "register")  # fmt: skip
+from pipelines.stages import STAGE_COMMANDS  # imports nothing heavy: --help stays fast
+
 log = logging.getLogger("sparkloom")
 
 

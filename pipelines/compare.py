@@ -20,10 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.errors import DataError
+from pipelines.stages import CLASSIFIERS, LANGUAGE_MODELS, names
 
-NOT_MODELS = ("ingest", "features", "register")  # stage runs that train no model
-LANGUAGE_MODELS = ("bert_pretrain", "gpt2")  # bert_pretrain's test_accuracy is NSP: no classifier
-CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize")
+# stage runs that train no model (a score run's metrics are a registered model's on a split)
+NOT_MODELS = (*names(kind="data"), "register")
 CURVES = ("epoch_val_loss", "epoch_val_accuracy")
 _PAGE_SIZE = 1000  # MLflow's maximum per search_runs call; a module constant so tests can page
 

@@ -21,39 +21,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
+from pipelines.stages import (
+    CLASSIFIERS,
+    DEPENDS,
+    IMAGE_MODELS,
+    SPECS,
+    STAGES,
+    STATIC_INT8,
+    TEXT_MODELS,
+)  # fmt: skip
 
-STAGES = ("ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain",
-          "bert", "distill", "gpt2", "quantize", "register", "score", "compare")  # fmt: skip
-# register candidates
-CLASSIFIERS = ("baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize")
-TEXT_MODELS = ("lstm", "textcnn", "bert_pretrain", "bert", "distill", "gpt2")  # text stages
-IMAGE_MODELS = ("cnn", "alexnet")  # train on the decoded images of the ingest stage
-STATIC_INT8 = (*IMAGE_MODELS, "textcnn")  # quantize.method=static: the CNNs (models.quantize)
 IMAGE_FORMATS = ("image_dirs", "idx", "image_parquet")
-# which sections decide a stage's output (its own and those upstream of it)
-DEPENDS = {
-    "ingest": ("ingest",),
-    "features": ("ingest", "features"),
-    "baseline": ("ingest", "features", "baseline"),
-    "lstm": ("ingest", "features", "lstm"),
-    "textcnn": ("ingest", "features", "textcnn"),
-    "cnn": ("ingest", "cnn"),
-    "alexnet": ("ingest", "alexnet"),
-    "bert_pretrain": ("ingest", "bert_pretrain"),
-    "bert": ("ingest", "bert_pretrain", "bert"),
-    "gpt2": ("ingest", "gpt2"),
-    # the student's own section, and everything the teacher came from (its model's
-    # fingerprint joins in the stage)
-    "distill": ("ingest", "features", "distill", "lstm", "textcnn", "bert_pretrain", "bert"),
-    "quantize": ("quantize",),  # and the source model (its fingerprint, in the stage)
-    "register": ("register",),
-    "score": ("ingest", "score"),  # and the model the alias names (in the stage's fingerprint)
-    "compare": (),
-}
-Stage = Literal[
-    "ingest", "features", "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert_pretrain", "bert",
-    "distill", "gpt2", "quantize", "register", "score", "compare",
-]  # fmt: skip
+Stage = Literal[STAGES]  # type: ignore[valid-type]  # the names REGISTRY declares
 STOPWORD_LANGUAGES = (
     "danish", "dutch", "english", "finnish", "french", "german", "hungarian", "italian",
     "norwegian", "portuguese", "russian", "spanish", "swedish", "turkish",
@@ -719,14 +698,10 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 def stage_output(cfg: Config, stage: str) -> str | None:
-    """The catalog dataset a stage writes, if any: <stage>_model for the trained models,
-    <source>_int8 for quantize."""
-    if stage == "quantize":
-        return f"{cfg.quantize.source}_int8"
-    named = {"ingest": "ingested", "features": "features", "score": "scores"}
-    if stage in named:
-        return named[stage]
-    return None if stage in ("register", "compare") else f"{stage}_model"
+    """The catalog dataset a stage writes, if any (pipelines.stages declares it): <stage>_model
+    for the trained models, <source>_int8 for quantize."""
+    output = SPECS[stage].output
+    return None if output is None else output.format(name=stage, source=cfg.quantize.source)
 
 
 class Config(Section):
@@ -760,7 +735,7 @@ class Config(Section):
                     f"stages {wrong} do not fit ingest.format={self.ingest.format} ({kind} data); "
                     f"use {list(TEXT_MODELS if kind == 'text' else IMAGE_MODELS)} for {kind}"
                 )
-        deep = [s for s in stages if s in ("lstm", "textcnn", "distill")]
+        deep = [s for s in stages if SPECS[s].token_ids]
         if deep and not self.features.sequence.enabled:
             raise ValueError(
                 f"stages {deep} train on token ids; set features.sequence.enabled=true"

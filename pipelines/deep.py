@@ -30,10 +30,11 @@ from models import storage
 from models.masking import IGNORE_INDEX
 from pipelines import lm, subword
 from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import IMAGE_MODELS, Config, DistributorConfig, TrainingConfig
+from pipelines.config import Config, DistributorConfig, TrainingConfig
 from pipelines.converter import make_spark_converter
 from pipelines.errors import ConfigError, DataError, SparkloomError, Terminated, exception_text
 from pipelines.spark import terminating
+from pipelines.stages import IMAGE_MODELS
 from pipelines.text import load_vocabulary
 
 log = logging.getLogger(__name__)

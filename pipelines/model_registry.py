@@ -23,8 +23,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.catalog import Catalog
-from pipelines.config import CLASSIFIERS, Config, stage_output
+from pipelines.config import Config, stage_output
 from pipelines.errors import DataError
+from pipelines.stages import CLASSIFIERS
 from pipelines.tracking import making_run
 
 log = logging.getLogger(__name__)

@@ -31,14 +31,14 @@ from pyspark.sql import SparkSession
 
 from models import storage
 from pipelines.catalog import Catalog, local_path
-from pipelines.config import IMAGE_MODELS, TEXT_MODELS, Config
+from pipelines.config import Config
 from pipelines.deep import barrier_refusal, dynamic_allocation, trained_section
 from pipelines.errors import SparkloomError
 from pipelines.secrets import mask
+from pipelines.stages import DEEP_STAGES
 
 log = logging.getLogger(__name__)
 
-DEEP_STAGES = (*TEXT_MODELS, *IMAGE_MODELS)
 SETTLE_S = 5.0  # executors whose count has not changed for this long are all there will be
 
 

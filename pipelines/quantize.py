@@ -24,8 +24,9 @@ from pyspark.sql import functions as F
 
 from models import storage
 from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import IMAGE_MODELS, Config, stage_output
+from pipelines.config import Config, stage_output
 from pipelines.report import classification_metrics
+from pipelines.stages import IMAGE_MODELS
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pipelines import tracking
 from pipelines.baseline import BaselineResult, run_baseline
 from pipelines.catalog import Catalog
-from pipelines.config import IMAGE_MODELS, Config, flatten, stage_output
+from pipelines.config import Config, flatten, stage_output
 from pipelines.deep import DeepResult, run_deep, student_and_teacher
 from pipelines.errors import SparkloomError, Terminated, exception_text
 from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
@@ -31,6 +31,7 @@ from pipelines.report import (
 )
 from pipelines.scoring import ScoreStageResult, run_score
 from pipelines.spark import jvm_failure, terminating
+from pipelines.stages import DEEP_STAGES, IMAGE_MODELS
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -368,14 +369,7 @@ _STAGES = {
     "ingest": _ingest,
     "features": _features,
     "baseline": _baseline,
-    "lstm": _deep("lstm"),
-    "textcnn": _deep("textcnn"),
-    "cnn": _deep("cnn"),
-    "alexnet": _deep("alexnet"),
-    "bert_pretrain": _deep("bert_pretrain"),
-    "bert": _deep("bert"),
-    "distill": _deep("distill"),
-    "gpt2": _deep("gpt2"),
+    **{stage: _deep(stage) for stage in DEEP_STAGES},
     "quantize": _quantize,
     "register": _register,
     "score": _score,

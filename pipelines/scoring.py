@@ -32,12 +32,10 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import IMAGE_FORMATS, IMAGE_MODELS, ImageConfig
+from pipelines.config import IMAGE_FORMATS, ImageConfig
 from pipelines.errors import DataError
 from pipelines.spark import ship_files, write_with_quarantine
-
-TEXT_TORCH = ("lstm", "textcnn", "bert")
-SCORABLE = ("baseline", *TEXT_TORCH, *IMAGE_MODELS, "quantize", "distill")
+from pipelines.stages import CLASSIFIERS
 
 
 @dataclass
@@ -94,10 +92,10 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     run_id = run_id_of(model_uri)
     run = client.get_run(run_id)
     stage = run.data.tags.get("sparkloom.stage")
-    if stage not in SCORABLE:
+    if stage not in CLASSIFIERS:
         raise DataError(
             f"run {run_id} was made by stage '{stage}'; batch scoring takes the classifiers "
-            f"{', '.join(SCORABLE)}"
+            f"{', '.join(CLASSIFIERS)}"
         )
     parent = run.data.tags.get("mlflow.parentRunId")
     if not parent:
