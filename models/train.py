@@ -357,17 +357,30 @@ def rng_state() -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
         "python": json.dumps(random.getstate()),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy": _numpy_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state() -> dict[str, Any]:
+    """numpy's global generator as what weights-only loading takes (tensors and numbers)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
+    saved = state.get("numpy")
+    if isinstance(saved, dict):
+        keys = saved["keys"].numpy().astype(np.uint32)
+        np.random.set_state(("MT19937", keys, saved["pos"], saved["has_gauss"], saved["gauss"]))
+    elif saved is not None:  # checkpoints before the position was saved: the key alone
+        np.random.set_state(("MT19937", saved.numpy().astype(np.uint32), 624, 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

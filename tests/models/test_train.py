@@ -181,3 +181,25 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert out["world_size"] == 2
     assert out["global_step"] == 4 * 4  # 120 rows / 2 ranks / 16 per batch = 4 steps per epoch
     assert out["metrics"]["test_accuracy"] >= 0.8
+
+
+def test_a_saved_rng_state_restores_torch_python_and_numpy_draws(tmp_path):
+    """Resume draws what the uninterrupted run would have drawn next, numpy included (its
+    position and cached Gaussian too), through a weights-only checkpoint file."""
+    import random
+
+    from models import storage
+    from models.train import rng_state, set_rng_state
+    from models.weights import load_weights
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    np.random.standard_normal(3)  # leave a cached Gaussian and a mid-block position
+    storage.torch_save({"rng": rng_state()}, str(tmp_path / "state.pt"))
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), np.random.standard_normal(3).tolist()
+
+    expected = draws()
+    draws()  # move every generator on, as the rest of an interrupted run would
+    set_rng_state(load_weights(str(tmp_path / "state.pt"))["rng"])
+    assert draws() == expected
