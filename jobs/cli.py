@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 
-from pipelines.stages import STAGE_COMMANDS  # imports nothing heavy: --help stays fast
+from pipelines.stages import STAGE_COMMANDS, names  # imports nothing heavy: --help stays fast
 
 log = logging.getLogger("sparkloom")
 
@@ -194,7 +194,7 @@ def _print_outcome(cfg, outcome) -> None:
     print()
     for stage, result in outcome.results.items():
         print(f"{stage:>9}: {result.summary()}{' [skipped: up to date]' if result.skipped else ''}")
-    for stage in ("lstm", "textcnn", "cnn", "alexnet", "bert"):
+    for stage in names(kind="classifier", torch=True):  # the distilled student too
         deep = outcome.results.get(stage)
         if deep is not None and "test" in deep.confusion:
             print()
