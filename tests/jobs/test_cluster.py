@@ -298,6 +298,7 @@ def test_the_documented_cluster_command_trains_the_lstm(
             *(replace.get(a, a) for a in submit_cmd[1:]),
             "spark.app_name=sparkloom-cluster-test",
             "spark.conf.spark.sql.shuffle.partitions=2",  # cluster.yaml's 200 is for real data
+            "preflight.timeout_s=180",  # two 4g executor JVMs starting while CI's other worker runs
             ]  # fmt: skip
     python = str(cluster.python)
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": SITE,
@@ -305,7 +306,9 @@ def test_the_documented_cluster_command_trains_the_lstm(
     p = run_logged(argv, env, tmp_path)
     (tmp_path / "spark-submit.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
     errors = [ln for ln in p.stdout.splitlines() if "Error" in ln or "error:" in ln]
-    assert p.returncode == 0, "\n".join([*errors[:20], p.stdout[-3000:]])
+    # on failure, what the worker saw of its executors (a launch that failed under load)
+    nodes = "\n".join(tail(s.log) for s in cluster.services)
+    assert p.returncode == 0, "\n".join([*errors[:20], p.stdout[-3000:], nodes])
     assert "45 rows in = 45 out" in p.stdout
     # the preflight ran first: two executors, the checkpoints shared with them
     assert p.stdout.index("preflight (") < p.stdout.index("[ingest] started")
