@@ -159,7 +159,7 @@ def _executors(
             ))  # fmt: skip
             return 0
         slots = _slots(jsc)
-        executors = max(0, jsc.getExecutorMemoryStatus().size() - (0 if local else 1))
+        executors = _registered(jsc, local)
         now = time.monotonic()
         if executors != last:
             last, since = executors, now
@@ -188,6 +188,18 @@ def _executors(
         "executors", f"{executors} ({memory} each, cores: {cores}), {slots} task slots"
     ))  # fmt: skip
     return slots
+
+
+def _registered(jsc: Any, local: bool) -> int:
+    """Executors the scheduler has registered: the same source as the task slots. (The block
+    managers, which getExecutorMemoryStatus counts, register a moment later: counting those,
+    two executors that had given their slots still read as none.)"""
+    if local:
+        return 1
+    with contextlib.suppress(Exception):
+        if n := int(jsc.getExecutorIds().size()):  # empty where not an allocation client
+            return n
+    return max(0, jsc.getExecutorMemoryStatus().size() - 1)
 
 
 def wait_for_slots(spark: SparkSession, need: int, timeout_s: float) -> int:

@@ -175,7 +175,7 @@ def test_generate_with_a_broken_model_folder_is_one_line_not_a_traceback(tmp_pat
 def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_follows(
     spark, tmp_path
 ):
-    """An MLlib fit whose coefficients cannot fit a 512 MB driver: 20 classes x ~150k
+    """An MLlib fit whose coefficients cannot fit a 512 MB driver: 100 classes x ~90k
     used hashed features of random words. The last line of stderr names the fix."""
     import numpy as np
 
@@ -186,7 +186,7 @@ def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_foll
 
     rng = np.random.default_rng(0)
     vocab = np.array([f"w{i}x" for i in range(300_000)])
-    docs = [{"id": f"d{i}", "label": f"c{i % 20}", "text": " ".join(rng.choice(vocab, 60))}
+    docs = [{"id": f"d{i}", "label": f"c{i % 100}", "text": " ".join(rng.choice(vocab, 60))}
             for i in range(3000)]  # fmt: skip
     write_jsonl(tmp_path / "in.jsonl", docs)
     cfg = make_config(
