@@ -77,7 +77,7 @@ def one_size(n: int, seed: int) -> dict:
         t0 = time.perf_counter()
         run_features(spark, cfg, catalog)
         features_s = time.perf_counter() - t0
-        result, _ = run_baseline(spark, cfg, catalog)
+        result = run_baseline(spark, cfg, catalog)
         total_s = time.perf_counter() - t0
         heap = watch.stop()
         blas = blas_in_use(spark)[0].rsplit(".", 1)[-1]

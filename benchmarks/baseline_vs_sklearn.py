@@ -108,7 +108,7 @@ def sparkloom_side(cfg, spark) -> dict:
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     t0 = time.perf_counter()
     run_features(spark, cfg, catalog, force=True)
-    result, _ = run_baseline(spark, cfg, catalog, force=True)
+    result = run_baseline(spark, cfg, catalog, force=True)
     seconds = time.perf_counter() - t0
     heap = watch.stop()
     test = result.metrics["test"]

@@ -1,23 +1,29 @@
-"""`sparkloom <stage> --conf FILE [key.sub=value ...]`: parse, load config, run, clean up.
-`sparkloom generate --model ... --prompt ...`: sample from a trained GPT-2 (jobs/generate.py)."""
+"""`sparkloom COMMAND ...`: the pipeline, its stages, and the commands around the models.
+
+  sparkloom run conf/pipelines/NAME.yaml [key.sub=value ...]   pipeline.stages, in order
+  sparkloom preflight --conf FILE        can Spark, the data root and MLflow run them?
+  sparkloom STAGE --conf FILE            one stage: ingest, features, baseline, lstm, ...
+  sparkloom stage NAME --conf FILE       any stage by name, `score` and `compare` included
+  sparkloom score | compare | generate   batch scoring, an experiment's comparison, GPT-2 text
+
+`sparkloom COMMAND --help` gives each one's options. Every command shares one runtime
+(jobs/runtime.py): its logging, exit codes and Spark teardown.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
-import traceback
 
-from pipelines.stages import STAGE_COMMANDS, names  # imports nothing heavy: --help stays fast
+from jobs.runtime import Session, execute
+from pipelines.stages import STAGE_COMMANDS, STAGES, names  # nothing heavy: --help stays fast
 
-log = logging.getLogger("sparkloom")
+# the commands that are not the pipeline's: each module has add_arguments, check and main
+MODEL_COMMANDS = {"score": "jobs.score", "compare": "jobs.compare", "generate": "jobs.generate"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparkloom", description=__doc__)
-    p.add_argument("command", choices=[*STAGE_COMMANDS, "run", "preflight"],
-                   help="one stage, 'run' for the pipeline's stages in order, or 'preflight' to "
-                        "check that Spark, the data root and MLflow can run them")  # fmt: skip
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
                    help="YAML config; repeat to layer files (later wins); `sparkloom run "
                         "conf/pipelines/NAME.yaml` takes the pipeline file directly")  # fmt: skip
@@ -26,16 +32,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run: start at this stage of pipeline.stages (earlier ones must be done)")  # fmt: skip
     p.add_argument("--only", action="append", default=[], metavar="STAGE",
                    help="run: only these stages (repeatable), in pipeline order")  # fmt: skip
-    p.add_argument("--verbose", "-v", action="store_true", help="full tracebacks and debug logs")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    args = p.parse_intermixed_args(argv)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for --help) and each command's own."""
+    top = argparse.ArgumentParser(prog="sparkloom", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+        parsers[name] = sub.add_parser(
+            name, help=summary, description=description or summary,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        return parsers[name]
+
+    _pipeline_arguments(add("run", "the pipeline's stages in order (pipeline.stages)"))
+    _pipeline_arguments(add("preflight", "check that Spark, the data root and MLflow can run "
+                            "the pipeline's stages, before any starts"))  # fmt: skip
+    stage = add("stage", "one stage by name, score and compare included")
+    stage.add_argument("name", choices=STAGES, metavar="NAME", help=f"one of {', '.join(STAGES)}")
+    _pipeline_arguments(stage)
+    for name in STAGE_COMMANDS:
+        _pipeline_arguments(add(name, f"the {name} stage alone (as `stage {name}`)"))
+    for name, module in MODEL_COMMANDS.items():
+        doc = importlib.import_module(module).__doc__ or ""
+        importlib.import_module(module).add_arguments(
+            add(name, doc.split(":", 1)[-1].strip().splitlines()[0], doc)
+        )
+    for p in parsers.values():
+        p.add_argument("--verbose", "-v", action="store_true", help="full tracebacks, debug logs")
+    return top, parsers
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    top, parsers = build_parser()
+    if not argv or argv[0] not in parsers:
+        top.parse_args(argv)  # --help, or argparse's own error naming the choices
+        top.error("give a command; `sparkloom --help` lists them")
+    command, p = argv[0], parsers[argv[0]]
+    if command in MODEL_COMMANDS:
+        args = p.parse_args(argv[1:])
+        check = getattr(importlib.import_module(MODEL_COMMANDS[command]), "check", None)
+        if check is not None:  # what argparse cannot say: options that go together
+            check(p, args)
+        args.command = command
+        return args
+    args = p.parse_intermixed_args(argv[1:])
+    args.command = command
     # `sparkloom run conf/pipelines/text.yaml`: a YAML positional is the config, not an override
     files = [a for a in args.overrides if "=" not in a and a.endswith((".yaml", ".yml"))]
     args.overrides = [a for a in args.overrides if a not in files]
     args.conf = [*files, *args.conf]
     if not args.conf:
         p.error("give the pipeline's YAML: `sparkloom run conf/pipelines/NAME.yaml` or --conf FILE")
-    if args.command not in ("run", "preflight") and (args.from_stage or args.only):
+    if command not in ("run", "preflight") and (args.from_stage or args.only):
         p.error("--from and --only go with `run`; a single stage is `sparkloom STAGE --conf ...`")
     if args.from_stage and args.only:
         p.error("give --from or --only, not both")
@@ -56,133 +110,42 @@ def select_stages(pipeline: list[str], from_stage: str | None, only: list[str]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["generate"]:  # sampling from a trained GPT-2: its own options
-        from jobs.generate import run
-
-        return run(argv[1:])
-    if argv[:1] == ["score"]:  # batch scoring with a logged classifier
-        from jobs.score import run as score
-
-        return score(argv[1:])
-    if argv[:1] == ["compare"]:  # a report over MLflow, no Spark (in a pipeline: a stage)
-        from jobs.compare import run as compare
-
-        return compare(argv[1:])
     args = parse_args(argv)
-    _setup_logging(args.verbose)
-    from pipelines.errors import Terminated
-    from pipelines.spark import handle_termination
-
-    handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
-    spark = None
-    try:
-        from pipelines.config import load_config
-        from pipelines.sources import check_local_input
-
-        cfg = load_config(args.conf, args.overrides)
-        stages = (
-            select_stages(list(cfg.pipeline.stages), args.from_stage, args.only)
-            if args.command in ("run", "preflight")
-            else [args.command]
-        )
-        if "ingest" in stages:
-            check_local_input(cfg.require_ingest())  # before paying for a JVM
-
-        from pipelines.runner import run_pipeline
-        from pipelines.spark import get_spark, quiet_task_failures
-
-        spark = get_spark(cfg.spark)
-        if not args.verbose:
-            quiet_task_failures(spark)
-        if args.command == "preflight" or cfg.preflight.enabled:
-            from pipelines.preflight import require
-
-            findings = require(spark, cfg, stages)
-            if args.command == "preflight":
-                from pipelines.preflight import table
-
-                print(f"preflight for {stages}: all checks passed\n{table(findings)}")
-                return 0
-        outcome = run_pipeline(spark, cfg, stages, force=args.force, command=args.command)
-        _print_outcome(cfg, outcome)
-        return 0
-    except (Exception, KeyboardInterrupt, Terminated) as e:
-        if spark is not None and _jvm_broken(e) and not args.verbose:
-            # out of memory or a dead context: what the JVM and Py4J would print from here
-            # on (other threads' failures, a refused stop) repeats the one line below
-            logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
-            from pipelines.spark import kill_jvm
-
-            kill_jvm()
-        return fail(e, args.command, args.verbose)
-    finally:
-        if spark is not None:
-            stop_spark(spark)
+    if args.command in MODEL_COMMANDS:
+        module = importlib.import_module(MODEL_COMMANDS[args.command])
+        return execute(args.command, args.verbose, lambda s: module.main(args, s),
+                       model=getattr(args, "model", None))  # fmt: skip
+    return execute(args.command, args.verbose, lambda s: pipeline(args, s))
 
 
-def _jvm_broken(e: BaseException) -> bool:
-    from pipelines.errors import ResourceError
+def pipeline(args: argparse.Namespace, session: Session) -> int:
+    """run, preflight, or one stage: the config, the preflight, the stages, the summary."""
+    from pipelines.config import load_config
+    from pipelines.sources import check_local_input
 
-    return isinstance(getattr(e, "cause", None), ResourceError)
-
-
-def fail(e: BaseException, command: str, verbose: bool, model: str | None = None) -> int:
-    """How every entry point (stages, run, score, generate, compare) ends on an error: one
-    line on stderr that names the problem and the fix, and the exit code: SparkloomError's
-    own, 3 for a `model` MLflow does not have, 128+N for a stop, 1 for anything else.
-    --verbose adds the traceback where the error is not one of ours."""
-    from pipelines.errors import SparkloomError, Terminated
-    from pipelines.spark import terminating
-    from pipelines.tracking import mask
-
-    if isinstance(e, (KeyboardInterrupt, Terminated)):
-        return _killed(e, command)
-    if terminating():  # after a stop, what surfaces is the stop: a stage failed by the
-        # cancelled job, a Py4J call cut mid-answer
-        log.debug("after the stop signal: %s", e, exc_info=e)
-        return _killed(Terminated(terminating()), command)
-    cause = getattr(e, "cause", None)  # a failed stage: its own error's traceback
-    ours = isinstance(e, SparkloomError) and isinstance(cause, SparkloomError | None)
-    if verbose and (not ours or _jvm_broken(e)):
-        traceback.print_exception(e, file=sys.stderr)
-    shown = _not_in_mlflow(e, model) or e
-    if isinstance(shown, SparkloomError):
-        print(f"{_prog(command)}: error: {mask('error', str(shown))}", file=sys.stderr)
-        return shown.exit_code
-    # Spark/Py4J/MLflow errors: the first line; the traceback with --verbose
-    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-    hint = "" if verbose else " (rerun with --verbose for the full traceback)"
-    print(f"sparkloom: {command} failed: {type(e).__name__}: {mask('error', first)}{hint}",
-          file=sys.stderr)  # fmt: skip
-    return 1
-
-
-def _prog(command: str) -> str:
-    return (
-        "sparkloom" if command in (*STAGE_COMMANDS, "run", "preflight") else f"sparkloom {command}"
+    cfg = load_config(args.conf, args.overrides)
+    command = args.name if args.command == "stage" else args.command
+    stages = (
+        select_stages(list(cfg.pipeline.stages), args.from_stage, args.only)
+        if command in ("run", "preflight")
+        else [command]
     )
+    if "ingest" in stages:
+        check_local_input(cfg.require_ingest())  # before paying for a JVM
 
+    from pipelines.runner import run_pipeline
 
-def _not_in_mlflow(e: BaseException, model: str | None):
-    """MLflow's "not found" (an unknown run id, registered model, version or alias) as a
-    DataError naming the model asked for and where to look; None for any other error."""
-    errors = sys.modules.get("mlflow.exceptions")  # an MLflow error means MLflow is imported
-    if errors is None or not isinstance(e, errors.MlflowException):
-        return None
-    if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-        return None
-    import mlflow
+    spark = session.spark(cfg.spark)
+    if command == "preflight" or cfg.preflight.enabled:
+        from pipelines.preflight import require, table
 
-    from pipelines.errors import DataError
-
-    what = f"model {model}" if model else "what was asked for"
-    first = next((ln for ln in str(e).splitlines() if ln.strip()), "not found")
-    return DataError(
-        f"{what} is not in MLflow at {mlflow.get_tracking_uri()}: {first}; check the run id "
-        "(`mlflow runs list --experiment-id ID`, or the MLflow UI), the registered model's "
-        "name and alias or version (the UI's Models page), and --tracking-uri"
-    )
+        findings = require(spark, cfg, stages)
+        if command == "preflight":
+            print(f"preflight for {stages}: all checks passed\n{table(findings)}")
+            return 0
+    outcome = run_pipeline(spark, cfg, stages, force=args.force, command=command)
+    _print_outcome(cfg, outcome)
+    return 0
 
 
 def _print_outcome(cfg, outcome) -> None:
@@ -243,53 +206,6 @@ def _print_comparison(outcome) -> None:
     if len(rows) > 1:
         print("\n| model | test accuracy | test weighted F1 | n |\n| --- | ---: | ---: | ---: |")
         print("\n".join(rows) + "\n")
-
-
-def _killed(e: BaseException, command: str = "run") -> int:
-    why = str(e) if not isinstance(e, KeyboardInterrupt) else "stopped by SIGINT"
-    if command in (*STAGE_COMMANDS, "run"):
-        why += "; its MLflow runs are marked KILLED"
-    print(f"{_prog(command)}: {why}", file=sys.stderr)
-    return getattr(e, "exit_code", 130)
-
-
-def stop_spark(spark) -> None:
-    """Stop the session; if the JVM is already gone (a kill of the whole process group), say
-    so in the debug log instead of replacing the run's own outcome with a Py4J traceback.
-    When stop() cannot run (or a second Ctrl-C cuts it), the JVM we launched is killed: it
-    would otherwise outlive us, holding our stdout/stderr."""
-    from pipelines.errors import Terminated
-    from pipelines.spark import kill_jvm
-
-    try:
-        spark.stop()
-    except (Exception, KeyboardInterrupt, Terminated) as e:  # the outcome stays the run's own
-        kill_jvm()
-        log.debug("SparkSession.stop failed (%s: %s); the JVM was already gone or is now "
-                  "killed", type(e).__name__, e)  # fmt: skip
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    from pipelines.tracking import MaskSecrets
-
-    for handler in logging.getLogger().handlers:  # no password in a URI reaches the log
-        handler.addFilter(MaskSecrets())
-        if not verbose:  # Py4J logs each call cut by a dying JVM, traceback and all
-            handler.addFilter(
-                lambda r: not str(r.msg).startswith("Exception while sending command")
-            )
-    for noisy in ("py4j", "alembic", "mlflow", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not verbose:
-        # pyspark logs every analysis error with its whole JVM trace; we print one line instead
-        for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 if __name__ == "__main__":

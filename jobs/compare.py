@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.runtime import Session
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparkloom compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", help="MLflow experiment name (default: --conf's experiment)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store (default: --conf's, else sqlite:///mlflow.db)")  # fmt: skip
@@ -28,48 +28,37 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="keep stage runs that reused an earlier run's model")  # fmt: skip
     p.add_argument("--log", action="store_true",
                    help="log the report as a run compare:<experiment> in the experiment")  # fmt: skip
-    p.add_argument("--verbose", "-v", action="store_true")
-    args = p.parse_args(argv)
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.experiment and not args.conf:
         p.error("give --experiment NAME (or --conf FILE to use its experiment)")
-    return args
 
 
-def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging, fail
+def main(args: argparse.Namespace, session: Session) -> int:
+    cfg = None
+    if args.conf:
+        from pipelines.config import load_config
 
-    args = parse_args(argv)
-    _setup_logging(args.verbose)
-    from pipelines.errors import Terminated
-    from pipelines.spark import handle_termination
+        cfg = load_config(args.conf)
+    from pipelines.compare import compare_experiment, log_report, safe_name
 
-    handle_termination()
-    try:
-        cfg = None
-        if args.conf:
-            from pipelines.config import load_config
+    experiment = args.experiment or cfg.experiment
+    tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
+    out = args.out or f"comparison/{safe_name(experiment)}"
+    report = compare_experiment(experiment, out, tracking, args.split, args.include_skipped)
+    print(report.terminal_table())
+    for name, path in report.paths.items():
+        print(f"{name:>15}: {path}")
+    if args.log:
+        import mlflow
 
-            cfg = load_config(args.conf)
-        from pipelines.compare import compare_experiment, log_report, safe_name
-
-        experiment = args.experiment or cfg.experiment
-        tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
-        out = args.out or f"comparison/{safe_name(experiment)}"
-        report = compare_experiment(experiment, out, tracking, args.split, args.include_skipped)
-        print(report.terminal_table())
-        for name, path in report.paths.items():
-            print(f"{name:>15}: {path}")
-        if args.log:
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking)
-            tags = {"sparkloom.command": "compare"}
-            with mlflow.start_run(experiment_id=report.experiment_id, tags=tags,
-                                  run_name=f"compare:{experiment}") as r:  # fmt: skip
-                mlflow.log_params({"compare.split": args.split,
-                                   "compare.include_skipped": args.include_skipped})  # fmt: skip
-                log_report(report)
-            print(f"logged to MLflow run {r.info.run_id} (compare:{experiment}), under comparison/")
-        return 0
-    except (Exception, KeyboardInterrupt, Terminated) as e:
-        return fail(e, "compare", args.verbose)
+        mlflow.set_tracking_uri(tracking)
+        tags = {"sparkloom.command": "compare"}
+        with mlflow.start_run(experiment_id=report.experiment_id, tags=tags,
+                              run_name=f"compare:{experiment}") as r:  # fmt: skip
+            mlflow.log_params({"compare.split": args.split,
+                               "compare.include_skipped": args.include_skipped})  # fmt: skip
+            log_report(report)
+        print(f"logged to MLflow run {r.info.run_id} (compare:{experiment}), under comparison/")
+    return 0

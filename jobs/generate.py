@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.runtime import Session
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparkloom generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory, runs:/... URI, run id or .pt")
     p.add_argument("--tokenizer", help="tokenizer.json, for a checkpoint .pt")
     p.add_argument("--tracking-uri", default=None,
@@ -34,13 +34,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--verbose", "-v", action="store_true")
-    args = p.parse_args(argv)
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if bool(args.input) != bool(args.output):
         p.error("--input and --output go together")
     if not args.prompt and not args.input:
         p.error("give --prompt TEXT (repeatable) or --input FILE --output DIR")
-    return args
 
 
 def _sampling(args: argparse.Namespace, cfg):
@@ -63,43 +63,28 @@ def _sampling(args: argparse.Namespace, cfg):
     return s
 
 
-def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging, fail, stop_spark
+def main(args: argparse.Namespace, session: Session) -> int:
+    cfg = None
+    if args.conf:
+        from pipelines.config import load_config
 
-    args = parse_args(argv)
-    _setup_logging(args.verbose)
-    from pipelines.errors import Terminated
-    from pipelines.spark import handle_termination
+        cfg = load_config(args.conf)
+    from pipelines.generation import complete, resolve_model, write_generations
 
-    handle_termination()
-    spark = None
-    try:
-        cfg = None
-        if args.conf:
-            from pipelines.config import load_config
+    s = _sampling(args, cfg)
+    tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
+    model_dir = resolve_model(args.model, tracking, args.tokenizer)
+    if args.prompt:
+        texts, lengths = complete(model_dir, args.prompt, s)
+        for prompt, text, n in zip(args.prompt, texts, lengths, strict=True):
+            print(f"--- {prompt!r} (+{n} tokens)\n{prompt}{text}\n")
+    if args.input:
+        from pipelines.config import SparkConfig
+        from pipelines.spark import read_table
 
-            cfg = load_config(args.conf)
-        from pipelines.generation import complete, resolve_model, write_generations
-
-        s = _sampling(args, cfg)
-        tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
-        model_dir = resolve_model(args.model, tracking, args.tokenizer)
-        if args.prompt:
-            texts, lengths = complete(model_dir, args.prompt, s)
-            for prompt, text, n in zip(args.prompt, texts, lengths, strict=True):
-                print(f"--- {prompt!r} (+{n} tokens)\n{prompt}{text}\n")
-        if args.input:
-            from pipelines.config import SparkConfig
-            from pipelines.spark import get_spark, read_table
-
-            spark = get_spark(cfg.spark if cfg else SparkConfig())
-            df = read_table(spark, args.input, args.prompt_column)
-            r = write_generations(df, model_dir, s, args.output, args.prompt_column, args.id_column)
-            print(f"generated {r.rows_out} completions -> {r.output}; {r.quarantined} prompts "
-                  f"quarantined (blank) -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
-        return 0
-    except (Exception, KeyboardInterrupt, Terminated) as e:
-        return fail(e, "generate", args.verbose, model=args.model)
-    finally:
-        if spark is not None:
-            stop_spark(spark)
+        spark = session.spark(cfg.spark if cfg else SparkConfig())
+        df = read_table(spark, args.input, args.prompt_column)
+        r = write_generations(df, model_dir, s, args.output, args.prompt_column, args.id_column)
+        print(f"generated {r.rows_out} completions -> {r.output}; {r.quarantined} prompts "
+              f"quarantined (blank) -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
+    return 0

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.runtime import Session
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sparkloom score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS or runs:/RUN_ID/model")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -37,46 +37,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="MLflow store (default: --conf's, else sqlite:///mlflow.db)")  # fmt: skip
     p.add_argument("--conf", action="append", default=[], metavar="FILE",
                    help="pipeline YAML: its Spark and MLflow settings")  # fmt: skip
-    p.add_argument("--verbose", "-v", action="store_true")
-    return p.parse_args(argv)
 
 
-def run(argv: list[str]) -> int:
-    from jobs.cli import _setup_logging, fail, stop_spark
+def main(args: argparse.Namespace, session: Session) -> int:
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    args = parse_args(argv)
-    _setup_logging(args.verbose)
-    from pipelines.errors import Terminated
-    from pipelines.spark import handle_termination
+    from pipelines.config import SparkConfig, load_config
+    from pipelines.scoring import run_id_of, write_scores
+    from pipelines.spark import read_images, read_table
 
-    handle_termination()
-    spark = None
-    try:
-        import mlflow
-        from mlflow.tracking import MlflowClient
-
-        from pipelines.config import SparkConfig, load_config
-        from pipelines.scoring import run_id_of, write_scores
-        from pipelines.spark import get_spark, read_images, read_table
-
-        cfg = load_config(args.conf) if args.conf else None
-        mlflow.set_tracking_uri(
-            args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
-        )
-        MlflowClient().get_run(run_id_of(args.model))  # a wrong id fails before the JVM starts
-        spark = get_spark(cfg.spark if cfg else SparkConfig())
-        if args.images:
-            df = read_images(spark, args.input)
-        else:
-            df = read_table(spark, args.input, args.input_column or "text")
-        r = write_scores(df, args.model, args.output, args.input_column,
-                         None if args.id_column.lower() == "none" else args.id_column,
-                         args.allow_pickle)  # fmt: skip
-        print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
-              f"{r.quarantined} quarantined -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
-        return 0
-    except (Exception, KeyboardInterrupt, Terminated) as e:
-        return fail(e, "score", args.verbose, model=args.model)
-    finally:
-        if spark is not None:
-            stop_spark(spark)
+    cfg = load_config(args.conf) if args.conf else None
+    mlflow.set_tracking_uri(
+        args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
+    )
+    MlflowClient().get_run(run_id_of(args.model))  # a wrong id fails before the JVM starts
+    spark = session.spark(cfg.spark if cfg else SparkConfig())
+    if args.images:
+        df = read_images(spark, args.input)
+    else:
+        df = read_table(spark, args.input, args.input_column or "text")
+    r = write_scores(df, args.model, args.output, args.input_column,
+                     None if args.id_column.lower() == "none" else args.id_column,
+                     args.allow_pickle)  # fmt: skip
+    print(f"scored {r.rows_out} rows with {args.model} ({r.stage}) -> {r.output}; "
+          f"{r.quarantined} quarantined -> {r.output}_quarantine; {r.rows_in} in")  # fmt: skip
+    return 0

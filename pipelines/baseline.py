@@ -35,8 +35,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import BaselineConfig, Config
+from pipelines.config import BaselineConfig
+from pipelines.context import StageContext, stage
 from pipelines.errors import DataError
 from pipelines.report import classification_metrics, confusion_from_counts
 from pipelines.spark import blas_in_use
@@ -170,19 +170,12 @@ def spark_cores(spark: SparkSession) -> int:
     return max(1, spark.sparkContext.defaultParallelism)
 
 
-def run_baseline(
-    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
-) -> tuple[BaselineResult, PipelineModel | None]:
-    """Fit, tune and evaluate; returns the result and the scoring model (None when skipped)."""
-    upstream = catalog.require("features", "features")
-    fp = fingerprint(cfg.stage_hash("baseline"), upstream["fingerprint"])
-    m = None if force else catalog.current("baseline_model", fp)
-    if m is not None:
-        log.info("baseline: model is current (same inputs and config); skipped")
-        return BaselineResult(**{**m["result"], "skipped": True}), PipelineModel.load(
-            catalog.path("baseline_model")
-        )
-
+@stage("baseline", BaselineResult)
+def run_baseline(ctx: StageContext) -> BaselineResult:
+    """Fit, tune and evaluate; called as run_baseline(spark, cfg, catalog, force=False). The
+    scoring model (features + classifier, raw text or image in, label name out) is dataset
+    `baseline_model`."""
+    spark, cfg, catalog, upstream = ctx.spark, ctx.cfg, ctx.catalog, ctx.upstream
     bc = cfg.baseline
     labels = upstream["labels"]
     blas, native = blas_in_use(spark)
@@ -289,12 +282,8 @@ def run_baseline(
             IndexToString(inputCol="prediction", outputCol="predicted_label", labels=labels),
         ]
     )
-    catalog.write(
-        "baseline_model",
-        scoring.save,
-        {"fingerprint": fp, "config_hash": cfg.stage_hash("baseline"), "result": asdict(result)},
-    )
-    return result, scoring
+    catalog.write("baseline_model", scoring.save, ctx.common(result=asdict(result)))
+    return result
 
 
 def fit_grid(

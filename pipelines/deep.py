@@ -31,6 +31,7 @@ from models.masking import IGNORE_INDEX
 from pipelines import lm, subword
 from pipelines.catalog import Catalog, fingerprint
 from pipelines.config import Config, DistributorConfig, TrainingConfig
+from pipelines.context import StageContext, context, run_stage
 from pipelines.converter import make_spark_converter
 from pipelines.errors import ConfigError, DataError, SparkloomError, Terminated, exception_text
 from pipelines.spark import terminating
@@ -671,32 +672,15 @@ def gpt2_inputs(cfg: Config, catalog: Catalog, kept: str | None = None) -> DeepI
 def run_deep(
     spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
 ) -> DeepResult:
-    image = stage in IMAGE_MODELS
-    from_ingest = image or stage in ("bert_pretrain", "bert", "gpt2")
-    upstream = (
-        catalog.require("ingested", "ingest")
-        if from_ingest
-        else catalog.require("features", "features")
-    )
-    if stage == "distill":  # the student learns from the teacher's current model too
-        teacher = catalog.require(f"{cfg.distill.teacher}_model", cfg.distill.teacher)
-        upstream = {
-            **upstream,
-            "fingerprint": fingerprint(upstream["fingerprint"], teacher["fingerprint"]),
-        }
-    if stage == "bert" and cfg.bert.init_from == "bert_pretrain":
-        pre = catalog.require("bert_pretrain_model", "bert_pretrain")
-        upstream = {
-            **upstream,
-            "fingerprint": fingerprint(upstream["fingerprint"], pre["fingerprint"]),
-        }
-    fp = fingerprint(cfg.stage_hash(stage), upstream["fingerprint"])
-    out_name = f"{stage}_model"
-    m = None if force else catalog.current(out_name, fp)
-    if m is not None:
-        log.info("%s: model is current (same inputs and config); skipped", stage)
-        return DeepResult(**{**m["result"], "skipped": True})
+    """Train `stage`'s model with TorchDistributor into <stage>_model; skipped when that model
+    was made from the same inputs (pipelines/stages.py declares them) and config."""
+    return run_stage(context(spark, cfg, catalog, stage, force), DeepResult, _train)
 
+
+def _train(ctx: StageContext) -> DeepResult:
+    spark, cfg, catalog, stage, fp = ctx.spark, ctx.cfg, ctx.catalog, ctx.stage, ctx.fingerprint
+    force, upstream, out_name = ctx.force, ctx.upstream, ctx.output
+    image = stage in IMAGE_MODELS
     started = time.perf_counter()
     work = catalog.uri(f"{stage}_work")  # any filesystem: rank 0 writes it via models.storage
     checkpoint_dir = storage.join(work, fp, "checkpoints")
@@ -775,7 +759,7 @@ def run_deep(
         for name, text in {**inputs.files, "labels.json": json.dumps(labels)}.items():
             storage.write_text(storage.join(tmp, name), text)
 
-    catalog.write(out_name, save, {"fingerprint": fp, "config_hash": cfg.stage_hash(stage),
+    catalog.write(out_name, save, {"fingerprint": fp, "config_hash": ctx.config_hash,
                                    "result": asdict(result), "train_config": train_config})  # fmt: skip
     return result
 

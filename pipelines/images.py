@@ -27,12 +27,12 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasInputCol, HasOutputCol
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, ImageConfig
+from pipelines.config import ImageConfig
+from pipelines.context import StageContext, stage
 
 log = logging.getLogger(__name__)
 
@@ -338,26 +338,20 @@ class ImageFeaturesResult:
         return f"{self.rows} images as standardized pixel vectors of {self.num_features} features"
 
 
-def run_image_features(
-    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
-) -> ImageFeaturesResult:
+@stage("features", ImageFeaturesResult)
+def run_image_features(ctx: StageContext) -> ImageFeaturesResult:
     """`features` = standardized pixels as an ML vector, and the PipelineModel that makes it.
+    Called as run_image_features(spark, cfg, catalog, force=False).
 
     The deep image models read `ingested` directly (uint8 is a quarter of the size and
     augmentation wants raw pixels); this stage exists for the MLlib baseline.
     """
-    upstream = catalog.require("ingested", "ingest")
-    fp = fingerprint(cfg.stage_hash("features"), upstream["fingerprint"])
-    m = None if force else catalog.current("features", fp)
-    if m is not None:
-        log.info("features: output is current (same inputs and config); skipped")
-        return ImageFeaturesResult(**{**m["result"], "skipped": True})
+    spark, catalog, upstream = ctx.spark, ctx.catalog, ctx.upstream
     stats = upstream["image"]
     model = PipelineModel(stages=[PixelVectorizer(mean=stats["mean"], std=stats["std"])])
     data = catalog.read("ingested", "ingest")
     out = model.transform(data).select("id", "label", "label_index", "split", "features")
-    common = {"fingerprint": fp, "config_hash": cfg.stage_hash("features"),
-              "labels": upstream["labels"], "image": stats}  # fmt: skip
+    common = ctx.common(labels=upstream["labels"], image=stats)
     size = int(np.prod(stats["shape"]))
 
     def manifest(tmp: str) -> dict:

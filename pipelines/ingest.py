@@ -16,8 +16,9 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog, fingerprint
+from pipelines.catalog import Catalog
 from pipelines.config import SPLITS, Config, ImageConfig, IngestConfig, SplitConfig
+from pipelines.context import StageContext, stage
 from pipelines.errors import DataError
 from pipelines.images import channel_stats, prepare_images
 from pipelines.sources import (
@@ -256,16 +257,16 @@ def annotate(spark: SparkSession, ing: IngestConfig) -> tuple[DataFrame, bool]:
     return df, has_id
 
 
-def run_ingest(
-    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
-) -> IngestResult:
-    ing = cfg.require_ingest()
-    fp = fingerprint(cfg.stage_hash("ingest"), input_fingerprint(spark, ing))
-    m = None if force else catalog.current("ingested", fp)
-    if m is not None:
-        log.info("ingest: output is current (same inputs and config); skipped")
-        return IngestResult(**{**m["result"], "skipped": True})
+def _files(spark: SparkSession, cfg: Config, catalog: Catalog) -> list[str]:
+    return [input_fingerprint(spark, cfg.require_ingest())]
 
+
+@stage("ingest", IngestResult, extra=_files)
+def run_ingest(ctx: StageContext) -> IngestResult:
+    """Called as run_ingest(spark, cfg, catalog, force=False); skipped when `ingested` was
+    made from the same files and `ingest` section."""
+    spark, cfg, catalog = ctx.spark, ctx.cfg, ctx.catalog
+    ing = cfg.require_ingest()
     payload = "image" if ing.modality == "image" else "text"
     source = describe_input(ing)
     with read_errors():  # Spark reads the first rows (headers, schemas) while planning
@@ -273,8 +274,7 @@ def run_ingest(
     annotated = annotated.persist()
     pinned = [annotated]
     given = bool(ing.split.column) or isinstance(ing.path, dict)
-    common = {"fingerprint": fp, "config_hash": cfg.stage_hash("ingest"), "input": source,
-              "split_by": split_method(ing)}  # fmt: skip
+    common = ctx.common(input=source, split_by=split_method(ing))
     try:
         with read_errors():
             rows_in = annotated.count()

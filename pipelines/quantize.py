@@ -23,8 +23,9 @@ import torch
 from pyspark.sql import functions as F
 
 from models import storage
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, stage_output
+from pipelines.catalog import Catalog
+from pipelines.config import Config
+from pipelines.context import StageContext, stage
 from pipelines.report import classification_metrics
 from pipelines.stages import IMAGE_MODELS
 
@@ -83,19 +84,15 @@ def test_inputs(
     return x, torch.tensor([r["label_index"] for r in rows]), "input_ids"
 
 
-def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> QuantizeResult:
+@stage("quantize", QuantizeResult)
+def run_quantize(ctx: StageContext) -> QuantizeResult:
+    """Called as run_quantize(spark, cfg, catalog, force=False); writes <source>_int8."""
     from models.quantize import INT8_WEIGHTS, compare, quantize, recipe, static_quantize
     from models.train import load_exported
 
+    cfg, catalog, out = ctx.cfg, ctx.catalog, ctx.output
     qc = cfg.quantize
     source = qc.source
-    made = catalog.require(f"{source}_model", source)
-    out = stage_output(cfg, "quantize")
-    fp = fingerprint(made["fingerprint"], cfg.stage_hash("quantize"))
-    done = None if force else catalog.current(out, fp)
-    if done is not None:
-        return QuantizeResult(**{**done["result"], "skipped": True})
-
     model_dir = catalog.local_path(f"{source}_model")
     float_model = load_exported(model_dir, source)
     how = recipe(source, qc.method)
@@ -113,7 +110,7 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
         scores = classification_metrics(np.array(metrics["confusion"]), [])
         metrics["test_f1"], metrics["test_macro_f1"] = scores["f1"], scores["macro_f1"]
     result = QuantizeResult(source, metrics)
-    written = {**how, "source": source, "source_fingerprint": made["fingerprint"],
+    written = {**how, "source": source, "source_fingerprint": ctx.upstream["fingerprint"],
                "measured": metrics}  # fmt: skip
 
     def save(tmp: str) -> None:
@@ -125,5 +122,5 @@ def run_quantize(spark, cfg: Config, catalog: Catalog, force: bool = False) -> Q
             if how["method"] == "static":
                 torch.save(int8_model.state_dict(), os.path.join(local, INT8_WEIGHTS))
 
-    catalog.write(out, save, {"fingerprint": fp, "result": {**asdict(result)} | {"skipped": False}})
+    catalog.write(out, save, ctx.common(result={**asdict(result), "skipped": False}))
     return result

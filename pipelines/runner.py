@@ -31,7 +31,7 @@ from pipelines.report import (
 )
 from pipelines.scoring import ScoreStageResult, run_score
 from pipelines.spark import jvm_failure, terminating
-from pipelines.stages import DEEP_STAGES, IMAGE_MODELS
+from pipelines.stages import DEEP_STAGES, IMAGE_MODELS, LANGUAGE_MODELS
 from pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _features(
 def _baseline(
     spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
 ) -> BaselineResult:
-    result, model = run_baseline(spark, cfg, catalog, force)
+    result = run_baseline(spark, cfg, catalog, force)
     mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
     tracking.log_metrics(
         {"features_used": result.features_used, "lr_iterations": result.iterations,
@@ -180,7 +180,10 @@ def _baseline(
             mlflow.active_run().info.experiment_id, "baseline", made["fingerprint"]
         )
         outcome.model_uri = f"runs:/{run.info.run_id}/model" if run else None
-    elif cfg.mlflow.log_models and model is not None:
+    elif cfg.mlflow.log_models:  # the model the catalog holds, as written
+        from pyspark.ml import PipelineModel
+
+        model = PipelineModel.load(catalog.path("baseline_model"))
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result
@@ -319,7 +322,7 @@ def _deep(stage: str):
         if not result.skipped:
             tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:
-            if stage in ("bert_pretrain", "gpt2"):  # no classifier to score with: files only
+            if stage in LANGUAGE_MODELS:  # no classifier to score with: files only
                 mlflow.log_artifacts(model_dir, artifact_path="model-files")
             else:
                 outcome.model_uri = tracking.log_torch_model(model_dir, result.model, "model")

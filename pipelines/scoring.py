@@ -33,6 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines.config import IMAGE_FORMATS, ImageConfig
+from pipelines.context import StageContext, stage
 from pipelines.errors import DataError
 from pipelines.spark import ship_files, write_with_quarantine
 from pipelines.stages import CLASSIFIERS
@@ -443,23 +444,28 @@ class ScoreStageResult:
         )
 
 
-def run_score(spark, cfg, catalog, force: bool = False) -> ScoreStageResult:
+def _scored_uri(cfg) -> str:
+    sc = cfg.score
+    return sc.model or f"models:/{cfg.register.name or cfg.pipeline.name}@{cfg.register.alias}"
+
+
+def _scored_run(spark, cfg, catalog) -> list[str]:
+    """The run behind the model scoring uses: the skip test needs it only, not the model."""
+    return [run_id_of(_scored_uri(cfg))]
+
+
+@stage("score", ScoreStageResult, extra=_scored_run)
+def run_score(ctx: StageContext) -> ScoreStageResult:
     """Score a split of `ingested` with the model `score.model` names (default: the register
-    stage's alias), through the same path as `sparkloom score`. Output: dataset `scores`
-    (id, label, predicted_label, probabilities) and `scores_quarantine`. Skipped when the
-    data, the section and the model behind the alias are those of the last scoring."""
+    stage's alias), through the same path as `sparkloom score`; called as run_score(spark, cfg,
+    catalog, force=False). Output: dataset `scores` (id, label, predicted_label,
+    probabilities) and `scores_quarantine`. Skipped when the data, the section and the model
+    behind the alias are those of the last scoring."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.catalog import fingerprint
-
+    spark, cfg, catalog = ctx.spark, ctx.cfg, ctx.catalog
     sc = cfg.score
-    uri = sc.model or f"models:/{cfg.register.name or cfg.pipeline.name}@{cfg.register.alias}"
-    ingested = catalog.require("ingested", "ingest")
-    run_id = run_id_of(uri)  # the skip test needs the run only: nothing is downloaded for it
-    fp = fingerprint(ingested["fingerprint"], cfg.stage_hash("score"), run_id)
-    done = None if force else catalog.current("scores", fp)
-    if done is not None:
-        return ScoreStageResult(**{**done["result"], "skipped": True})
+    uri = _scored_uri(cfg)
     ref = resolve(uri)
 
     image = ref.modality == "image"
@@ -470,7 +476,7 @@ def run_score(spark, cfg, catalog, force: bool = False) -> ScoreStageResult:
     scored, quarantine, _ = score(df, ref, col, "id", prepared=image)
     scored = scored.join(df.select("id", "label"), "id", "left")
     own = MlflowClient().get_run(ref.run_id).data.metrics.get(f"{sc.split}_accuracy")
-    common = {"fingerprint": fp, "model_uri": uri, "run_id": ref.run_id}
+    common = ctx.common(model_uri=uri, run_id=ref.run_id)
     rows_in = df.count()
     with catalog.commit() as tx:  # scores and their quarantine: both or neither
         tx.write_parquet("scores_quarantine", quarantine, common)

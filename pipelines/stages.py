@@ -9,8 +9,9 @@ from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["data", "classifier", "language_model", "action"]
 
@@ -29,14 +30,33 @@ class StageSpec:
     cli: bool = True  # a `sparkloom <name>` command of its own
     # the catalog dataset it writes: None for none; models write <name>_model by default
     output: str | None = "{name}_model"
+    # the catalog datasets it reads, the rows first (their fingerprints join its own): a
+    # tuple, or a function of the config where a setting picks them
+    inputs: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
+
+    def inputs_for(self, cfg: Any) -> tuple[str, ...]:
+        return self.inputs(cfg) if callable(self.inputs) else self.inputs
+
+
+FEATURES, INGESTED = ("features",), ("ingested",)
+
+
+def _bert_inputs(cfg: Any) -> tuple[str, ...]:
+    return INGESTED + (("bert_pretrain_model",) if cfg.bert.init_from == "bert_pretrain" else ())
 
 
 REGISTRY: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "data", ("ingest",), output="ingested"),
-    StageSpec("features", "data", ("ingest", "features"), output="features"),
-    StageSpec("baseline", "classifier", ("ingest", "features", "baseline")),
+    StageSpec("ingest", "data", ("ingest",), output="ingested"),  # and its files' fingerprint
+    StageSpec("features", "data", ("ingest", "features"), output="features", inputs=INGESTED),
+    StageSpec("baseline", "classifier", ("ingest", "features", "baseline"), inputs=FEATURES),
     StageSpec(
-        "lstm", "classifier", ("ingest", "features", "lstm"), "text", torch=True, token_ids=True
+        "lstm",
+        "classifier",
+        ("ingest", "features", "lstm"),
+        "text",
+        torch=True,
+        token_ids=True,
+        inputs=FEATURES,
     ),  # fmt: skip
     StageSpec(
         "textcnn",
@@ -46,17 +66,44 @@ REGISTRY: tuple[StageSpec, ...] = (
         torch=True,
         token_ids=True,
         static_int8=True,
-    ),  # fmt: skip
-    StageSpec("cnn", "classifier", ("ingest", "cnn"), "image", torch=True, static_int8=True),
-    StageSpec(
-        "alexnet", "classifier", ("ingest", "alexnet"), "image", torch=True, static_int8=True
+        inputs=FEATURES,
     ),  # fmt: skip
     StageSpec(
-        "bert_pretrain", "language_model", ("ingest", "bert_pretrain"), "text", torch=True
+        "cnn",
+        "classifier",
+        ("ingest", "cnn"),
+        "image",
+        torch=True,
+        static_int8=True,
+        inputs=INGESTED,
     ),  # fmt: skip
-    StageSpec("bert", "classifier", ("ingest", "bert_pretrain", "bert"), "text", torch=True),
-    # the student's own section, and everything the teacher came from (its model's
-    # fingerprint joins in the stage)
+    StageSpec(
+        "alexnet",
+        "classifier",
+        ("ingest", "alexnet"),
+        "image",
+        torch=True,
+        static_int8=True,
+        inputs=INGESTED,
+    ),  # fmt: skip
+    StageSpec(
+        "bert_pretrain",
+        "language_model",
+        ("ingest", "bert_pretrain"),
+        "text",
+        torch=True,
+        inputs=INGESTED,
+    ),  # fmt: skip
+    StageSpec(
+        "bert",
+        "classifier",
+        ("ingest", "bert_pretrain", "bert"),
+        "text",
+        torch=True,
+        inputs=_bert_inputs,
+    ),  # fmt: skip
+    # the student's own section, and everything the teacher came from; it reads the
+    # teacher's current model too
     StageSpec(
         "distill",
         "classifier",
@@ -64,16 +111,30 @@ REGISTRY: tuple[StageSpec, ...] = (
         "text",
         torch=True,
         token_ids=True,
+        inputs=lambda cfg: FEATURES + (f"{cfg.distill.teacher}_model",),
     ),  # fmt: skip
-    StageSpec("gpt2", "language_model", ("ingest", "gpt2"), "text", torch=True),
-    # and the source model (its fingerprint, in the stage); writes <source>_int8
-    StageSpec("quantize", "classifier", ("quantize",), output="{source}_int8"),
+    StageSpec("gpt2", "language_model", ("ingest", "gpt2"), "text", torch=True, inputs=INGESTED),
+    StageSpec(
+        "quantize",
+        "classifier",
+        ("quantize",),
+        output="{source}_int8",
+        inputs=lambda cfg: (f"{cfg.quantize.source}_model",),
+    ),  # fmt: skip
     StageSpec("register", "action", ("register",), output=None),
-    # and the model the alias names (in the stage's fingerprint)
-    StageSpec("score", "action", ("ingest", "score"), cli=False, output="scores"),
+    # and the run of the model the alias names
+    StageSpec("score", "action", ("ingest", "score"), cli=False, output="scores", inputs=INGESTED),
     StageSpec("compare", "action", (), cli=False, output=None),
 )
 SPECS = {s.name: s for s in REGISTRY}
+
+
+def maker(dataset: str) -> str:
+    """The stage that writes `dataset` (ingested -> ingest, lstm_model -> lstm)."""
+    for spec in REGISTRY:
+        if spec.output and spec.output.format(name=spec.name, source="") == dataset:
+            return spec.name
+    raise KeyError(f"no stage writes dataset {dataset!r}")
 
 
 def names(**where: object) -> tuple[str, ...]:

@@ -22,12 +22,13 @@ from pyspark.ml.feature import (
     StopWordsRemover,
     Word2Vec,
 )
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, FeaturesConfig, SequenceConfig
+from pipelines.catalog import Catalog
+from pipelines.config import FeaturesConfig, SequenceConfig
+from pipelines.context import StageContext, stage
 
 log = logging.getLogger(__name__)
 
@@ -164,24 +165,14 @@ class FeaturesResult:
         )
 
 
-def run_features(
-    spark: SparkSession, cfg: Config, catalog: Catalog, force: bool = False
-) -> FeaturesResult:
-    upstream = catalog.require("ingested", "ingest")
-    fp = fingerprint(cfg.stage_hash("features"), upstream["fingerprint"])
-    m = None if force else catalog.current("features", fp)
-    if m is not None:
-        log.info("features: output is current (same inputs and config); skipped")
-        return FeaturesResult(**{**m["result"], "skipped": True})
-
+@stage("features", FeaturesResult)
+def run_features(ctx: StageContext) -> FeaturesResult:
+    """Called as run_features(spark, cfg, catalog, force=False)."""
+    spark, cfg, catalog = ctx.spark, ctx.cfg, ctx.catalog
     data = catalog.read("ingested", "ingest")
     model = build_feature_pipeline(cfg.features).fit(data.filter(F.col("split") == "train"))
     out = model.transform(data)
-    common = {
-        "fingerprint": fp,
-        "config_hash": cfg.stage_hash("features"),
-        "labels": upstream["labels"],
-    }
+    common = ctx.common(labels=ctx.upstream["labels"])
     sc = cfg.features.sequence
     if sc.enabled:
         vocabulary = fit_vocabulary(out.filter(F.col("split") == "train"), sc)

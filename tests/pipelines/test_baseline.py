@@ -1,6 +1,7 @@
 import logging
 
 import pytest
+from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
 from pipelines.baseline import plan_fits, run_baseline, with_balanced_weights
@@ -31,7 +32,8 @@ def test_baseline_beats_majority_guess_on_separable_data(spark, tmp_path):
     docs = make_docs(60, seed=1)
     docs = [d for d in docs if d["label"] == "sport" or int(d["id"][-3:]) < 20]
     cfg, catalog = prepare(spark, tmp_path, docs)
-    result, model = run_baseline(spark, cfg, catalog)
+    result = run_baseline(spark, cfg, catalog)
+    model = PipelineModel.load(catalog.path("baseline_model"))
     test = result.metrics["test"]
     assert test["majority_class_accuracy"] > 0.5
     assert test["accuracy"] >= 0.95 > test["majority_class_accuracy"] + 0.3
@@ -47,7 +49,7 @@ def test_cross_validation_picks_from_the_grid(spark, tmp_path):
         tuning="cross_validation", num_folds=2,
         grid={"reg_param": [0.0, 10.0], "max_iter": [20], "standardization": [False]},
     )  # fmt: skip
-    result, _ = run_baseline(spark, cfg, catalog)
+    result = run_baseline(spark, cfg, catalog)
     assert len(result.grid) == 2
     assert {g["regParam"] for g in result.grid} == {0.0, 10.0}
     assert result.best_params["reg_param"] in (0.0, 10.0)
@@ -56,10 +58,10 @@ def test_cross_validation_picks_from_the_grid(spark, tmp_path):
 
 def test_rerun_is_skipped_and_force_refits(spark, tmp_path):
     cfg, catalog = prepare(spark, tmp_path, make_docs(10))
-    first, _ = run_baseline(spark, cfg, catalog)
-    again, _ = run_baseline(spark, cfg, catalog)
+    first = run_baseline(spark, cfg, catalog)
+    again = run_baseline(spark, cfg, catalog)
     assert again.skipped and again.metrics == first.metrics
-    forced, _ = run_baseline(spark, cfg, catalog, force=True)
+    forced = run_baseline(spark, cfg, catalog, force=True)
     assert (
         not forced.skipped
         and forced.metrics["test"]["accuracy"] == first.metrics["test"]["accuracy"]
@@ -78,7 +80,8 @@ def test_validation_tuning_fits_each_point_once_and_keeps_the_best_on_validation
                                    "standardization": [False]},
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="pipelines.baseline"):
-        result, model = run_baseline(spark, cfg, catalog)
+        result = run_baseline(spark, cfg, catalog)
+    model = PipelineModel.load(catalog.path("baseline_model"))
     # strongest penalty first; a penalty of 1000 cannot separate anything
     assert [g["regParam"] for g in result.grid] == [1e3, 1.0, 1e-4]
     assert result.grid[0]["score"] < max(g["score"] for g in result.grid) == result.tuning_metric
@@ -100,7 +103,7 @@ def test_a_model_that_stops_at_max_iter_or_at_the_grid_edge_says_so(spark, tmp_p
         grid={"reg_param": [0.0, 1e3], "max_iter": [2], "standardization": [False]},
     )  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="pipelines.baseline"):
-        result, _ = run_baseline(spark, cfg, catalog)
+        result = run_baseline(spark, cfg, catalog)
     assert not result.converged and result.iterations == 2
     text = caplog.text
     assert "raise baseline.grid.max_iter" in text and "extend the grid" in text
@@ -138,7 +141,7 @@ def test_twenty_classes_and_2_18_features_train_with_the_default_tuning(spark, t
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     run_ingest(spark, cfg, catalog)
     run_features(spark, cfg, catalog)
-    result, _ = run_baseline(spark, cfg, catalog)
+    result = run_baseline(spark, cfg, catalog)
     assert len(result.grid) == 12 and result.features_total == 1 << 18
     assert result.features_used < (1 << 18) // 5
     assert result.metrics["test"]["accuracy"] > 0.8  # chance is 0.05

@@ -14,7 +14,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from jobs.compare import run
+from jobs.cli import main
 from pipelines import compare
 from pipelines.compare import compare_experiment, log_report
 from pipelines.errors import DataError
@@ -217,8 +217,8 @@ def test_cli_prints_the_table_and_logs_the_report(store, tmp_path, capsys, monke
     previous = mlflow.get_tracking_uri()
     out = tmp_path / "cmp"
     try:
-        code = run(["--experiment", "demo", "--tracking-uri", store["uri"], "--out", str(out),
-                    "--log"])  # fmt: skip
+        code = main(["compare", "--experiment", "demo", "--tracking-uri", store["uri"],
+                     "--out", str(out), "--log"])  # fmt: skip
     finally:
         mlflow.set_tracking_uri(previous)
     printed = capsys.readouterr().out
@@ -234,7 +234,9 @@ def test_cli_prints_the_table_and_logs_the_report(store, tmp_path, capsys, monke
 
 
 def test_cli_errors_are_one_line(store, tmp_path, capsys):
-    code = run(["--experiment", "nope", "--tracking-uri", store["uri"], "--out", str(tmp_path)])
+    code = main(
+        ["compare", "--experiment", "nope", "--tracking-uri", store["uri"], "--out", str(tmp_path)]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == DataError.exit_code
     assert len(err) == 1 and err[0].startswith("sparkloom compare: error: experiment 'nope'")

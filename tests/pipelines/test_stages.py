@@ -35,13 +35,79 @@ def test_derived_lists_follow_the_declarations():
     ]  # fmt: skip
 
 
-def test_stages_without_a_command_are_refused_by_the_stage_parser():
-    """score and compare take a model URI or an experiment, not a pipeline file: main()
-    routes them to jobs/score.py and jobs/compare.py, and the stage parser refuses them."""
+def test_every_stage_and_command_is_a_subcommand_that_help_lists(capsys):
+    """`sparkloom --help` lists every command; every stage runs alone as `stage NAME`, the
+    ones with a command of their own also as `NAME`; `score` and `compare` are the model
+    commands, which want a model or an experiment, not just a pipeline file."""
     import pytest
 
+    from jobs.cli import MODEL_COMMANDS
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    listed = capsys.readouterr().out
+    assert done.value.code == 0
+    for command in ("run", "preflight", "stage", *names(cli=True), *MODEL_COMMANDS):
+        assert f"\n    {command} " in listed or f"\n    {command}\n" in listed, command
     for spec in REGISTRY:
-        if not spec.cli:
-            with pytest.raises(SystemExit):
-                parse_args([spec.name, "--conf", "x.yaml"])
+        args = parse_args(["stage", spec.name, "--conf", "x.yaml", "a.b=1"])
+        assert (args.command, args.name, args.conf, args.overrides) == (
+            "stage", spec.name, ["x.yaml"], ["a.b=1"],
+        )  # fmt: skip
+        if spec.cli:
+            assert parse_args([spec.name, "--conf", "x.yaml"]).command == spec.name
+    with pytest.raises(SystemExit):  # `score` is batch scoring: it wants a model
+        parse_args(["score", "--conf", "x.yaml"])
+    scoring = parse_args(["score", "--model", "m", "--input", "i", "--output", "o"])
+    compare = parse_args(["compare", "--conf", "x.yaml"])  # the config's experiment
+    assert not hasattr(scoring, "overrides") and not hasattr(compare, "overrides")
     assert [s.name for s in REGISTRY if not s.cli] == ["score", "compare"]
+
+
+def test_a_stage_fingerprint_follows_its_declared_inputs_and_a_missing_one_names_its_maker(
+    spark, tmp_path
+):
+    """pipelines.context builds every stage's fingerprint from the inputs stages.py declares:
+    the distilled student changes with its teacher's model, a BERT fine-tune with the
+    pretrained model only when it starts from it, and an absent input names the stage that
+    writes it."""
+    import pytest
+
+    from pipelines.catalog import Catalog
+    from pipelines.context import context
+    from pipelines.errors import DataError
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, distill={"teacher": "lstm"})
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+
+    def made(name: str, fp: str) -> None:
+        catalog.write(name, lambda tmp: Path(tmp).mkdir(parents=True), {"fingerprint": fp})
+
+    with pytest.raises(DataError, match="dataset 'features' not found .* run the 'features'"):
+        context(spark, cfg, catalog, "distill")
+    made("features", "f1")
+    with pytest.raises(DataError, match="dataset 'lstm_model' not found .* run the 'lstm'"):
+        context(spark, cfg, catalog, "distill")
+    made("lstm_model", "t1")
+    first = context(spark, cfg, catalog, "distill")
+    assert (
+        list(first.inputs) == ["features", "lstm_model"] and first.upstream["fingerprint"] == "f1"
+    )
+    assert context(spark, cfg, catalog, "distill").fingerprint == first.fingerprint
+    made("lstm_model", "t2")  # a retrained teacher: the student is not current any more
+    assert context(spark, cfg, catalog, "distill").fingerprint != first.fingerprint
+    lstm = context(spark, cfg, catalog, "lstm")  # the teacher itself reads the features only
+    assert list(lstm.inputs) == ["features"] and lstm.fingerprint != first.fingerprint
+    made("ingested", "i1")
+
+    def bert(init_from: str):
+        return cfg.model_copy(update={"bert": cfg.bert.model_copy(update={"init_from": init_from})})
+
+    assert list(context(spark, bert(str(tmp_path / "hf")), catalog, "bert").inputs) == ["ingested"]
+    with pytest.raises(DataError, match="run the 'bert_pretrain'"):
+        context(spark, bert("bert_pretrain"), catalog, "bert")
+    made("bert_pretrain_model", "p1")
+    assert list(context(spark, bert("bert_pretrain"), catalog, "bert").inputs) == [
+        "ingested", "bert_pretrain_model",
+    ]  # fmt: skip
