@@ -38,7 +38,7 @@ $(VENV)/.demo-images: $(VENV)/.installed
 	touch $@
 
 demo-images: $(VENV)/.demo-images
-	$(BIN)/python -m pipelines.sample_data mnist5k data/raw/mnist5k --format png
+	$(BIN)/python -m sparkloom.pipelines.sample_data mnist5k data/raw/mnist5k --format png
 	$(BIN)/sparkloom run --conf conf/image_classification.yaml
 
 demo-bert: $(VENV)/.demo-data

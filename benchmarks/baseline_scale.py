@@ -49,13 +49,13 @@ def one_size(n: int, seed: int) -> dict:
     """Ingest, features and baseline on the first n documents; sklearn on the same split."""
     from baseline_vs_sklearn import HeapWatch, sklearn_side
 
-    from pipelines.baseline import run_baseline
-    from pipelines.catalog import Catalog
-    from pipelines.config import load_config
-    from pipelines.ingest import run_ingest
-    from pipelines.spark import blas_in_use, get_spark
-    from pipelines.synthetic import Corpus
-    from pipelines.text import run_features
+    from sparkloom.pipelines.baseline import run_baseline
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.config import load_config
+    from sparkloom.pipelines.ingest import run_ingest
+    from sparkloom.pipelines.spark import blas_in_use, get_spark
+    from sparkloom.pipelines.synthetic import Corpus
+    from sparkloom.pipelines.text import run_features
 
     with tempfile.TemporaryDirectory(prefix=NAME) as tmp:
         csv = Path(tmp) / "docs.csv"

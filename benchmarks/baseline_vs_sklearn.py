@@ -100,9 +100,9 @@ def sklearn_side(parquet: str, out: mp.Queue) -> None:
 
 
 def sparkloom_side(cfg, spark) -> dict:
-    from pipelines.baseline import run_baseline
-    from pipelines.catalog import Catalog
-    from pipelines.text import run_features
+    from sparkloom.pipelines.baseline import run_baseline
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.text import run_features
 
     watch = HeapWatch(spark)
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
 
-    from pipelines.catalog import Catalog
-    from pipelines.config import load_config
-    from pipelines.spark import get_spark
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.config import load_config
+    from sparkloom.pipelines.spark import get_spark
 
     cfg = load_config(args.conf, args.overrides)
     spark = get_spark(cfg.spark)

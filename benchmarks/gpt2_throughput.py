@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.gpt2 import GPT2_PRESETS  # noqa: E402
-from models.train import train_fn  # noqa: E402
+from sparkloom.models.gpt2 import GPT2_PRESETS  # noqa: E402
+from sparkloom.models.train import train_fn  # noqa: E402
 
 
 def write_blocks(path: str, rows: int, span: int, vocab: int, seed: int) -> None:

@@ -70,10 +70,10 @@ def main() -> None:
     args = ap.parse_args()
     from pyspark.sql import SparkSession
 
-    from pipelines.catalog import Catalog
-    from pipelines.config import _validate
-    from pipelines.csv_scan import scan_files
-    from pipelines.ingest import run_ingest
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.config import _validate
+    from sparkloom.pipelines.csv_scan import scan_files
+    from sparkloom.pipelines.ingest import run_ingest
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     path = tmp / "export.csv"

@@ -80,8 +80,8 @@ import pyspark
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from models.data import make_dataloader
-from models.train import train_fn
+from sparkloom.models.data import make_dataloader
+from sparkloom.models.train import train_fn
 
 NAME = "loader_and_ddp"
 CORES = 2

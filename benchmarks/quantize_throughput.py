@@ -28,14 +28,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.quantize import (  # noqa: E402
+from sparkloom.models.quantize import (  # noqa: E402
     STATIC_TRUNK,
     quantize,
     recipe,
     serialized_bytes,
     static_quantize,
 )
-from models.registry import build_model  # noqa: E402
+from sparkloom.models.registry import build_model  # noqa: E402
 
 MODELS = {
     "bert mini (4x256)": ("bert", {"vocab_size": 30522, "num_classes": 5, "preset": "mini",

@@ -79,9 +79,9 @@ from sklearn.feature_extraction.text import (
 from sklearn.linear_model import LogisticRegression as SkLR
 from sklearn.pipeline import make_pipeline
 
-from pipelines.config import FeaturesConfig
-from pipelines.synthetic import Corpus
-from pipelines.text import build_feature_pipeline
+from sparkloom.pipelines.config import FeaturesConfig
+from sparkloom.pipelines.synthetic import Corpus
+from sparkloom.pipelines.text import build_feature_pipeline
 
 NAME = "text_features_vs_sklearn"
 N_FEATURES = FeaturesConfig().tf.num_features  # the project default, 2**16

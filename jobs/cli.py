@@ -16,11 +16,19 @@ import argparse
 import importlib
 import sys
 
-from jobs.runtime import Session, execute
-from pipelines.stages import STAGE_COMMANDS, STAGES, names  # nothing heavy: --help stays fast
+from sparkloom.jobs.runtime import Session, execute
+from sparkloom.pipelines.stages import (  # nothing heavy: --help stays fast
+    STAGE_COMMANDS,
+    STAGES,
+    names,
+)
 
 # the commands that are not the pipeline's: each module has add_arguments, check and main
-MODEL_COMMANDS = {"score": "jobs.score", "compare": "jobs.compare", "generate": "jobs.generate"}
+MODEL_COMMANDS = {
+    "score": "sparkloom.jobs.score",
+    "compare": "sparkloom.jobs.compare",
+    "generate": "sparkloom.jobs.generate",
+}
 
 
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_stages(pipeline: list[str], from_stage: str | None, only: list[str]) -> list[str]:
     """The stages `run` runs: all of pipeline.stages, from one on, or only some (in order)."""
-    from pipelines.errors import ConfigError
+    from sparkloom.pipelines.errors import ConfigError
 
     wanted = [from_stage] if from_stage else only
     unknown = [s for s in wanted if s not in pipeline]
@@ -120,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def pipeline(args: argparse.Namespace, session: Session) -> int:
     """run, preflight, or one stage: the config, the preflight, the stages, the summary."""
-    from pipelines.config import load_config
-    from pipelines.sources import check_local_input
+    from sparkloom.pipelines.config import load_config
+    from sparkloom.pipelines.sources import check_local_input
 
     cfg = load_config(args.conf, args.overrides)
     command = args.name if args.command == "stage" else args.command
@@ -133,11 +141,11 @@ def pipeline(args: argparse.Namespace, session: Session) -> int:
     if "ingest" in stages:
         check_local_input(cfg.require_ingest())  # before paying for a JVM
 
-    from pipelines.runner import run_pipeline
+    from sparkloom.pipelines.runner import run_pipeline
 
     spark = session.spark(cfg.spark)
     if command == "preflight" or cfg.preflight.enabled:
-        from pipelines.preflight import require, table
+        from sparkloom.pipelines.preflight import require, table
 
         findings = require(spark, cfg, stages)
         if command == "preflight":
@@ -151,8 +159,8 @@ def pipeline(args: argparse.Namespace, session: Session) -> int:
 def _print_outcome(cfg, outcome) -> None:
     import numpy as np
 
-    from pipelines.report import classification_report
-    from pipelines.tracking import ui_hint
+    from sparkloom.pipelines.report import classification_report
+    from sparkloom.pipelines.tracking import ui_hint
 
     print()
     for stage, result in outcome.results.items():
@@ -193,7 +201,7 @@ def _print_comparison(outcome) -> None:
     """One line per model trained in this run, on the same test split."""
     import numpy as np
 
-    from pipelines.report import classification_metrics
+    from sparkloom.pipelines.report import classification_metrics
 
     rows = []
     for stage, result in outcome.results.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.runtime import Session
+from sparkloom.jobs.runtime import Session
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,10 +38,10 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace, session: Session) -> int:
     cfg = None
     if args.conf:
-        from pipelines.config import load_config
+        from sparkloom.pipelines.config import load_config
 
         cfg = load_config(args.conf)
-    from pipelines.compare import compare_experiment, log_report, safe_name
+    from sparkloom.pipelines.compare import compare_experiment, log_report, safe_name
 
     experiment = args.experiment or cfg.experiment
     tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")

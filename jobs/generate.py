@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.runtime import Session
+from sparkloom.jobs.runtime import Session
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _sampling(args: argparse.Namespace, cfg):
-    from pipelines.generation import Sampling
+    from sparkloom.pipelines.generation import Sampling
 
     g = cfg.gpt2.generate if cfg is not None else None
     defaults = Sampling() if g is None else Sampling(
@@ -54,7 +54,7 @@ def _sampling(args: argparse.Namespace, cfg):
              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}  # fmt: skip
     s = Sampling(**{**vars(defaults), **{k: v for k, v in given.items() if v is not None}})
     if s.max_new_tokens < 1 or s.temperature < 0 or s.top_k < 0 or not 0 < s.top_p <= 1:
-        from pipelines.errors import ConfigError
+        from sparkloom.pipelines.errors import ConfigError
 
         raise ConfigError(
             f"bad sampling settings {vars(s)}: max_new_tokens >= 1, temperature >= 0, "
@@ -66,10 +66,10 @@ def _sampling(args: argparse.Namespace, cfg):
 def main(args: argparse.Namespace, session: Session) -> int:
     cfg = None
     if args.conf:
-        from pipelines.config import load_config
+        from sparkloom.pipelines.config import load_config
 
         cfg = load_config(args.conf)
-    from pipelines.generation import complete, resolve_model, write_generations
+    from sparkloom.pipelines.generation import complete, resolve_model, write_generations
 
     s = _sampling(args, cfg)
     tracking = args.tracking_uri or (cfg.mlflow.tracking_uri if cfg else "sqlite:///mlflow.db")
@@ -79,8 +79,8 @@ def main(args: argparse.Namespace, session: Session) -> int:
         for prompt, text, n in zip(args.prompt, texts, lengths, strict=True):
             print(f"--- {prompt!r} (+{n} tokens)\n{prompt}{text}\n")
     if args.input:
-        from pipelines.config import SparkConfig
-        from pipelines.spark import read_table
+        from sparkloom.pipelines.config import SparkConfig
+        from sparkloom.pipelines.spark import read_table
 
         spark = session.spark(cfg.spark if cfg else SparkConfig())
         df = read_table(spark, args.input, args.prompt_column)

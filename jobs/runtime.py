@@ -29,7 +29,7 @@ class Session:
 
     def spark(self, spark_config: Any) -> Any:
         if self.started is None:
-            from pipelines.spark import get_spark, quiet_task_failures
+            from sparkloom.pipelines.spark import get_spark, quiet_task_failures
 
             self.started = get_spark(spark_config)
             if not self.verbose:
@@ -42,8 +42,8 @@ def execute(
 ) -> int:
     """`body(session)`'s exit code; an error ends as one line on stderr and its code."""
     setup_logging(verbose)
-    from pipelines.errors import Terminated
-    from pipelines.spark import handle_termination
+    from sparkloom.pipelines.errors import Terminated
+    from sparkloom.pipelines.spark import handle_termination
 
     handle_termination()  # SIGTERM ends the MLflow runs KILLED, as Ctrl-C does
     session = Session(verbose)
@@ -54,7 +54,7 @@ def execute(
             # out of memory or a dead context: what the JVM and Py4J would print from here
             # on (other threads' failures, a refused stop) repeats the one line below
             logging.getLogger("py4j").setLevel(logging.CRITICAL + 1)
-            from pipelines.spark import kill_jvm
+            from sparkloom.pipelines.spark import kill_jvm
 
             kill_jvm()
         return fail(e, command, verbose, model)
@@ -64,7 +64,7 @@ def execute(
 
 
 def _jvm_broken(e: BaseException) -> bool:
-    from pipelines.errors import ResourceError
+    from sparkloom.pipelines.errors import ResourceError
 
     return isinstance(getattr(e, "cause", None), ResourceError)
 
@@ -74,9 +74,9 @@ def fail(e: BaseException, command: str, verbose: bool, model: str | None = None
     fix, and the exit code: SparkloomError's own, 3 for a `model` MLflow does not have, 128+N
     for a stop, 1 for anything else. --verbose adds the traceback where the error is not one
     of ours."""
-    from pipelines.errors import SparkloomError, Terminated
-    from pipelines.spark import terminating
-    from pipelines.tracking import mask
+    from sparkloom.pipelines.errors import SparkloomError, Terminated
+    from sparkloom.pipelines.spark import terminating
+    from sparkloom.pipelines.tracking import mask
 
     if isinstance(e, (KeyboardInterrupt, Terminated)):
         return _killed(e, command)
@@ -101,7 +101,7 @@ def fail(e: BaseException, command: str, verbose: bool, model: str | None = None
 
 
 def _pipeline(command: str) -> bool:
-    from pipelines.stages import STAGE_COMMANDS
+    from sparkloom.pipelines.stages import STAGE_COMMANDS
 
     return command in (*STAGE_COMMANDS, *PIPELINE_COMMANDS)
 
@@ -121,7 +121,7 @@ def _not_in_mlflow(e: BaseException, model: str | None):
         return None
     import mlflow
 
-    from pipelines.errors import DataError
+    from sparkloom.pipelines.errors import DataError
 
     what = f"model {model}" if model else "what was asked for"
     first = next((ln for ln in str(e).splitlines() if ln.strip()), "not found")
@@ -145,8 +145,8 @@ def stop_spark(spark) -> None:
     so in the debug log instead of replacing the run's own outcome with a Py4J traceback.
     When stop() cannot run (or a second Ctrl-C cuts it), the JVM we launched is killed: it
     would otherwise outlive us, holding our stdout/stderr."""
-    from pipelines.errors import Terminated
-    from pipelines.spark import kill_jvm
+    from sparkloom.pipelines.errors import Terminated
+    from sparkloom.pipelines.spark import kill_jvm
 
     try:
         spark.stop()
@@ -163,7 +163,7 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    from pipelines.tracking import MaskSecrets
+    from sparkloom.pipelines.tracking import MaskSecrets
 
     for handler in logging.getLogger().handlers:  # no password in a URI reaches the log
         handler.addFilter(MaskSecrets())

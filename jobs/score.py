@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.runtime import Session
+from sparkloom.jobs.runtime import Session
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,9 +43,9 @@ def main(args: argparse.Namespace, session: Session) -> int:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines.config import SparkConfig, load_config
-    from pipelines.scoring import run_id_of, write_scores
-    from pipelines.spark import read_images, read_table
+    from sparkloom.pipelines.config import SparkConfig, load_config
+    from sparkloom.pipelines.scoring import run_id_of, write_scores
+    from sparkloom.pipelines.spark import read_images, read_table
 
     cfg = load_config(args.conf) if args.conf else None
     mlflow.set_tracking_uri(

@@ -11,7 +11,7 @@ The command is the first argument (a stage, `run`, `preflight`, `score`, `compar
 
 import sys
 
-from jobs.cli import main
+from sparkloom.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from models.heads import padding_mask
-from models.hf import check_hf_directory
+from sparkloom.models.heads import padding_mask
+from sparkloom.models.hf import check_hf_directory
 
 
 class BertDims(NamedTuple):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import ClassificationHead
+from sparkloom.models.heads import ClassificationHead
 
 INITS = ("he", "default")
 STEMS = ("auto", "imagenet", "small")
@@ -151,7 +151,7 @@ def check_images(images: torch.Tensor, cfg: CNNConfig | AlexNetConfig) -> None:
     if not images.is_floating_point():
         raise TypeError(
             f"expected float images, got {images.dtype}; scale uint8 pixels with "
-            f"models.augment.ImageBatchTransform first"
+            f"sparkloom.models.augment.ImageBatchTransform first"
         )
 
 

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from models.storage import resolve
+from sparkloom.models.storage import resolve
 
 META_FILE = "_sparkloom_meta.json"  # written by the converter: vector formats, shapes
 

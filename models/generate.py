@@ -13,7 +13,7 @@ import hashlib
 import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from models.gpt2 import GPT2LM
+from sparkloom.models.gpt2 import GPT2LM
 
 
 def generate(

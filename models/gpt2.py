@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from models.hf import check_hf_directory
+from sparkloom.models.hf import check_hf_directory
 
 
 class GPT2Dims(NamedTuple):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.heads import ClassificationHead, padding_mask
+from sparkloom.models.heads import ClassificationHead, padding_mask
 
 POOLINGS = ("max", "mean", "last")
 

@@ -204,7 +204,7 @@ def load_int8(model: nn.Module, how: dict[str, Any], directory: str, prefix: str
     """The int8 model the quantize stage measured, from its float model and recipe: dynamic
     recomputes it from the weights; static loads the stored int8 weights into the same
     structure (weights-only)."""
-    from models.weights import load_weights
+    from sparkloom.models.weights import load_weights
 
     if how["method"] == "dynamic":
         return quantize(model, how["modules"])

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.bert import BertClassifier, BertConfig, BertPretrainer
-from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
-from models.gpt2 import GPT2LM, GPT2Config
-from models.lstm import LSTMClassifier, LSTMConfig
-from models.textcnn import TextCNN, TextCNNConfig
-from models.weights import load_weights
+from sparkloom.models.bert import BertClassifier, BertConfig, BertPretrainer
+from sparkloom.models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
+from sparkloom.models.gpt2 import GPT2LM, GPT2Config
+from sparkloom.models.lstm import LSTMClassifier, LSTMConfig
+from sparkloom.models.textcnn import TextCNN, TextCNNConfig
+from sparkloom.models.weights import load_weights
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "lstm": (LSTMConfig, LSTMClassifier),

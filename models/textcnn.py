@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.heads import ClassificationHead, padding_mask
+from sparkloom.models.heads import ClassificationHead, padding_mask
 
 
 @dataclass

@@ -41,13 +41,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models import storage
-from models.augment import AugmentConfig, ImageBatchTransform
-from models.data import ColumnTransform, make_dataloader
-from models.distill import distillation_loss
-from models.masking import MaskingConfig, MLMBatchTransform
-from models.registry import build_model, model_config
-from models.weights import load_weights
+from sparkloom.models import storage
+from sparkloom.models.augment import AugmentConfig, ImageBatchTransform
+from sparkloom.models.data import ColumnTransform, make_dataloader
+from sparkloom.models.distill import distillation_loss
+from sparkloom.models.masking import MaskingConfig, MLMBatchTransform
+from sparkloom.models.registry import build_model, model_config
+from sparkloom.models.weights import load_weights
 
 # --- config -----------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.storage import torch_source
+from sparkloom.models.storage import torch_source
 
 
 class UnsafeWeights(ValueError):

@@ -35,12 +35,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import BaselineConfig
-from pipelines.context import StageContext, stage
-from pipelines.errors import DataError
-from pipelines.report import classification_metrics, confusion_from_counts
-from pipelines.spark import blas_in_use
-from pipelines.text import load_feature_model
+from sparkloom.pipelines.config import BaselineConfig
+from sparkloom.pipelines.context import StageContext, stage
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.report import classification_metrics, confusion_from_counts
+from sparkloom.pipelines.spark import blas_in_use
+from sparkloom.pipelines.text import load_feature_model
 
 log = logging.getLogger(__name__)
 

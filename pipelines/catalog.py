@@ -28,8 +28,8 @@ from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 
-from models import storage
-from pipelines.errors import DataError
+from sparkloom.models import storage
+from sparkloom.pipelines.errors import DataError
 
 log = logging.getLogger(__name__)
 

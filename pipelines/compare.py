@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipelines.errors import DataError
-from pipelines.stages import CLASSIFIERS, LANGUAGE_MODELS, names
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.stages import CLASSIFIERS, LANGUAGE_MODELS, names
 
 # stage runs that train no model (a score run's metrics are a registered model's on a split)
 NOT_MODELS = (*names(kind="data"), "register")

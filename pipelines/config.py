@@ -20,8 +20,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.errors import ConfigError
-from pipelines.stages import (
+from sparkloom.pipelines.errors import ConfigError
+from sparkloom.pipelines.stages import (
     CLASSIFIERS,
     DEPENDS,
     IMAGE_MODELS,
@@ -955,7 +955,7 @@ def _explain(err: ValidationError, data: dict[str, Any]) -> str:
 
 def _shown(loc: list[str], value: Any) -> str:
     """A rejected value as an error may show it: never a secret's, never more than 80 chars."""
-    from pipelines.secrets import is_secret
+    from sparkloom.pipelines.secrets import is_secret
 
     if any(is_secret(".".join(loc[: i + 1])) for i in range(len(loc))):
         return "a value, hidden because the key names a secret"

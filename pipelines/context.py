@@ -17,13 +17,17 @@ from typing import Any, TypeVar
 
 from pyspark.sql import SparkSession
 
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, stage_output
-from pipelines.stages import SPECS, maker
+from sparkloom.pipelines.catalog import Catalog, fingerprint
+from sparkloom.pipelines.config import Config, stage_output
+from sparkloom.pipelines.stages import SPECS, maker
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+# joins every fingerprint: raised when outputs written by older code cannot be read back by
+# this one (2: the package became sparkloom.*, and a saved Spark model names its Python
+# transformers' classes by module, pipelines.images.PixelVectorizer before)
+OUTPUT_FORMAT = 2
 Extra = Callable[[SparkSession, Config, Catalog], Sequence[Any]]
 
 
@@ -61,7 +65,8 @@ def context(
     its fingerprint: its config section, its inputs' fingerprints, then `extra`'s parts."""
     inputs = {d: catalog.require(d, maker(d)) for d in SPECS[stage].inputs_for(cfg)}
     parts = tuple(extra(spark, cfg, catalog)) if extra else ()
-    fp = fingerprint(cfg.stage_hash(stage), *(m["fingerprint"] for m in inputs.values()), *parts)
+    made_from = (m["fingerprint"] for m in inputs.values())
+    fp = fingerprint(OUTPUT_FORMAT, cfg.stage_hash(stage), *made_from, *parts)
     return StageContext(spark, cfg, catalog, stage, force, inputs, parts, fp,
                         stage_output(cfg, stage))  # fmt: skip
 

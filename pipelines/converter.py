@@ -33,8 +33,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from models.data import META_FILE, make_dataloader
-from pipelines.catalog import HadoopFS, fingerprint, local_path
+from sparkloom.models.data import META_FILE, make_dataloader
+from sparkloom.pipelines.catalog import HadoopFS, fingerprint, local_path
 
 log = logging.getLogger(__name__)
 

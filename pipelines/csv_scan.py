@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
-from pipelines.errors import ConfigError, DataError
+from sparkloom.pipelines.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -453,7 +453,7 @@ def open_file(path: str) -> Iterator[BinaryIO]:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from pipelines.catalog import local_path
+    from sparkloom.pipelines.catalog import local_path
 
     if path.startswith("file:"):
         path = local_path(path)

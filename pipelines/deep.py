@@ -26,17 +26,23 @@ from typing import Any
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from models import storage
-from models.masking import IGNORE_INDEX
-from pipelines import lm, subword
-from pipelines.catalog import Catalog, fingerprint
-from pipelines.config import Config, DistributorConfig, TrainingConfig
-from pipelines.context import StageContext, context, run_stage
-from pipelines.converter import make_spark_converter
-from pipelines.errors import ConfigError, DataError, SparkloomError, Terminated, exception_text
-from pipelines.spark import terminating
-from pipelines.stages import IMAGE_MODELS
-from pipelines.text import load_vocabulary
+from sparkloom.models import storage
+from sparkloom.models.masking import IGNORE_INDEX
+from sparkloom.pipelines import lm, subword
+from sparkloom.pipelines.catalog import Catalog, fingerprint
+from sparkloom.pipelines.config import Config, DistributorConfig, TrainingConfig
+from sparkloom.pipelines.context import StageContext, context, run_stage
+from sparkloom.pipelines.converter import make_spark_converter
+from sparkloom.pipelines.errors import (
+    ConfigError,
+    DataError,
+    SparkloomError,
+    Terminated,
+    exception_text,
+)
+from sparkloom.pipelines.spark import terminating
+from sparkloom.pipelines.stages import IMAGE_MODELS
+from sparkloom.pipelines.text import load_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +199,7 @@ def _slots_short(spark: SparkSession, dc: DistributorConfig) -> str | None:
     had SLOTS_WAIT_S to come back), or None."""
     if dc.local_mode:
         return None
-    from pipelines.preflight import wait_for_slots
+    from sparkloom.pipelines.preflight import wait_for_slots
 
     slots = wait_for_slots(spark, dc.num_processes, SLOTS_WAIT_S)
     if slots >= dc.num_processes:
@@ -239,7 +245,7 @@ def rank_entry(spark: SparkSession):
 
     TorchDistributor starts every rank as a new Python (torchrun) that inherits the
     executor's environment but not the sys.path where Spark put the --py-files, so
-    `import models` fails there. This closure is pickled by value (cloudpickle cannot
+    `import sparkloom` fails there. This closure is pickled by value (cloudpickle cannot
     import a local function) and puts those files on the path first: by name (an
     executor keeps them in its working directory, which the ranks inherit) or in the
     driver's SparkFiles folder (local masters).
@@ -258,7 +264,7 @@ def rank_entry(spark: SparkSession):
             path = os.path.abspath(path)
             if os.path.exists(path) and path not in sys.path:
                 sys.path.insert(0, path)
-        from models.train import train_fn
+        from sparkloom.models.train import train_fn
 
         return train_fn(config)
 
@@ -408,9 +414,9 @@ def student_and_teacher(cfg: Config, catalog: Catalog, threads: int = 1) -> dict
     """What the distilled student costs beside its teacher: parameters, state-dict bytes and
     CPU scoring rows/s (`threads` threads, best of 3) on the test split, each model on its
     own inputs (BERT: WordPiece ids)."""
-    from models.quantize import rows_per_second, serialized_bytes
-    from models.train import load_exported
-    from pipelines.quantize import test_inputs
+    from sparkloom.models.quantize import rows_per_second, serialized_bytes
+    from sparkloom.models.train import load_exported
+    from sparkloom.pipelines.quantize import test_inputs
 
     d, out = cfg.distill, {}
     for role, stage, name in (("student", "distill", d.student), ("teacher", d.teacher, d.teacher)):
@@ -429,7 +435,7 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
     """The student's token ids with the teacher's logits for every row of every split,
     computed once in Spark by batch scoring the teacher's current model with its own
     preprocessing (pipelines.scoring), stored as `teacher_logits` (log-probabilities)."""
-    from pipelines.scoring import ModelRef, score
+    from sparkloom.pipelines.scoring import ModelRef, score
 
     d = cfg.distill
     student = text_inputs(catalog, labels)
@@ -628,7 +634,7 @@ def gpt2_tokenizer(cfg: Config, catalog: Catalog) -> tuple[str, dict]:
 
 def gpt2_inputs(cfg: Config, catalog: Catalog, kept: str | None = None) -> DeepInputs:
     """Packed blocks per split (ingest split documents, so no block mixes splits)."""
-    from models.gpt2 import GPT2Config
+    from sparkloom.models.gpt2 import GPT2Config
 
     gc = cfg.gpt2
     tokenizer_json, tokenizer_info = keep_tokenizer(kept, lambda: gpt2_tokenizer(cfg, catalog))

@@ -26,8 +26,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.errors import DataError
-from pipelines.spark import ship_files, write_with_quarantine
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.spark import ship_files, write_with_quarantine
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
             f"a checkpoint ({path}) holds no tokenizer: pass --tokenizer path/to/tokenizer.json "
             "(the gpt2_model dataset has it)"
         )
-    from models.weights import load_weights
+    from sparkloom.models.weights import load_weights
 
     saved = load_weights(path)
     run = json.loads(saved["config"])
@@ -93,7 +93,7 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
     out = tempfile.mkdtemp(prefix="sparkloom-gpt2-")
     torch.save(saved["model"], os.path.join(out, "state_dict.pt"))
     # the config that built the model: the checkpoint's, completed by the model's own defaults
-    from models.gpt2 import GPT2Config
+    from sparkloom.models.gpt2 import GPT2Config
 
     # the built model's own config (exact also for a run started from a Hugging Face model);
     # checkpoints older than that field have only the run's model section
@@ -116,8 +116,8 @@ def load(model_dir: str, device: str = "cpu", prefix: str = ""):
     weights = os.path.join(model_dir, f"{prefix}state_dict.pt")
     key = (os.path.abspath(weights), os.path.getmtime(weights), device)
     if key not in _LOADED:
-        from models.train import load_exported
-        from pipelines.subword import tokenizer_from_json
+        from sparkloom.models.train import load_exported
+        from sparkloom.pipelines.subword import tokenizer_from_json
 
         with open(os.path.join(model_dir, f"{prefix}tokenizer.json")) as f:
             tok = tokenizer_from_json(f.read())
@@ -130,8 +130,8 @@ def complete(
     device: str = "cpu", prefix: str = "",
 ):  # fmt: skip
     """Completions (text after the prompt) and their lengths in tokens, one per prompt."""
-    from models.generate import generate
-    from pipelines.subword import EOT
+    from sparkloom.models.generate import generate
+    from sparkloom.pipelines.subword import EOT
 
     model, tok = load(model_dir, device, prefix)
     eot = tok.token_to_id(EOT)

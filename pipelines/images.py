@@ -31,8 +31,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import ImageConfig
-from pipelines.context import StageContext, stage
+from sparkloom.pipelines.config import ImageConfig
+from sparkloom.pipelines.context import StageContext, stage
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog
-from pipelines.config import SPLITS, Config, ImageConfig, IngestConfig, SplitConfig
-from pipelines.context import StageContext, stage
-from pipelines.errors import DataError
-from pipelines.images import channel_stats, prepare_images
-from pipelines.sources import (
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import SPLITS, Config, ImageConfig, IngestConfig, SplitConfig
+from sparkloom.pipelines.context import StageContext, stage
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.images import channel_stats, prepare_images
+from sparkloom.pipelines.sources import (
     csv_scans,
     input_fingerprint,
     input_listing,

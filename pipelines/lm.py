@@ -27,8 +27,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.errors import DataError
-from pipelines.subword import EOT, tokenizer_from_json
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.subword import EOT, tokenizer_from_json
 
 IDS = T.ArrayType(T.IntegerType())
 PIECES = T.StructType(

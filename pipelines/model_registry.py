@@ -22,11 +22,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines.catalog import Catalog
-from pipelines.config import Config, stage_output
-from pipelines.errors import DataError
-from pipelines.stages import CLASSIFIERS
-from pipelines.tracking import making_run
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import Config, stage_output
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.stages import CLASSIFIERS
+from sparkloom.pipelines.tracking import making_run
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from models import storage
-from pipelines.catalog import Catalog, local_path
-from pipelines.config import Config
-from pipelines.deep import barrier_refusal, dynamic_allocation, trained_section
-from pipelines.errors import SparkloomError
-from pipelines.secrets import mask
-from pipelines.stages import DEEP_STAGES
+from sparkloom.models import storage
+from sparkloom.pipelines.catalog import Catalog, local_path
+from sparkloom.pipelines.config import Config
+from sparkloom.pipelines.deep import barrier_refusal, dynamic_allocation, trained_section
+from sparkloom.pipelines.errors import SparkloomError
+from sparkloom.pipelines.secrets import mask
+from sparkloom.pipelines.stages import DEEP_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -360,8 +360,8 @@ def _probe(spark: SparkSession, shared: str | None) -> dict[str, str]:
 
         row = {"python": "{}.{}".format(*sys.version_info[:2])}
         try:
-            pipelines = importlib.import_module("pipelines")
-            importlib.import_module("models.train")
+            pipelines = importlib.import_module("sparkloom.pipelines")
+            importlib.import_module("sparkloom.models.train")
             torch = importlib.import_module("torch")
             row["torch"] = torch.__version__
             row["sparkloom"] = os.path.dirname(os.path.dirname(pipelines.__file__))
@@ -370,7 +370,7 @@ def _probe(spark: SparkSession, shared: str | None) -> dict[str, str]:
             row["error"] = f"{type(e).__name__}: {e}"
         if shared is not None:
             try:
-                from models import storage
+                from sparkloom.models import storage
 
                 storage.read_text(storage.join(shared, "driver"))
                 storage.write_text(storage.join(shared, "executor"), "sparkloom preflight")
@@ -482,7 +482,7 @@ def _megabytes(size: str) -> float | None:
 
 
 def _short(e: BaseException) -> str:
-    from pipelines.errors import exception_text
+    from sparkloom.pipelines.errors import exception_text
 
     lines = [ln.strip() for ln in exception_text(e).splitlines() if ln.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from pyspark.sql import functions as F
 
-from models import storage
-from pipelines.catalog import Catalog
-from pipelines.config import Config
-from pipelines.context import StageContext, stage
-from pipelines.report import classification_metrics
-from pipelines.stages import IMAGE_MODELS
+from sparkloom.models import storage
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import Config
+from sparkloom.pipelines.context import StageContext, stage
+from sparkloom.pipelines.report import classification_metrics
+from sparkloom.pipelines.stages import IMAGE_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def test_inputs(
         std = torch.tensor(pre["std"]).view(1, -1, 1, 1)
         labels = torch.tensor([r["label_index"] for r in rows])
         return (x - mean) / std, labels, "images"
-    from pipelines.scoring import ModelRef, _token_ids
+    from sparkloom.pipelines.scoring import ModelRef, _token_ids
 
     config = cfg.model_dump(mode="json")
     ref = ModelRef("", stage, model_dir, [], config)
@@ -87,8 +87,8 @@ def test_inputs(
 @stage("quantize", QuantizeResult)
 def run_quantize(ctx: StageContext) -> QuantizeResult:
     """Called as run_quantize(spark, cfg, catalog, force=False); writes <source>_int8."""
-    from models.quantize import INT8_WEIGHTS, compare, quantize, recipe, static_quantize
-    from models.train import load_exported
+    from sparkloom.models.quantize import INT8_WEIGHTS, compare, quantize, recipe, static_quantize
+    from sparkloom.models.train import load_exported
 
     cfg, catalog, out = ctx.cfg, ctx.catalog, ctx.output
     qc = cfg.quantize

@@ -12,27 +12,27 @@ import mlflow
 import numpy as np
 from pyspark.sql import SparkSession
 
-from pipelines import tracking
-from pipelines.baseline import BaselineResult, run_baseline
-from pipelines.catalog import Catalog
-from pipelines.config import Config, flatten, stage_output
-from pipelines.deep import DeepResult, run_deep, student_and_teacher
-from pipelines.errors import SparkloomError, Terminated, exception_text
-from pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
-from pipelines.ingest import IngestResult, run_ingest
-from pipelines.model_registry import RegisterResult, register
-from pipelines.quantize import QuantizeResult, run_quantize
-from pipelines.report import (
+from sparkloom.pipelines import tracking
+from sparkloom.pipelines.baseline import BaselineResult, run_baseline
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import Config, flatten, stage_output
+from sparkloom.pipelines.deep import DeepResult, run_deep, student_and_teacher
+from sparkloom.pipelines.errors import SparkloomError, Terminated, exception_text
+from sparkloom.pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
+from sparkloom.pipelines.ingest import IngestResult, run_ingest
+from sparkloom.pipelines.model_registry import RegisterResult, register
+from sparkloom.pipelines.quantize import QuantizeResult, run_quantize
+from sparkloom.pipelines.report import (
     classification_metrics,
     classification_report,
     confusion_figure,
     learning_curves_figure,
     misclassified_figure,
 )
-from pipelines.scoring import ScoreStageResult, run_score
-from pipelines.spark import jvm_failure, terminating
-from pipelines.stages import DEEP_STAGES, IMAGE_MODELS, LANGUAGE_MODELS
-from pipelines.text import FeaturesResult, run_features
+from sparkloom.pipelines.scoring import ScoreStageResult, run_score
+from sparkloom.pipelines.spark import jvm_failure, terminating
+from sparkloom.pipelines.stages import DEEP_STAGES, IMAGE_MODELS, LANGUAGE_MODELS
+from sparkloom.pipelines.text import FeaturesResult, run_features
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _compare(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Comp
     """Every comparable run of the experiment (this one's included), logged to this run."""
     import tempfile
 
-    from pipelines.compare import compare_experiment, log_report
+    from sparkloom.pipelines.compare import compare_experiment, log_report
 
     out = tempfile.mkdtemp(prefix="sparkloom-compare-")
     report = compare_experiment(cfg.experiment, out, tracking_uri=cfg.mlflow.tracking_uri)
@@ -333,7 +333,7 @@ def _deep(stage: str):
 
 def _log_samples(cfg: Config, model_dir: str) -> None:
     """Text the trained model writes from the configured prompts, as samples.md/.json."""
-    from pipelines.generation import Sampling, complete
+    from sparkloom.pipelines.generation import Sampling, complete
 
     g = cfg.gpt2.generate
     s = Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed)

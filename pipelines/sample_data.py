@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.errors import DataError
+from sparkloom.pipelines.errors import DataError
 
 
 def mnist5k() -> tuple[np.ndarray, np.ndarray]:

@@ -32,11 +32,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.config import IMAGE_FORMATS, ImageConfig
-from pipelines.context import StageContext, stage
-from pipelines.errors import DataError
-from pipelines.spark import ship_files, write_with_quarantine
-from pipelines.stages import CLASSIFIERS
+from sparkloom.pipelines.config import IMAGE_FORMATS, ImageConfig
+from sparkloom.pipelines.context import StageContext, stage
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.spark import ship_files, write_with_quarantine
+from sparkloom.pipelines.stages import CLASSIFIERS
 
 
 @dataclass
@@ -123,8 +123,8 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
             with open(os.path.join(files, "quantization.json")) as f:  # the float files plus
                 how = json.load(f)  # the recipe; the model is built from its source
             stage, quantized = how["source"], how
-        from models.quantize import INT8_WEIGHTS
-        from models.weights import UnsafeWeights, load_weights
+        from sparkloom.models.quantize import INT8_WEIGHTS
+        from sparkloom.models.weights import UnsafeWeights, load_weights
 
         weights = [os.path.join(files, "state_dict.pt")]
         if os.path.exists(os.path.join(files, INT8_WEIGHTS)):  # a static int8 model's
@@ -140,14 +140,14 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
 def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
     """(id, text) -> (id, ids padded with 0 to max_length)."""
     if ref.stage == "bert":
-        from pipelines import subword
+        from sparkloom.pipelines import subword
 
         with open(os.path.join(ref.files, "tokenizer.json")) as f:
             enc = subword.encode(f.read(), max_length, F.col("text"))
         ids = text.select("id", enc["input_ids"].alias("ids"))
     else:
-        from pipelines.config import FeaturesConfig
-        from pipelines.text import build_feature_pipeline, token_ids
+        from sparkloom.pipelines.config import FeaturesConfig
+        from sparkloom.pipelines.text import build_feature_pipeline, token_ids
 
         fc = FeaturesConfig(**ref.config.get("features", {}))
         tokenize = build_feature_pipeline(fc).getStages()[:2]  # RegexTokenizer, stopwords
@@ -255,7 +255,7 @@ def _image_rows(
     df: DataFrame, ref: ModelRef, col: str, id_col: str, prepared: bool
 ) -> tuple[DataFrame, DataFrame]:
     """(id, image) decoded and resized as the model's ingest did; (id, reason) for the rest."""
-    from pipelines.images import prepare_images
+    from sparkloom.pipelines.images import prepare_images
 
     ident = F.col(id_col).cast("string").alias("id")
     if prepared:
@@ -300,7 +300,7 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     spark = good.sparkSession
     weights: tuple[str, ...] = ("state_dict.pt", "model.json")
     if ref.quantized and ref.quantized["method"] == "static":
-        from models.quantize import INT8_WEIGHTS
+        from sparkloom.models.quantize import INT8_WEIGHTS
 
         weights += (INT8_WEIGHTS,)
     if ref.modality == "image":
@@ -345,14 +345,14 @@ def _predict_udf(
         import torch
         from pyspark import SparkFiles
 
-        from models.registry import ImageScorer, Scorer
-        from models.train import load_exported
+        from sparkloom.models.registry import ImageScorer, Scorer
+        from sparkloom.models.train import load_exported
 
         # the files Spark shipped to this executor; built once per Python worker
         root = SparkFiles.getRootDirectory()
         model = load_exported(root, stage, prefix, allow_pickle)
         if quantized:  # the int8 model: the same recipe the quantize stage measured
-            from models.quantize import load_int8
+            from sparkloom.models.quantize import load_int8
 
             model = load_int8(model, quantized, root, prefix, allow_pickle)
         if len(shape) == 3:

@@ -21,10 +21,10 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import HadoopFS, absolute_uri, fingerprint, local_path
-from pipelines.config import IngestConfig
-from pipelines.errors import DataError, exception_text
-from pipelines.images import IDX_RECORDS, idx_header, idx_records
+from sparkloom.pipelines.catalog import HadoopFS, absolute_uri, fingerprint, local_path
+from sparkloom.pipelines.config import IngestConfig
+from sparkloom.pipelines.errors import DataError, exception_text
+from sparkloom.pipelines.images import IDX_RECORDS, idx_header, idx_records
 
 CORRUPT = "_corrupt_record"
 
@@ -343,7 +343,7 @@ def check_csv_headers(spark: SparkSession, listing: Listing, ing: IngestConfig, 
 
         import pandas as pd
 
-        from pipelines.csv_scan import open_file
+        from sparkloom.pipelines.csv_scan import open_file
 
         enc = "utf-8-sig" if _codecs.lookup(opts["encoding"]).name == "utf-8" else opts["encoding"]
         same = opts["escape"] == opts["quotechar"]
@@ -463,7 +463,7 @@ def parquet_footers(spark: SparkSession, files: list[str]) -> dict[str, tuple[li
         import pandas as pd
         import pyarrow.parquet as pq
 
-        from pipelines.catalog import open_input
+        from sparkloom.pipelines.catalog import open_input
 
         for b in batches:
             names, errors = [], []
@@ -579,7 +579,7 @@ def csv_scans(spark: SparkSession, ing: IngestConfig, parsed: DataFrame) -> dict
     finds (pipelines.csv_scan), so a file written another way than ingest.csv says fails
     instead of turning into rows that are fragments of records. Returns, per file (as in
     `source`), (scan, pos of its first row) for the line numbers of quarantined records."""
-    from pipelines.csv_scan import scan_files
+    from sparkloom.pipelines.csv_scan import scan_files
 
     files = []
     for split in ing.paths():

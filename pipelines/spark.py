@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from pyspark.sql import SparkSession
 
-from pipelines.config import SparkConfig
-from pipelines.errors import ResourceError, SparkloomError, exception_text
+from sparkloom.pipelines.config import SparkConfig
+from sparkloom.pipelines.errors import ResourceError, SparkloomError, exception_text
 
 
 def check_java() -> None:
@@ -69,6 +69,9 @@ TASK_FAILURE_LOGGERS = (
     "org.apache.spark.scheduler.TaskSetManager",
     "org.apache.spark.scheduler.TaskSchedulerImpl",
     "org.apache.spark.storage.BlockManager",
+    # a JVM exiting on OutOfMemoryError while the job's error reaches us: its shutdown
+    # fails to remove cached RDDs and logs each with a stack (seen once in CI)
+    "org.apache.spark.storage.BlockManagerMaster",
 )
 
 
@@ -208,7 +211,7 @@ def handle_termination() -> None:
     import signal
     import threading
 
-    from pipelines.errors import Terminated
+    from sparkloom.pipelines.errors import Terminated
 
     def cancel() -> None:
         from pyspark import SparkContext
@@ -271,7 +274,7 @@ def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> s
 def read_table(spark: SparkSession, path: str, text_column: str = "text"):
     """A user's file by its extension: .csv (with a header), .json/.jsonl, .txt (one row per
     line, in `text_column`), else Parquet; a clear error when it is none of them."""
-    from pipelines.errors import DataError
+    from sparkloom.pipelines.errors import DataError
 
     low = path.lower().rstrip("/")
     if low.endswith(".txt"):
@@ -295,8 +298,8 @@ def read_images(spark: SparkSession, path: str, glob: str = "*"):
     the file's path under `path`."""
     from pyspark.sql import functions as F
 
-    from pipelines.errors import DataError
-    from pipelines.sources import absolute_uri, binary_files, list_input
+    from sparkloom.pipelines.errors import DataError
+    from sparkloom.pipelines.sources import absolute_uri, binary_files, list_input
 
     if not os.path.isdir(path) and "://" not in path:
         raise DataError(f"--images: {path} is not a folder of image files")
@@ -313,8 +316,8 @@ def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tup
     were made from."""
     import uuid
 
-    from pipelines.catalog import HadoopFS
-    from pipelines.errors import DataError
+    from sparkloom.pipelines.catalog import HadoopFS
+    from sparkloom.pipelines.errors import DataError
 
     spark = df_in.sparkSession
     fs = HadoopFS(spark)

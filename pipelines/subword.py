@@ -23,7 +23,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.errors import DataError
+from sparkloom.pipelines.errors import DataError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4 in vocabularies we train
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")  # a sentence ends at . ! ? or a blank line
@@ -342,7 +342,7 @@ def static_masks(ids: Column, key: Column, mlm: dict, seed: int) -> Column:
         import numpy as np
         import torch
 
-        from models.masking import MaskingConfig, mask_tokens
+        from sparkloom.models.masking import MaskingConfig, mask_tokens
 
         cfg = MaskingConfig(probability=mlm["probability"])
         special_ids = torch.tensor(mlm["special_ids"], dtype=torch.int64)

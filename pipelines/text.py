@@ -26,9 +26,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog
-from pipelines.config import FeaturesConfig, SequenceConfig
-from pipelines.context import StageContext, stage
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import FeaturesConfig, SequenceConfig
+from sparkloom.pipelines.context import StageContext, stage
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 import mlflow
 from mlflow.entities import RunStatus
 
-from pipelines.config import Config, flatten
-from pipelines.errors import Terminated, TrackingUnavailable
-from pipelines.secrets import MASK, is_secret, mask  # noqa: F401 (re-exported)
+from sparkloom.pipelines.config import Config, flatten
+from sparkloom.pipelines.errors import Terminated, TrackingUnavailable
+from sparkloom.pipelines.secrets import MASK, is_secret, mask  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def close_stale_runs(experiment_id: str, pipeline: str) -> list[str]:
 
 
 def _ended(error: BaseException | None) -> str:
-    from pipelines.spark import terminating
+    from sparkloom.pipelines.spark import terminating
 
     if error is None:
         return RunStatus.to_string(RunStatus.FINISHED)
@@ -398,15 +398,15 @@ def log_torch_model(model_dir: str, name: str, artifact_path: str) -> str:
     import torch
     from mlflow.models import infer_signature
 
-    from models.registry import ImageScorer, Scorer
-    from models.train import load_exported
+    from sparkloom.models.registry import ImageScorer, Scorer
+    from sparkloom.models.train import load_exported
 
     mlflow.log_artifacts(model_dir, artifact_path=f"{artifact_path}-files")
     model = load_exported(model_dir, name)
     recipe = Path(model_dir) / "quantization.json"
     how = json.loads(recipe.read_text()) if recipe.exists() else None
     if how:  # the quantize stage's int8 model, as it measured it
-        from models.quantize import load_int8
+        from sparkloom.models.quantize import load_int8
 
         model = load_int8(model, how, model_dir)
     preprocess = Path(model_dir) / "preprocess.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import __main__
-from pipelines.config import Config, _validate
+from sparkloom.pipelines.config import Config, _validate
 
 # pytest-xdist's workers run under execnet, whose __main__ has neither __spec__ nor
 # __file__: pyspark.sql.connect (imported by mlflow.spark) takes that for a doctest run

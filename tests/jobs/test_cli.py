@@ -139,7 +139,7 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
     wheel = next(wheel_dir.glob("sparkloom-*.whl"))
     bundle = wheel_dir / "sparkloom.zip"
     shutil.copy(wheel, bundle)
-    assert "pipelines/ingest.py" in zipfile.ZipFile(bundle).namelist()
+    assert "sparkloom/pipelines/ingest.py" in zipfile.ZipFile(bundle).namelist()
 
     # Python without site-packages' .pth files: the editable install is invisible,
     # the libraries are on PYTHONPATH, and our code comes from the zip alone.
@@ -163,7 +163,7 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
 
     without = submit()
     # spark-submit's PythonRunner merges the script's stderr into its stdout
-    assert without.returncode != 0 and "No module named 'jobs'" in without.stdout
+    assert without.returncode != 0 and "No module named 'sparkloom'" in without.stdout
     p = submit("--py-files", str(bundle))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "30 rows in = 30 out" in p.stdout
@@ -174,6 +174,85 @@ def test_spark_submit_runs_a_stage_like_the_console_script(tmp_path):
     a = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/a/tiny/ingested").collect()))
     b = sorted(map(tuple, spark.read.parquet(f"{tmp_path}/b/tiny/ingested").collect()))
     assert a == b and len(a) == 30
+
+
+APP = """
+import json, sys
+
+import models  # the application's own package of that name
+from pyspark.sql import SparkSession
+
+from sparkloom.jobs.cli import main as sparkloom
+
+
+def probe(_):
+    import models
+    import sparkloom.models.train
+
+    return [(models.WHO, sparkloom.models.train.__file__)]
+
+
+spark = SparkSession.builder.getOrCreate()
+seen = spark.sparkContext.parallelize(range(2), 2).mapPartitions(probe).collect()
+print("SEEN " + json.dumps({"driver": models.WHO, "executors": seen}))
+sys.exit(sparkloom(["ingest", "--conf", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_an_app_with_its_own_models_package_keeps_it_and_sparkloom_works(tmp_path):
+    """The wheel installs `sparkloom` alone (`import models` fails after installing it), and
+    an application with its own `models/`, shipped with sparkloom's zip by --py-files, imports
+    its own `models` on the driver and the executors while sparkloom runs a stage. (With
+    top-level `models`, the first zip on the path won on each side.)"""
+    wheel_dir = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(wheel_dir), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    wheel = next(wheel_dir.glob("sparkloom-*.whl"))
+    site = next(p for p in sys.path if p.endswith("site-packages"))  # the libraries, not us
+    python = tmp_path / "python-nosite"  # no .pth files: the editable install is invisible
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python.chmod(0o755)
+
+    target = tmp_path / "installed"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)  # fmt: skip
+    top = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
+    assert top - {"bin"} == {"sparkloom"}, top  # bin/: the console script
+    env = {**os.environ, "PYTHONPATH": f"{target}:{site}"}
+    ok = subprocess.run([str(python), "-c", "import sparkloom.models, sparkloom.pipelines, "
+                         "sparkloom.jobs.cli"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    for old in ("models", "pipelines", "jobs"):
+        gone = subprocess.run([str(python), "-c", f"import {old}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert f"No module named '{old}'" in gone.stderr
+
+    app = tmp_path / "app"
+    (app / "models").mkdir(parents=True)
+    (app / "models" / "__init__.py").write_text("WHO = 'app'\n")
+    (app / "main.py").write_text(APP)
+    shutil.make_archive(str(tmp_path / "app_models"), "zip", app, "models")
+    bundle = wheel_dir / "sparkloom.zip"
+    shutil.copy(wheel, bundle)
+    conf = tiny_conf(tmp_path)
+    cmd = [str(BIN / "spark-submit"), "--master", "local[2]", "--py-files",
+           f"{bundle},{tmp_path / 'app_models.zip'}", str(app / "main.py"), str(conf)]  # fmt: skip
+    env = {**os.environ, "PYSPARK_PYTHON": str(python), "PYSPARK_DRIVER_PYTHON": str(python),
+           "PYTHONPATH": site}  # fmt: skip
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    import json
+
+    seen = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("SEEN "))[5:])
+    assert seen["driver"] == "app"
+    assert [who for who, _ in seen["executors"]] == ["app", "app"]
+    assert all("sparkloom.zip" in where for _, where in seen["executors"])
+    assert "30 rows in = 30 out" in p.stdout
 
 
 def test_a_file_spark_fails_to_read_is_one_line_naming_it_and_exit_3(tmp_path):

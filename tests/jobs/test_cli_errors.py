@@ -179,9 +179,9 @@ def test_a_driver_out_of_memory_is_one_line_naming_the_settings_and_nothing_foll
     used hashed features of random words. The last line of stderr names the fix."""
     import numpy as np
 
-    from pipelines.catalog import Catalog
-    from pipelines.ingest import run_ingest
-    from pipelines.text import run_features
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.ingest import run_ingest
+    from sparkloom.pipelines.text import run_features
     from tests.conftest import make_config
 
     rng = np.random.default_rng(0)
@@ -218,8 +218,8 @@ def test_only_a_jvm_failure_is_reported_as_one(spark):
     anything else (an MLflow server that is down) is not taken for a dead JVM."""
     import time
 
-    from pipelines.config import SparkConfig
-    from pipelines.spark import JVM_EXIT_WAIT_S, jvm_failure
+    from sparkloom.pipelines.config import SparkConfig
+    from sparkloom.pipelines.spark import JVM_EXIT_WAIT_S, jvm_failure
 
     cfg = SparkConfig(conf={"spark.driver.memory": "2g"})
     oom = jvm_failure(RuntimeError("java.lang.OutOfMemoryError: Java heap space"), "baseline", cfg)
@@ -237,7 +237,7 @@ def test_only_a_jvm_failure_is_reported_as_one(spark):
 def test_a_refused_connection_is_the_gateway_only_when_py4j_raised_it():
     """A JVM that is exiting after a task's OutOfMemoryError refuses Py4J's next connection
     while a pooled one still says the context is not stopped: the py4j frame decides."""
-    from pipelines.spark import _raised_in_py4j
+    from sparkloom.pipelines.spark import _raised_in_py4j
 
     def raise_in(filename: str) -> BaseException:
         code = compile("raise ConnectionRefusedError(111, 'Connection refused')", filename, "exec")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.augment import AugmentConfig, ImageBatchTransform
+from sparkloom.models.augment import AugmentConfig, ImageBatchTransform
 
 SHAPE = (3, 8, 8)
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]

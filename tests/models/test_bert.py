@@ -11,14 +11,14 @@ import pytest
 import torch
 import transformers
 
-from models.bert import (
+from sparkloom.models.bert import (
     BERT_PRESETS,
     BertClassifier,
     BertConfig,
     BertPretrainer,
     encoder_state_from_pretraining,
 )
-from models.masking import MaskingConfig, mask_tokens
+from sparkloom.models.masking import MaskingConfig, mask_tokens
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 FIRST_NORMAL = 5

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.train import train_fn
+from sparkloom.models.train import train_fn
 
 VOCAB, CLS, SEP, MASK = 60, 2, 3, 4
 

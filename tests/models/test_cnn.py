@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
+from sparkloom.models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
 
 
 def small_cnn(**overrides):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.data import ParquetBatches, batch_sizes, make_dataloader, to_tensors
+from sparkloom.models.data import ParquetBatches, batch_sizes, make_dataloader, to_tensors
 
 
 def write_parts(root, rows: int, files: int = 3, row_group_size: int = 7):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.distill import distillation_loss
+from sparkloom.models.distill import distillation_loss
 
 
 def softmax(xs, t):

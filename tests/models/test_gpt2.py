@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from models.generate import generate
-from models.gpt2 import GPT2_PRESETS, GPT2LM, GPT2Config
+from sparkloom.models.generate import generate
+from sparkloom.models.gpt2 import GPT2_PRESETS, GPT2LM, GPT2Config
 
 V = 64  # vocabulary of the tiny test models
 CTX = 32  # their n_positions

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.train import train_fn
+from sparkloom.models.train import train_fn
 
 VOCAB, SPAN = 50, 17
 
@@ -78,8 +78,8 @@ def test_a_run_resumed_mid_epoch_continues_with_the_same_losses(tmp_path, monkey
 def test_mfu_counts_gpt2_small_flops_and_knows_the_gpus():
     import torch
 
-    from models.gpt2 import GPT2LM, GPT2Config
-    from models.train import peak_tflops_for
+    from sparkloom.models.gpt2 import GPT2LM, GPT2Config
+    from sparkloom.models.train import peak_tflops_for
 
     with torch.device("meta"):
         model = GPT2LM(GPT2Config(vocab_size=50257, preset="small"))

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from models.masking import MaskingConfig, MLMBatchTransform, mask_tokens
+from sparkloom.models.masking import MaskingConfig, MLMBatchTransform, mask_tokens
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 FIRST_NORMAL = 5  # 0-4 are special ids

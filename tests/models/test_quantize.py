@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.quantize import compare, quantize, serialized_bytes
-from models.registry import build_model
+from sparkloom.models.quantize import compare, quantize, serialized_bytes
+from sparkloom.models.registry import build_model
 
 LSTM = {"vocab_size": 2000, "num_classes": 4, "embed_dim": 32, "hidden_dim": 32, "num_layers": 1}
 TEXTCNN = {"vocab_size": 2000, "num_classes": 4, "embed_dim": 32}
@@ -50,7 +50,7 @@ def test_int8_predictions_agree_with_float_on_a_fixed_set():
 
 
 def test_bert_quantizes_its_linear_layers():
-    from models.quantize import recipe
+    from sparkloom.models.quantize import recipe
 
     torch.manual_seed(0)
     cfg = {"vocab_size": 300, "num_classes": 3, "preset": "tiny", "max_position_embeddings": 64}
@@ -73,8 +73,8 @@ IMAGES = {"cnn": {"in_channels": 1, "height": 16, "width": 16, "num_classes": 5,
 def test_static_quantization_runs_the_cnn_trunks_in_int8_and_reloads_exactly(tmp_path):
     """Calibrated on one set, measured on another; the stored int8 weights rebuild the same
     model (weights-only), so scoring elsewhere gives the measured predictions."""
-    from models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
-    from models.weights import load_weights
+    from sparkloom.models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
+    from sparkloom.models.weights import load_weights
 
     for name, cfg in IMAGES.items():
         torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
     """TextCNN's convolutions (one per filter size) and head in int8, calibrated on token
     ids; padding and masking still decide which windows count, so padded rows score as
     unpadded ones, and the stored int8 weights rebuild the same model."""
-    from models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
+    from sparkloom.models.quantize import INT8_WEIGHTS, load_int8, recipe, static_quantize
 
     torch.manual_seed(0)
     model = decisive(build_model("textcnn", TEXTCNN))
@@ -145,7 +145,7 @@ def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
 def test_static_quantization_is_for_the_cnns_only():
     import pytest
 
-    from models.quantize import recipe
+    from sparkloom.models.quantize import recipe
 
     assert recipe("lstm")["method"] == "dynamic" and recipe("cnn", "dynamic")["method"] == "dynamic"
     with pytest.raises(ValueError, match="quantize.method=dynamic"):

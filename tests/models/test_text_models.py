@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.lstm import LSTMClassifier, LSTMConfig
-from models.textcnn import TextCNN, TextCNNConfig
+from sparkloom.models.lstm import LSTMClassifier, LSTMConfig
+from sparkloom.models.textcnn import TextCNN, TextCNNConfig
 
 VOCAB, CLASSES, PAD = 50, 3, 0
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models.train import Checkpoints, load_exported, train_fn
+from sparkloom.models.train import Checkpoints, load_exported, train_fn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ def test_checkpoints_status_and_export_on_a_remote_filesystem_resume_bit_identic
     """Everything a rank writes goes through models.storage (pyarrow.fs): here an in-memory
     filesystem stands in for hdfs:// or s3://; nothing is written to the local checkpoint dir,
     and a run that fails resumes from the remote checkpoint to the same weights."""
-    from models import storage
+    from sparkloom.models import storage
 
     clean = train_fn(config(tmp_path / "clean"))
     root = f"memory://{tmp_path.name}"
@@ -139,7 +139,7 @@ def test_runs_without_pyspark_installed(tmp_path):
     cfg_path.write_text(json.dumps(config(tmp_path, epochs=1)))
     code = (
         "import sys; sys.modules['pyspark'] = None; sys.modules['mlflow'] = None\n"
-        "from models.train import main; main([sys.argv[1]])\n"
+        "from sparkloom.models.train import main; main([sys.argv[1]])\n"
         "assert 'pyspark' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     p = subprocess.run(
@@ -154,7 +154,7 @@ def test_runs_without_pyspark_installed(tmp_path):
 RANK_SCRIPT = """
 import glob, os, sys
 sys.path.insert(0, {root!r})
-from models.train import main
+from sparkloom.models.train import main
 main([sys.argv[1]])
 names = sorted(open(t + "comm").read().strip() for t in glob.glob("/proc/self/task/*/"))
 print("rank", os.environ["RANK"], "threads at exit:", names, file=sys.stderr)
@@ -188,9 +188,9 @@ def test_a_saved_rng_state_restores_torch_python_and_numpy_draws(tmp_path):
     position and cached Gaussian too), through a weights-only checkpoint file."""
     import random
 
-    from models import storage
-    from models.train import rng_state, set_rng_state
-    from models.weights import load_weights
+    from sparkloom.models import storage
+    from sparkloom.models.train import rng_state, set_rng_state
+    from sparkloom.models.weights import load_weights
 
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     np.random.standard_normal(3)  # leave a cached Gaussian and a mid-block position

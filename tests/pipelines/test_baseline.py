@@ -4,12 +4,12 @@ import pytest
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from pipelines.baseline import plan_fits, run_baseline, with_balanced_weights
-from pipelines.catalog import Catalog
-from pipelines.config import BaselineConfig
-from pipelines.ingest import run_ingest
-from pipelines.synthetic import Corpus
-from pipelines.text import run_features
+from sparkloom.pipelines.baseline import plan_fits, run_baseline, with_balanced_weights
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import BaselineConfig
+from sparkloom.pipelines.ingest import run_ingest
+from sparkloom.pipelines.synthetic import Corpus
+from sparkloom.pipelines.text import run_features
 from tests.conftest import make_config, make_docs, write_jsonl
 
 
@@ -79,7 +79,7 @@ def test_validation_tuning_fits_each_point_once_and_keeps_the_best_on_validation
         tuning="validation", grid={"reg_param": [1e-4, 1.0, 1e3], "max_iter": [100],
                                    "standardization": [False]},
     )  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="pipelines.baseline"):
+    with caplog.at_level(logging.INFO, logger="sparkloom.pipelines.baseline"):
         result = run_baseline(spark, cfg, catalog)
     model = PipelineModel.load(catalog.path("baseline_model"))
     # strongest penalty first; a penalty of 1000 cannot separate anything
@@ -102,7 +102,7 @@ def test_a_model_that_stops_at_max_iter_or_at_the_grid_edge_says_so(spark, tmp_p
         spark, tmp_path, make_docs(20), tuning="validation",
         grid={"reg_param": [0.0, 1e3], "max_iter": [2], "standardization": [False]},
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="pipelines.baseline"):
+    with caplog.at_level(logging.WARNING, logger="sparkloom.pipelines.baseline"):
         result = run_baseline(spark, cfg, catalog)
     assert not result.converged and result.iterations == 2
     text = caplog.text
@@ -120,7 +120,7 @@ def test_balanced_class_weights_make_every_class_weigh_the_same(spark):
 def test_fits_at_once_shrink_when_the_coefficients_would_not_fit_the_driver(spark, caplog):
     bc = BaselineConfig(parallelism=4)  # the test session's driver has 2g
     assert plan_fits(spark, bc, classes=5, features=20_000) == 4
-    with caplog.at_level(logging.INFO, logger="pipelines.baseline"):
+    with caplog.at_level(logging.INFO, logger="sparkloom.pipelines.baseline"):
         assert plan_fits(spark, bc, classes=20, features=1 << 18) == 1  # 1.3 GB a fit
     assert "1 fit(s) at once instead of baseline.parallelism=4" in caplog.text
 

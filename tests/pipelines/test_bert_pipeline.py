@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.catalog import Catalog
-from pipelines.runner import run_pipeline
-from pipelines.subword import SPECIAL_TOKENS, pretraining_examples
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.runner import run_pipeline
+from sparkloom.pipelines.subword import SPECIAL_TOKENS, pretraining_examples
 from tests.conftest import make_config
 
 TRAINING = {"batch_size": 16, "optimizer": {"lr": 0.002}, "early_stopping": {"patience": 20}}

@@ -1,8 +1,8 @@
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog
-from pipelines.errors import DataError
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import DataError
 
 
 def test_atomic_write_replaces_and_leaves_no_temporaries(spark, tmp_path):

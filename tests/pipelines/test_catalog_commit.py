@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog, HadoopFS
+from sparkloom.pipelines.catalog import Catalog, HadoopFS
 
 NAMES = ("quarantine", "label_index", "ingested")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -142,7 +142,7 @@ def test_a_commit_whose_journal_fails_keeps_every_previous_version(spark, tmp_pa
 CHILD = """
 import os, sys
 from pyspark.sql import SparkSession
-from pipelines.catalog import Catalog, HadoopFS
+from sparkloom.pipelines.catalog import Catalog, HadoopFS
 from tests.pipelines.test_catalog_commit import NAMES
 
 root, point = sys.argv[1], sys.argv[2]

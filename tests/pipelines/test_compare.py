@@ -14,10 +14,10 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from jobs.cli import main
-from pipelines import compare
-from pipelines.compare import compare_experiment, log_report
-from pipelines.errors import DataError
+from sparkloom.jobs.cli import main
+from sparkloom.pipelines import compare
+from sparkloom.pipelines.compare import compare_experiment, log_report
+from sparkloom.pipelines.errors import DataError
 
 T0 = 1_700_000_000_000  # ms
 HOUR = 3_600_000

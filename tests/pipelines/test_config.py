@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import Config, flatten, load_config
-from pipelines.errors import ConfigError
+from sparkloom.pipelines.config import Config, flatten, load_config
+from sparkloom.pipelines.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.csv_scan import scan_files, scan_path, scan_records
-from pipelines.errors import ConfigError, DataError
+from sparkloom.pipelines.csv_scan import scan_files, scan_path, scan_records
+from sparkloom.pipelines.errors import ConfigError, DataError
 
 
 def python_csv(lineterminator: str = "\r\n") -> bytes:

@@ -9,8 +9,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.deep import TrainingError
-from pipelines.runner import StageFailed, run_pipeline
+from sparkloom.pipelines.deep import TrainingError
+from sparkloom.pipelines.runner import StageFailed, run_pipeline
 from tests.conftest import make_config
 
 LSTM = {
@@ -38,7 +38,7 @@ def test_converter_loader_gives_each_rank_its_share_under_torchdistributor(spark
     """Every row once per epoch across 2 ranks x 2 workers, 101 rows (not divisible)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from pipelines.converter import make_spark_converter
+    from sparkloom.pipelines.converter import make_spark_converter
 
     df = spark.range(101).selectExpr("id", "id % 3 AS label")
     converter = make_spark_converter(df, str(tmp_path / "cache"))
@@ -48,7 +48,7 @@ def test_converter_loader_gives_each_rank_its_share_under_torchdistributor(spark
         import json
         import os
 
-        from models.data import make_dataloader
+        from sparkloom.models.data import make_dataloader
 
         loader = make_dataloader(path, 10, num_workers=2, shuffle=True, seed=3)
         ids = []
@@ -143,7 +143,7 @@ def test_converter_round_trips_spark_column_types_exactly(spark, tmp_path):
     from pyspark.ml.linalg import DenseVector, SparseVector, VectorUDT
     from pyspark.sql import types as T
 
-    from pipelines.converter import make_spark_converter
+    from sparkloom.pipelines.converter import make_spark_converter
 
     schema = T.StructType([
         T.StructField("id", T.LongType()),
@@ -180,8 +180,8 @@ def test_converter_round_trips_spark_column_types_exactly(spark, tmp_path):
 
 
 def test_converter_cache_keeps_the_most_recently_used_entries(spark, tmp_path):
-    from models.data import META_FILE
-    from pipelines.converter import make_spark_converter
+    from sparkloom.models.data import META_FILE
+    from sparkloom.pipelines.converter import make_spark_converter
 
     cache = str(tmp_path / "cache")
     old = make_spark_converter(spark.range(10), cache)
@@ -201,7 +201,7 @@ def test_converter_keys_last_a_session_where_the_plan_does_not_decide_the_rows(s
     rows held in memory, and Python functions nobody vouched for, by semanticHash."""
     from pyspark.sql import functions as F
 
-    from pipelines.converter import _plan_key
+    from sparkloom.pipelines.converter import _plan_key
 
     ranged = spark.range(10).withColumn("y", F.col("id") * 2)
     assert _plan_key(ranged, None)[0] == "plan"
@@ -222,7 +222,7 @@ def test_converter_keys_last_a_session_where_the_plan_does_not_decide_the_rows(s
 def test_a_rank_that_died_with_its_executor_is_named_so(tmp_path):
     """The driver knows when an executor is lost (a worker shut down, a node gone): the line
     says so instead of 'died without a Python error'."""
-    from pipelines.deep import explain_failure
+    from sparkloom.pipelines.deep import explain_failure
 
     status = tmp_path / "status"
     status.mkdir()

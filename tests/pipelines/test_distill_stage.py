@@ -9,10 +9,10 @@ import os
 import mlflow
 import pytest
 
-from pipelines.catalog import Catalog
-from pipelines.errors import ConfigError
-from pipelines.runner import run_pipeline
-from pipelines.scoring import score
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import ConfigError
+from sparkloom.pipelines.runner import run_pipeline
+from sparkloom.pipelines.scoring import score
 from tests.conftest import make_config
 
 SMALL = {"training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02}}}

@@ -14,10 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from pyspark.sql import functions as F
 
-from jobs.cli import main
-from pipelines.catalog import Catalog
-from pipelines.deep import gpt2_inputs
-from pipelines.runner import run_pipeline
+from sparkloom.jobs.cli import main
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.deep import gpt2_inputs
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
 TRAINING = {
@@ -111,14 +111,16 @@ def test_gpt2_trains_through_torchdistributor_and_generates(spark, tmp_path, tex
     argv = ["generate", "--model", str(model_dir), "--input", str(src), "--output", str(out),
             "--id-column", "id", "--max-new-tokens", "5"]  # fmt: skip
     # in its own process: the CLI stops its SparkSession when done, and this one is shared
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "sparkloom.jobs.cli", *argv], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "generated 12 completions" in done.stdout and "8 prompts quarantined" in done.stdout
     got = {r["id"]: r for r in spark.read.parquet(str(out)).collect()}
     assert len(got) == 12 and spark.read.parquet(f"{out}_quarantine").count() == 8
     assert all(0 < r["new_tokens"] <= 5 for r in got.values())
     # the same rows, repartitioned, give the same completions (seeded per row id)
-    from pipelines.generation import Sampling, generate_dataframe
+    from sparkloom.pipelines.generation import Sampling, generate_dataframe
 
     again, _ = generate_dataframe(
         spark.read.parquet(str(src)).repartition(3), str(model_dir), Sampling(max_new_tokens=5),

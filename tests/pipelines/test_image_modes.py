@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import ImageConfig
-from pipelines.images import decode_file, prepare_images, prepare_one
+from sparkloom.pipelines.config import ImageConfig
+from sparkloom.pipelines.images import decode_file, prepare_images, prepare_one
 
 K = np.arange(16).reshape(2, 8)  # a 16-step gradient, 2 rows of 8
 GRADIENT = (K * 17).astype(np.uint8)  # the same in 8 bits: 0, 17, ..., 255

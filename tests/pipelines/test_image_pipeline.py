@@ -13,15 +13,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from models.data import make_dataloader
-from models.quantize import load_int8
-from models.registry import ImageScorer
-from models.train import load_exported
-from pipelines.catalog import Catalog
-from pipelines.converter import make_spark_converter
-from pipelines.runner import run_pipeline
-from pipelines.sample_data import digits, write_idx
-from pipelines.scoring import score
+from sparkloom.models.data import make_dataloader
+from sparkloom.models.quantize import load_int8
+from sparkloom.models.registry import ImageScorer
+from sparkloom.models.train import load_exported
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.converter import make_spark_converter
+from sparkloom.pipelines.runner import run_pipeline
+from sparkloom.pipelines.sample_data import digits, write_idx
+from sparkloom.pipelines.scoring import score
 from tests.conftest import make_config
 
 CNN = {
@@ -128,8 +128,8 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
 
 def test_image_batches_from_the_converter_are_uint8_and_standardized_once(spark, tmp_path):
     """Spark image bytes -> converter cache -> loader tensors: exact pixels, eval untouched."""
-    from models.augment import AugmentConfig, ImageBatchTransform
-    from models.data import ColumnTransform
+    from sparkloom.models.augment import AugmentConfig, ImageBatchTransform
+    from sparkloom.models.data import ColumnTransform
 
     images, labels = digits()
     rows = [(f"i{k}", bytearray(images[k].tobytes()), int(labels[k])) for k in range(100)]

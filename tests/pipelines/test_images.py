@@ -12,11 +12,11 @@ from PIL import Image
 from pyspark.ml import PipelineModel
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog
-from pipelines.errors import DataError
-from pipelines.images import PixelVectorizer, decode_file
-from pipelines.ingest import run_ingest
-from pipelines.sample_data import digits, write_idx, write_png_tree
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.images import PixelVectorizer, decode_file
+from sparkloom.pipelines.ingest import run_ingest
+from sparkloom.pipelines.sample_data import digits, write_idx, write_png_tree
 from tests.conftest import make_config
 
 PER_CLASS = 12
@@ -173,7 +173,7 @@ def test_missing_parquet_column_says_which_and_how(spark, tmp_path):
     ],
 )
 def test_resize_modes_and_channel_conversion(resize, expected):
-    from pipelines.config import ImageConfig
+    from sparkloom.pipelines.config import ImageConfig
 
     wide_rgb = np.full((8, 16, 3), 200, np.uint8)  # 16 wide, 8 high, grey
     ic = ImageConfig(height=4, width=4, channels=1, resize=resize)

@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog
-from pipelines.config import SplitConfig
-from pipelines.errors import DataError
-from pipelines.ingest import run_ingest, with_ids, with_split
-from pipelines.sources import resolve_input_path
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.config import SplitConfig
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.ingest import run_ingest, with_ids, with_split
+from sparkloom.pipelines.sources import resolve_input_path
 from tests.conftest import make_config, make_docs, write_csv, write_jsonl
 
 DOCS = make_docs()  # 90 documents, 3 labels

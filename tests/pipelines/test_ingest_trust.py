@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-from pipelines.catalog import Catalog
-from pipelines.errors import DataError
-from pipelines.ingest import run_ingest
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.ingest import run_ingest
 from tests.conftest import make_config
 
 WORDS = ["goal", "match", "chip", "cloud", "bread", "soup", "team", "code"]
@@ -410,7 +410,7 @@ def test_a_managed_table_is_a_source_read_as_a_table_and_by_sql(spark, tmp_path)
 def test_an_ingest_cut_between_its_commits_shows_all_new_or_all_old(spark, tmp_path, monkeypatch):
     """Before: an interrupt between ingest's three commits left the new run's quarantine
     beside the old run's ingested."""
-    from pipelines.catalog import HadoopFS
+    from sparkloom.pipelines.catalog import HadoopFS
 
     def run(n_bad):
         rows = [{"id": str(i), "text": f"w {i}", "label": "ab"[i % 2]} for i in range(30)]

@@ -7,9 +7,9 @@ import random
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.errors import DataError
-from pipelines.lm import pack
-from pipelines.subword import EOT, load_bytelevel_bpe, train_bytelevel_bpe
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.lm import pack
+from sparkloom.pipelines.subword import EOT, load_bytelevel_bpe, train_bytelevel_bpe
 from tests.conftest import TOPICS
 
 WORDS = [w for ws in TOPICS.values() for w in ws]

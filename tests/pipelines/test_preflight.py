@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from pipelines.deep import barrier_refusal
-from pipelines.preflight import PreflightError, require, run_preflight
+from sparkloom.pipelines.deep import barrier_refusal
+from sparkloom.pipelines.preflight import PreflightError, require, run_preflight
 from tests.conftest import make_config
 
 TEXT_STAGES = ["ingest", "features", "baseline", "lstm"]

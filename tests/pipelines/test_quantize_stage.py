@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.quantize import quantize
-from models.registry import Scorer
-from models.train import load_exported
-from pipelines.catalog import Catalog
-from pipelines.runner import run_pipeline
-from pipelines.scoring import score
+from sparkloom.models.quantize import quantize
+from sparkloom.models.registry import Scorer
+from sparkloom.models.train import load_exported
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.runner import run_pipeline
+from sparkloom.pipelines.scoring import score
 from tests.conftest import make_config
 
 
@@ -91,10 +91,10 @@ def test_quantize_stage_measures_logs_compares_and_scores(spark, tmp_path, text_
 def test_a_static_int8_alexnet_is_logged_as_a_model_mlflow_loads(tmp_path):
     """The FX graph modules of a static int8 AlexNet do not pickle; it is logged as
     TorchScript and scores raw pixels like the int8 model it was made from."""
-    from models.quantize import INT8_WEIGHTS, recipe, static_quantize
-    from models.registry import ImageScorer, build_model
-    from models.train import export
-    from pipelines import tracking
+    from sparkloom.models.quantize import INT8_WEIGHTS, recipe, static_quantize
+    from sparkloom.models.registry import ImageScorer, build_model
+    from sparkloom.models.train import export
+    from sparkloom.pipelines import tracking
 
     torch.manual_seed(0)
     cfg = {"in_channels": 1, "height": 16, "width": 16, "num_classes": 4, "width_mult": 0.25}
@@ -124,7 +124,7 @@ def test_a_static_int8_textcnn_is_measured_logged_and_scored(spark, tmp_path, te
     """quantize.method=static on a TextCNN: calibrated on training rows, its int8 weights
     stored; batch scoring rebuilds exactly that model, and the model MLflow logged
     (TorchScript) scores sequences of another length the same."""
-    from models.quantize import load_int8
+    from sparkloom.models.quantize import load_int8
 
     cfg = make_config(
         tmp_path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.runner import run_pipeline
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
 GOOD = {"grid": {"reg_param": [0.01], "max_iter": [50]}}
@@ -92,7 +92,7 @@ def test_register_takes_the_classifiers_that_have_run_unless_candidates_are_name
     candidates (the rest are named in a warning); named candidates must all have run."""
     import pytest
 
-    from pipelines.runner import StageFailed
+    from sparkloom.pipelines.runner import StageFailed
 
     def cfg(**register):
         return make_config(

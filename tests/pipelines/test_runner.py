@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.runner import run_pipeline
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
 
@@ -83,7 +83,7 @@ def test_a_stage_that_failed_after_its_commit_is_redone_not_skipped(
         raise OSError("artifact store unreachable")
 
     with monkeypatch.context() as m:
-        m.setattr("pipelines.runner.tracking.log_spark_model", unreachable)
+        m.setattr("sparkloom.pipelines.runner.tracking.log_spark_model", unreachable)
         with pytest.raises(Exception, match="stage 'baseline' failed: OSError"):
             run_pipeline(spark, cfg, stages)
     client = MlflowClient(cfg.mlflow.tracking_uri)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pyspark.sql import functions as F
 
-from pipelines.catalog import Catalog
-from pipelines.runner import run_pipeline
-from pipelines.scoring import score
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.runner import run_pipeline
+from sparkloom.pipelines.scoring import score
 from tests.conftest import make_config
 
 LSTM = {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
@@ -73,8 +73,8 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     scored, quarantine, ref = score(df, f"runs:/{outcome.stage_run_ids['lstm']}/model")
     got = {r["id"]: r for r in scored.collect()}
     assert ref.stage == "lstm" and len(got) == n_test and quarantine.count() == 2
-    from models.registry import Scorer
-    from models.train import load_exported
+    from sparkloom.models.registry import Scorer
+    from sparkloom.models.train import load_exported
 
     model = Scorer(load_exported(catalog.local_path("lstm_model"), "lstm"))
     feats = catalog.read("features", "features").filter("split = 'test'").select("id", "token_ids")
@@ -101,7 +101,7 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     src, out = tmp_path / "texts.parquet", tmp_path / "scores"
     df.write.parquet(str(src))
     done = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "score", "--model", "models:/scoring-test@champion",
+        [sys.executable, "-m", "sparkloom.jobs.cli", "score", "--model", "models:/scoring-test@champion",
          "--input", str(src), "--output", str(out), "--tracking-uri", cfg.mlflow.tracking_uri],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -116,10 +116,10 @@ def test_image_models_score_files_like_the_in_process_scorer(spark, tmp_path):
     """A PNG folder (with a zero-byte file and a non-image among the digits) scored by the
     baseline and the CNN: one row per good file, the bad ones quarantined with ingest's
     reasons, probabilities equal to ImageScorer's on the ingested pixels."""
-    from models.registry import ImageScorer
-    from models.train import load_exported
-    from pipelines.sample_data import digits, write_png_tree
-    from pipelines.spark import read_images
+    from sparkloom.models.registry import ImageScorer
+    from sparkloom.models.train import load_exported
+    from sparkloom.pipelines.sample_data import digits, write_png_tree
+    from sparkloom.pipelines.spark import read_images
 
     images, labels = digits()
     pngs = tmp_path / "pngs"

@@ -10,10 +10,10 @@ import mlflow
 import pytest
 import torch
 
-from pipelines import tracking
-from pipelines.catalog import Catalog, HadoopFS
-from pipelines.errors import DataError
-from pipelines.scoring import ModelRef, run_score, write_scores
+from sparkloom.pipelines import tracking
+from sparkloom.pipelines.catalog import Catalog, HadoopFS
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.scoring import ModelRef, run_score, write_scores
 from tests.conftest import make_config
 
 VOCAB = ["<pad>", "<unk>", "goal", "match", "vote", "party"]
@@ -22,8 +22,8 @@ LABELS = ["politics", "sport"]
 
 def tiny_lstm(tmp_path, **sections):
     """An untrained 2-class LSTM exported as the lstm stage does, and its pipeline config."""
-    from models.registry import build_model
-    from models.train import export
+    from sparkloom.models.registry import build_model
+    from sparkloom.models.train import export
 
     torch.manual_seed(0)
     cfg = make_config(

@@ -8,8 +8,8 @@ import time
 import pytest
 import yaml
 
-from pipelines import tracking
-from pipelines.config import ConfigError, load_config
+from sparkloom.pipelines import tracking
+from sparkloom.pipelines.config import ConfigError, load_config
 from tests.conftest import make_config
 
 SECRET = "hunter2-s3cr3t"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
-from jobs.cli import parse_args
-from pipelines import runner
-from pipelines.config import Config, Stage, load_config, stage_output
-from pipelines.stages import REGISTRY, SPECS, names
+from sparkloom.jobs.cli import parse_args
+from sparkloom.pipelines import runner
+from sparkloom.pipelines.config import Config, Stage, load_config, stage_output
+from sparkloom.pipelines.stages import REGISTRY, SPECS, names
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def test_every_stage_and_command_is_a_subcommand_that_help_lists(capsys):
     commands, which want a model or an experiment, not just a pipeline file."""
     import pytest
 
-    from jobs.cli import MODEL_COMMANDS
+    from sparkloom.jobs.cli import MODEL_COMMANDS
 
     with pytest.raises(SystemExit) as done:
         parse_args(["--help"])
@@ -67,15 +67,15 @@ def test_every_stage_and_command_is_a_subcommand_that_help_lists(capsys):
 def test_a_stage_fingerprint_follows_its_declared_inputs_and_a_missing_one_names_its_maker(
     spark, tmp_path
 ):
-    """pipelines.context builds every stage's fingerprint from the inputs stages.py declares:
+    """sparkloom.pipelines.context builds every stage's fingerprint from the inputs stages.py declares:
     the distilled student changes with its teacher's model, a BERT fine-tune with the
     pretrained model only when it starts from it, and an absent input names the stage that
     writes it."""
     import pytest
 
-    from pipelines.catalog import Catalog
-    from pipelines.context import context
-    from pipelines.errors import DataError
+    from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.context import context
+    from sparkloom.pipelines.errors import DataError
     from tests.conftest import make_config
 
     cfg = make_config(tmp_path, distill={"teacher": "lstm"})

@@ -7,9 +7,9 @@ import random
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines.deep import static_masked
-from pipelines.errors import DataError
-from pipelines.subword import (
+from sparkloom.pipelines.deep import static_masked
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.subword import (
     SPECIAL_TOKENS,
     encode,
     load_wordpiece,

@@ -3,8 +3,8 @@ import math
 import pytest
 from pyspark.ml.linalg import SparseVector
 
-from pipelines.config import FeaturesConfig
-from pipelines.text import build_feature_pipeline
+from sparkloom.pipelines.config import FeaturesConfig
+from sparkloom.pipelines.text import build_feature_pipeline
 
 
 def featurize(spark, rows, **features):
@@ -74,8 +74,8 @@ def test_hashing_tf_size_and_word2vec(spark):
 
 
 def test_token_ids_use_the_training_vocabulary(spark):
-    from pipelines.config import SequenceConfig
-    from pipelines.text import fit_vocabulary, token_ids
+    from sparkloom.pipelines.config import SequenceConfig
+    from sparkloom.pipelines.text import fit_vocabulary, token_ids
 
     df = spark.createDataFrame(
         [(["cat", "dog", "cat"],), (["dog", "bird"],), ([],), (["cat"] * 10,)],

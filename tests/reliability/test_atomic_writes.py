@@ -14,8 +14,8 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines.catalog import Catalog
-from pipelines.spark import write_with_quarantine
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.spark import write_with_quarantine
 
 ROWS = 500
 
@@ -76,7 +76,7 @@ def test_a_failed_scoring_write_keeps_the_previous_output_and_quarantine(spark, 
     )
 
     # unbalanced books (rows lost between input and outputs) are never committed either
-    from pipelines.errors import DataError
+    from sparkloom.pipelines.errors import DataError
 
     with pytest.raises(DataError, match="500 in, 400 out \\+ 10 quarantined"):
         write_with_quarantine(pinned, pinned.filter("id < 400"), bad, output, "scoring")

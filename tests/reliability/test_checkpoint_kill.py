@@ -14,14 +14,14 @@ import time
 import pytest
 import torch
 
-from models.train import CheckpointConfig, Checkpoints, Dist
+from sparkloom.models.train import CheckpointConfig, Checkpoints, Dist
 
 BIG = 4_000_000  # floats: a 16 MB state, so a save takes long enough to be hit mid-write
 
 SAVER = textwrap.dedent(
     """
     import sys, torch
-    from models.train import CheckpointConfig, Checkpoints, Dist
+    from sparkloom.models.train import CheckpointConfig, Checkpoints, Dist
     mode, where = sys.argv[1], sys.argv[2]
     state = {"w": torch.randn(int(sys.argv[3]))}
     ckpt = Checkpoints(CheckpointConfig(dir=where, keep=2), Dist(0, 1, 0, torch.device("cpu")))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.catalog import Catalog
-from pipelines.runner import run_pipeline
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
 LSTM = {
@@ -77,7 +77,7 @@ def test_a_resumed_bert_pretraining_keeps_its_vocabulary(spark, tmp_path, text_d
     must tokenize with the vocabulary its checkpoint was trained on, not a new one."""
     import json
 
-    from pipelines.runner import StageFailed
+    from sparkloom.pipelines.runner import StageFailed
 
     cfg = make_config(
         tmp_path,

@@ -11,9 +11,9 @@ import io
 import pytest
 from PIL import Image
 
-from pipelines.catalog import Catalog
-from pipelines.errors import DataError
-from pipelines.ingest import run_ingest
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.ingest import run_ingest
 from tests.conftest import make_config
 
 CSV = (

@@ -19,10 +19,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import runner
-from pipelines.catalog import Catalog
-from pipelines.deep import text_inputs, write_splits
-from pipelines.runner import run_pipeline
+from sparkloom.pipelines import runner
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.deep import text_inputs, write_splits
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config
 
 
@@ -74,7 +74,7 @@ def start_run(tmp_path, cfg) -> subprocess.Popen:
     conf = tmp_path / "pipeline.yaml"
     conf.write_text(cfg.to_yaml())
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", "--conf", str(conf)],
+        [sys.executable, "-m", "sparkloom.jobs.cli", "run", "--conf", str(conf)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -157,7 +157,7 @@ def test_the_next_start_closes_the_runs_sigkill_left_running(spark, tmp_path, te
     cache = Path(catalog.local_path("converter_cache"))
     written = sorted(p.name for p in cache.iterdir())
     labels = catalog.require("features", "features")["labels"]
-    with caplog.at_level(logging.INFO, logger="pipelines.converter"):
+    with caplog.at_level(logging.INFO, logger="sparkloom.pipelines.converter"):
         paths = write_splits(spark, cfg, catalog, "lstm", text_inputs(catalog, labels))
     assert caplog.text.count("converter: reusing the cache") == 3, caplog.text
     assert len(written) == 3 and sorted(p.name for p in cache.iterdir()) == written

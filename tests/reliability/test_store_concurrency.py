@@ -24,7 +24,7 @@ PLAIN = textwrap.dedent(
 OURS = textwrap.dedent(
     """
     import sys, mlflow
-    from pipelines.tracking import ensure_experiment
+    from sparkloom.pipelines.tracking import ensure_experiment
     uri, name, i = sys.argv[1:4]
     experiment_id = ensure_experiment(uri, name)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"p{i}"):

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from pipelines.catalog import Catalog
-from pipelines.deep import TrainingError, run_deep
-from pipelines.runner import run_pipeline
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.deep import TrainingError, run_deep
+from sparkloom.pipelines.runner import run_pipeline
 from tests.conftest import make_config, make_docs
 
 LSTM = {

@@ -14,12 +14,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from models.registry import build_model
-from models.train import Checkpoints, load_exported
-from models.weights import UnsafeWeights, load_weights
-from pipelines import tracking
-from pipelines.config import load_config
-from pipelines.errors import ConfigError
+from sparkloom.models.registry import build_model
+from sparkloom.models.train import Checkpoints, load_exported
+from sparkloom.models.weights import UnsafeWeights, load_weights
+from sparkloom.pipelines import tracking
+from sparkloom.pipelines.config import load_config
+from sparkloom.pipelines.errors import ConfigError
 from tests.conftest import make_config
 
 
@@ -115,7 +115,7 @@ def test_the_cli_never_prints_a_password_from_a_uri(tmp_path):
                       ingest={"format": "csv", "path": "s3a://etl:hunter2@bucket/news.csv"})  # fmt: skip
     conf = tmp_path / "p.yaml"
     conf.write_text(cfg.to_yaml())
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "run", "--conf", str(conf)],
+    done = subprocess.run([sys.executable, "-m", "sparkloom.jobs.cli", "run", "--conf", str(conf)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     out = done.stdout + done.stderr
     assert done.returncode != 0 and "S3AFileSystem not found" in out  # no S3 here
