@@ -167,6 +167,7 @@ class BertPretrainer(nn.Module):
     "logits" against "labels") scores NSP; the MLM scores are "prediction_logits" (B, T, V).
     """
 
+    task = "pretrain"  # models.train.tasks: MLM + NSP, reported per masked token and pair
     num_labels = 2  # what "logits" classify: is B the next segment (0) or random (1)
 
     def __init__(self, cfg: BertConfig):

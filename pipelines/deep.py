@@ -146,7 +146,7 @@ def run_config(
         "eval_every_steps": t.eval_every_steps,
         "compile": t.compile,
         "status_dir": status_dir,
-        # test hook: "rank=R,step=S,mode=exit|raise|hang" (see models/train.py)
+        # test hook: "rank=R,step=S,mode=exit|raise|hang" (see models/train/distributed.py)
         "fault": os.environ.get("SPARKLOOM_FAULT"),
     }
 

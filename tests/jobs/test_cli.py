@@ -223,7 +223,7 @@ def test_an_app_with_its_own_models_package_keeps_it_and_sparkloom_works(tmp_pat
     top = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
     assert top - {"bin"} == {"sparkloom"}, top  # bin/: the console script
     env = {**os.environ, "PYTHONPATH": f"{target}:{site}"}
-    ok = subprocess.run([str(python), "-c", "import sparkloom.models, sparkloom.pipelines, "
+    ok = subprocess.run([str(python), "-c", "import sparkloom.models.train, sparkloom.pipelines.runner, "
                          "sparkloom.jobs.cli"], cwd=tmp_path, env=env, capture_output=True,
                         text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
