@@ -413,14 +413,19 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
 
 
 def _raised_in_py4j(e: BaseException) -> bool:
-    """Whether `e` (or what it was raised from) came out of Py4J's client: a socket error
-    there is the gateway, not some other server."""
+    """Whether `e` (or what it was raised from) came out of Py4J's client or pyspark's own
+    connections to the driver JVM (a collect() reads its rows from a local socket the JVM
+    serves; a clean-clone CI saw one refused by a JVM exiting on OOM): a socket error there
+    is the JVM, not some other server."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         tb = e.__traceback__
         while tb is not None:
-            if f"{os.sep}py4j{os.sep}" in tb.tb_frame.f_code.co_filename:
+            where = tb.tb_frame.f_code.co_filename
+            if f"{os.sep}py4j{os.sep}" in where or (  # Spark Connect's server is not the JVM
+                f"{os.sep}pyspark{os.sep}" in where and f"{os.sep}connect{os.sep}" not in where
+            ):
                 return True
             tb = tb.tb_next
         e = e.__cause__ or e.__context__

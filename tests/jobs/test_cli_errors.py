@@ -254,3 +254,19 @@ def test_a_refused_connection_is_the_gateway_only_when_py4j_raised_it():
     except RuntimeError as wrapped:
         assert _raised_in_py4j(wrapped)
     assert not _raised_in_py4j(raise_in("/venv/lib/python3.11/site-packages/urllib3/connection.py"))
+
+    def raise_in_function(filename: str, name: str) -> BaseException:
+        src = (
+            f"def {name}():\n    raise ConnectionRefusedError(111, 'Connection refused')\n{name}()"
+        )
+        try:
+            exec(compile(src, filename, "exec"))
+        except ConnectionRefusedError as e:
+            return e
+        raise AssertionError("did not raise")
+
+    # a collect() reading its rows from the socket the JVM serves: pyspark's, not Py4J's
+    util = "/venv/lib/python3.11/site-packages/pyspark/util.py"
+    assert _raised_in_py4j(raise_in_function(util, "local_connect_and_auth"))
+    connect = "/venv/lib/python3.11/site-packages/pyspark/sql/connect/client/core.py"
+    assert not _raised_in_py4j(raise_in_function(connect, "_execute"))  # a Connect server
