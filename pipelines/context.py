@@ -39,7 +39,6 @@ class StageContext:
     stage: str
     force: bool
     inputs: dict[str, dict]  # dataset -> its manifest, in the order the stage declares them
-    extra: tuple[Any, ...]  # what outside the catalog decides the output (ingest's files)
     fingerprint: str
     output: str | None  # the dataset it writes
 
@@ -67,8 +66,7 @@ def context(
     parts = tuple(extra(spark, cfg, catalog)) if extra else ()
     made_from = (m["fingerprint"] for m in inputs.values())
     fp = fingerprint(OUTPUT_FORMAT, cfg.stage_hash(stage), *made_from, *parts)
-    return StageContext(spark, cfg, catalog, stage, force, inputs, parts, fp,
-                        stage_output(cfg, stage))  # fmt: skip
+    return StageContext(spark, cfg, catalog, stage, force, inputs, fp, stage_output(cfg, stage))
 
 
 def run_stage(ctx: StageContext, result: Callable[..., R], body: Callable[[StageContext], R]) -> R:
