@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import warnings
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -41,6 +42,22 @@ STOPWORD_LANGUAGES = (
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_defaults(cls, data: Any) -> Any:
+        """A partial mapping updates the field's own default, not its type's: gpt2's training
+        default stops early on val_loss, and `gpt2.training.epochs=2` must keep that."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            given, default = out.get(name), field.default
+            if isinstance(given, dict) and isinstance(default, BaseModel):
+                out[name] = _deep_merge(default.model_dump(), given)
+            elif isinstance(given, dict) and is_dataclass(default):
+                out[name] = _deep_merge(asdict(default), given)
+        return out
 
 
 # --- where things run and are recorded -------------------------------------------------------

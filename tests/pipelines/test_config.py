@@ -121,3 +121,16 @@ def test_flatten_and_stage_hash():
     assert cfg.stage_hash("ingest") == other.stage_hash("ingest")
     assert cfg.stage_hash("features") == other.stage_hash("features")
     assert cfg.stage_hash("baseline") != other.stage_hash("baseline")
+
+
+def test_a_partial_section_keeps_the_stages_own_defaults(tmp_path):
+    # gpt2 and bert_pretrain stop early on val_loss by default (an LM has no accuracy, NSP's
+    # saturates); setting one training key must not bring back TrainingConfig's val_accuracy
+    base = write(tmp_path, "p.yaml", "pipeline: {name: p}\ngpt2: {training: {epochs: 2}}\n")
+    cfg = load_config(base, ["bert_pretrain.training.early_stopping.patience=5"])
+    g, b = cfg.gpt2.training, cfg.bert_pretrain.training
+    assert (g.epochs, g.early_stopping.metric, g.eval_batch_size, g.log_every_steps) == (
+        2, "val_loss", 16, 10,
+    )  # fmt: skip
+    assert (b.early_stopping.metric, b.early_stopping.patience) == ("val_loss", 5)
+    assert cfg.lstm.training.early_stopping.metric == "val_accuracy"
