@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparkloom.models.gpt2 import GPT2_PRESETS  # noqa: E402
+from sparkloom.models.hparams import GPT2_PRESETS  # noqa: E402
 from sparkloom.models.train import train_fn  # noqa: E402
 
 

@@ -7,21 +7,10 @@ worker, the same seed gives the same batch, and the global RNG is never touched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    crop_padding: int = 0  # random crop after this much zero padding per side; 0 = off
-    horizontal_flip: bool = False  # off by default: digits are not mirror-symmetric
-    standardize: bool = True
-
-    def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ValueError(f"AugmentConfig.crop_padding must be >= 0, got {self.crop_padding}")
+from sparkloom.models.hparams import AugmentConfig
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ BertForSequenceClassification: checkpoints move between here and Hugging Face wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,92 +18,38 @@ from torch import nn
 
 from sparkloom.models.heads import padding_mask
 from sparkloom.models.hf import check_hf_directory
+from sparkloom.models.hparams import (
+    BertDims,
+    BertParams,
+    at_least_one,
+    index_below,
+    one_of,
+)
 
-
-class BertDims(NamedTuple):
-    num_hidden_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    intermediate_size: int
-
-
-# (L, H, A, I) from Turc et al. (2019); intermediate is 4H throughout.
-BERT_PRESETS: dict[str, BertDims] = {
-    "tiny": BertDims(2, 128, 2, 512),
-    "mini": BertDims(4, 256, 4, 1024),
-    "small": BertDims(4, 512, 8, 2048),
-    "medium": BertDims(8, 512, 8, 2048),
-    "base": BertDims(12, 768, 12, 3072),
-}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 ENCODER_PREFIXES = ("bert.embeddings.", "bert.encoder.", "bert.pooler.")
 
 
-@dataclass
-class BertConfig:
+@dataclass(kw_only=True)
+class BertConfig(BertParams):
+    """What builds the model: the hyper-parameters and what the data or the task decides."""
+
     vocab_size: int = 30522
-    preset: str | None = "mini"  # a BERT_PRESETS name; None: all four sizes below are given
-    max_position_embeddings: int = 512
     type_vocab_size: int = 2
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
     pad_token_id: int = 0
     num_classes: int = 0  # 0: the pretraining model; >= 2: the classifier
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
-    # Each one, when set, overrides the preset's value.
-    num_hidden_layers: int | None = None
-    hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    intermediate_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.preset is None:
-            unset = [k for k in BertDims._fields if getattr(self, k) is None]
-            if unset:
-                raise ValueError(
-                    f"BertConfig.preset is None, so every size must be given; set {unset} or "
-                    f"pick a preset from {sorted(BERT_PRESETS)}"
-                )
-        elif self.preset not in BERT_PRESETS:
-            raise ValueError(
-                f"unknown BertConfig.preset {self.preset!r}; choose one of "
-                f"{list(BERT_PRESETS)} (or None with all four sizes set)"
-            )
-        for name in ("vocab_size", "max_position_embeddings", "type_vocab_size", *BertDims._fields):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"BertConfig.{name} must be >= 1, got {value}")
-        dims = self.dims
-        if dims.hidden_size % dims.num_attention_heads:
-            raise ValueError(
-                f"BertConfig: hidden_size {dims.hidden_size} must be divisible by "
-                f"num_attention_heads {dims.num_attention_heads}"
-            )
-        for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
-                f"BertConfig.pad_token_id must be in [0, vocab_size={self.vocab_size}), "
-                f"got {self.pad_token_id}"
-            )
+        super().__post_init__()
+        at_least_one(self, "vocab_size", "type_vocab_size")
+        index_below(self, "pad_token_id", "vocab_size")
         if self.num_classes == 1 or self.num_classes < 0:
             raise ValueError(
                 f"BertConfig.num_classes must be 0 (pretraining) or >= 2 (classifier), "
                 f"got {self.num_classes}"
             )
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"BertConfig.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
-                f"got {self.attn_implementation!r}"
-            )
-
-    @property
-    def dims(self) -> BertDims:
-        """(layers, hidden, heads, intermediate): the preset's, with the overrides applied."""
-        base = BERT_PRESETS[self.preset] if self.preset is not None else BertDims(0, 0, 0, 0)
-        given = {k: getattr(self, k) for k in BertDims._fields if getattr(self, k) is not None}
-        return base._replace(**given)
+        one_of(self, "attn_implementation", ATTN_IMPLEMENTATIONS)
 
     def to_hf(self) -> transformers.BertConfig:
         extra = {"num_labels": self.num_classes} if self.num_classes else {}

@@ -13,9 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkloom.models.heads import ClassificationHead
-
-INITS = ("he", "default")
-STEMS = ("auto", "imagenet", "small")
+from sparkloom.models.hparams import AlexNetParams, CNNParams, at_least_one
 
 # AlexNet geometry per stem: conv1 (kernel, stride, padding) and the three max pools (kernel,
 # stride). conv2-conv5 keep the spatial size in both stems, so these alone fix the output size.
@@ -26,25 +24,29 @@ ALEXNET_FC = 4096  # fc6 and fc7
 SMALL_STEM_BELOW = 64  # "auto" picks the small stem when min(height, width) is below this
 
 
-@dataclass
-class CNNConfig:
+@dataclass(kw_only=True)
+class ImageShape:
+    """What the data decides about an image model: its input and its classes."""
+
+    in_channels: int
+    height: int
+    width: int
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "in_channels", "height", "width", "num_classes")
+
+
+@dataclass(kw_only=True)
+class CNNConfig(ImageShape, CNNParams):
     in_channels: int = 1
     height: int = 28
     width: int = 28
     num_classes: int = 10
-    conv1_channels: int = 32
-    conv2_channels: int = 64
-    kernel_size: int = 5
-    hidden_dim: int = 128
-    dropout: float = 0.5
-    batch_norm: bool = False
-    init: str = "he"  # "he" | "default"
 
     def __post_init__(self) -> None:
-        _check_common("CNNConfig", self)
-        for attr in ("conv1_channels", "conv2_channels", "kernel_size", "hidden_dim"):
-            if getattr(self, attr) < 1:
-                raise ValueError(f"CNNConfig.{attr} must be >= 1, got {getattr(self, attr)}")
+        CNNParams.__post_init__(self)
+        ImageShape.__post_init__(self)
         if min(self.height, self.width) < 4:
             raise ValueError(
                 f"SmallCNN halves the image twice, so it needs at least 4x4 images, got "
@@ -52,24 +54,16 @@ class CNNConfig:
             )
 
 
-@dataclass
-class AlexNetConfig:
+@dataclass(kw_only=True)
+class AlexNetConfig(ImageShape, AlexNetParams):
     in_channels: int = 3
     height: int = 224
     width: int = 224
     num_classes: int = 1000
-    width_mult: float = 1.0  # scales the conv channels and the fc6/fc7 width
-    batch_norm: bool = True
-    dropout: float = 0.5
-    init: str = "he"  # "he" | "default"
-    stem: str = "auto"  # "auto" | "imagenet" | "small"
 
     def __post_init__(self) -> None:
-        _check_common("AlexNetConfig", self)
-        if not self.width_mult > 0:
-            raise ValueError(f"AlexNetConfig.width_mult must be > 0, got {self.width_mult}")
-        if self.stem not in STEMS:
-            raise ValueError(f"AlexNetConfig.stem must be one of {STEMS}, got {self.stem!r}")
+        AlexNetParams.__post_init__(self)
+        ImageShape.__post_init__(self)
         stem = self.resolved_stem
         smallest = next(n for n in range(1, 1024) if alexnet_feature_size(n, stem) >= 1)
         if min(self.height, self.width) < smallest:
@@ -92,16 +86,6 @@ class AlexNetConfig:
     @property
     def fc_dim(self) -> int:
         return _scaled(ALEXNET_FC, self.width_mult)
-
-
-def _check_common(name: str, cfg: CNNConfig | AlexNetConfig) -> None:
-    for attr in ("in_channels", "height", "width", "num_classes"):
-        if getattr(cfg, attr) < 1:
-            raise ValueError(f"{name}.{attr} must be >= 1, got {getattr(cfg, attr)}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"{name}.dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.init not in INITS:
-        raise ValueError(f"{name}.init must be one of {INITS}, got {cfg.init!r}")
 
 
 def _scaled(channels: int, width_mult: float) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,80 +18,36 @@ import transformers
 from torch import nn
 
 from sparkloom.models.hf import check_hf_directory
+from sparkloom.models.hparams import (
+    CUSTOM_PRESET,
+    GPT2Dims,
+    GPT2Params,
+    at_least_one,
+    index_below,
+    one_of,
+)
 
-
-class GPT2Dims(NamedTuple):
-    n_layer: int
-    n_head: int
-    n_embd: int
-    n_positions: int
-
-
-# (layers, heads, width, context). "small" is the 124M model OpenAI released as "gpt2";
-# medium and large are gpt2-medium (355M) and gpt2-large (774M).
-GPT2_PRESETS: dict[str, GPT2Dims] = {
-    "tiny": GPT2Dims(2, 2, 128, 256),
-    "mini": GPT2Dims(4, 4, 256, 512),
-    "small": GPT2Dims(12, 12, 768, 1024),
-    "medium": GPT2Dims(24, 16, 1024, 1024),
-    "large": GPT2Dims(36, 20, 1280, 1024),
-}
-CUSTOM_PRESET = "custom"  # no preset: all four sizes are given
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-@dataclass
-class GPT2Config:
+@dataclass(kw_only=True)
+class GPT2Config(GPT2Params):
+    """What builds the model: the hyper-parameters and what the tokenizer decides.
+    __post_init__ fills the sizes in from the preset, so asdict(cfg) names every size and
+    GPT2Config(**asdict(cfg)) == cfg."""
+
     vocab_size: int
-    preset: str = "tiny"  # a GPT2_PRESETS name, or "custom" with all four sizes below given
-    # Each one, when set, overrides the preset's value. __post_init__ fills the rest in from
-    # the preset, so asdict(cfg) names every size and GPT2Config(**asdict(cfg)) == cfg.
-    n_positions: int | None = None  # the longest context
-    n_embd: int | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    dropout: float = 0.1  # residual, embedding and attention dropout alike
     eos_token_id: int = 0  # also the BOS token, as in GPT-2's "<|endoftext|>"
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
     layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.preset == CUSTOM_PRESET:
-            unset = [k for k in GPT2Dims._fields if getattr(self, k) is None]
-            if unset:
-                raise ValueError(
-                    f"GPT2Config.preset is {CUSTOM_PRESET!r}, so every size must be given; set "
-                    f"{unset} or pick a preset from {list(GPT2_PRESETS)}"
-                )
-        elif self.preset not in GPT2_PRESETS:
-            raise ValueError(
-                f"unknown GPT2Config.preset {self.preset!r}; choose one of {list(GPT2_PRESETS)} "
-                f"(or {CUSTOM_PRESET!r} with n_layer, n_head, n_embd and n_positions set)"
-            )
-        else:
-            for name, value in GPT2_PRESETS[self.preset]._asdict().items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
-        for name in ("vocab_size", *GPT2Dims._fields):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPT2Config.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPT2Config: n_embd {self.n_embd} must be divisible by n_head {self.n_head}; "
-                f"change n_embd or n_head"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.eos_token_id < self.vocab_size:
-            raise ValueError(
-                f"GPT2Config.eos_token_id must be in [0, vocab_size={self.vocab_size}), "
-                f"got {self.eos_token_id}"
-            )
-        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
-                f"GPT2Config.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, "
-                f"got {self.attn_implementation!r}"
-            )
+        super().__post_init__()
+        for name, value in self.dims._asdict().items():
+            setattr(self, name, value)
+        at_least_one(self, "vocab_size")
+        index_below(self, "eos_token_id", "vocab_size")
+        one_of(self, "attn_implementation", ATTN_IMPLEMENTATIONS)
         if not self.layer_norm_epsilon > 0:
             raise ValueError(
                 f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}"

@@ -9,35 +9,21 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparkloom.models.heads import ClassificationHead, padding_mask
+from sparkloom.models.hparams import LSTMParams, at_least_one, index_below
 
-POOLINGS = ("max", "mean", "last")
 
+@dataclass(kw_only=True)
+class LSTMConfig(LSTMParams):
+    """What builds the model: the hyper-parameters and what the data decides."""
 
-@dataclass
-class LSTMConfig:
     vocab_size: int
     num_classes: int
-    embed_dim: int = 128
-    hidden_dim: int = 128
-    num_layers: int = 2
-    bidirectional: bool = True
-    dropout: float = 0.3
-    pooling: str = "max"  # "max" | "mean" | "last"
     padding_idx: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_classes", "embed_dim", "hidden_dim", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LSTMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LSTMConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"LSTMConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if not 0 <= self.padding_idx < self.vocab_size:
-            raise ValueError(
-                f"LSTMConfig.padding_idx must be in [0, vocab_size={self.vocab_size}), "
-                f"got {self.padding_idx}"
-            )
+        super().__post_init__()
+        at_least_one(self, "vocab_size", "num_classes")
+        index_below(self, "padding_idx", "vocab_size")
 
 
 class LSTMEncoder(nn.Module):

@@ -9,35 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkloom.models.heads import ClassificationHead, padding_mask
+from sparkloom.models.hparams import TextCNNParams, at_least_one, index_below
 
 
-@dataclass
-class TextCNNConfig:
+@dataclass(kw_only=True)
+class TextCNNConfig(TextCNNParams):
+    """What builds the model: the hyper-parameters and what the data decides."""
+
     vocab_size: int
     num_classes: int
-    embed_dim: int = 128
-    filter_sizes: tuple[int, ...] = (3, 4, 5)
-    num_filters: int = 100
-    dropout: float = 0.5
     padding_idx: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_classes", "embed_dim", "num_filters"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TextCNNConfig.{name} must be >= 1, got {getattr(self, name)}")
-        self.filter_sizes = tuple(self.filter_sizes)
-        if not self.filter_sizes or any(k < 1 for k in self.filter_sizes):
-            raise ValueError(
-                f"TextCNNConfig.filter_sizes must be a non-empty tuple of ints >= 1, "
-                f"got {self.filter_sizes}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TextCNNConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.padding_idx < self.vocab_size:
-            raise ValueError(
-                f"TextCNNConfig.padding_idx must be in [0, vocab_size={self.vocab_size}), "
-                f"got {self.padding_idx}"
-            )
+        super().__post_init__()
+        at_least_one(self, "vocab_size", "num_classes")
+        index_below(self, "padding_idx", "vocab_size")
 
 
 class ConvMaxPool(nn.Module):

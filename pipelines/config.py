@@ -15,12 +15,22 @@ import json
 import re
 import warnings
 from dataclasses import asdict, is_dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sparkloom.models.hparams import (
+    AlexNetParams,
+    AugmentConfig,
+    BertParams,
+    CNNParams,
+    GPT2Params,
+    LSTMParams,
+    TextCNNParams,
+)
 from sparkloom.pipelines.errors import ConfigError
 from sparkloom.pipelines.stages import (
     CLASSIFIERS,
@@ -431,70 +441,29 @@ class TrainingConfig(Section):
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
 
 
-class LSTMModelConfig(Section):
-    embed_dim: int = Field(128, ge=1)
-    hidden_dim: int = Field(128, ge=1)
-    num_layers: int = Field(2, ge=1)
-    bidirectional: bool = True
-    dropout: float = Field(0.3, ge=0, lt=1)
-    pooling: Literal["max", "mean", "last"] = "max"
-
-
-class TextCNNModelConfig(Section):
-    embed_dim: int = Field(128, ge=1)
-    filter_sizes: list[int] = [3, 4, 5]
-    num_filters: int = Field(100, ge=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
-
-
-class CNNModelConfig(Section):
-    conv1_channels: int = Field(32, ge=1)
-    conv2_channels: int = Field(64, ge=1)
-    kernel_size: int = Field(5, ge=1)
-    hidden_dim: int = Field(128, ge=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
-    batch_norm: bool = False
-    init: Literal["he", "default"] = "he"
-
-
-class AlexNetModelConfig(Section):
-    width_mult: float = Field(1.0, gt=0)  # scales the paper's 96-256-384-384-256 convs and 4096 FCs
-    batch_norm: bool = True
-    dropout: float = Field(0.5, ge=0, lt=1)
-    init: Literal["he", "default"] = "he"
-    stem: Literal["auto", "imagenet", "small"] = "auto"  # auto: small below 64x64 inputs
-
-
-class AugmentConfig(Section):
-    """Training batches only, on the training processes, seeded; evaluation is never augmented."""
-
-    crop_padding: int = Field(0, ge=0)  # random crop after zero padding this much; 0: off
-    horizontal_flip: bool = False  # off for digits: a mirrored 2 is not a 2
-    standardize: bool = True  # per channel, with the training split's mean/std from ingest
-
-
 class DeepStageConfig(Section):
-    """What every deep stage has; each model adds its `model` section (images: `augment`)."""
+    """What every deep stage has; each model adds its `model` section (images: `augment`),
+    validated as that model's own dataclass of hyper-parameters (models/hparams.py)."""
 
     training: TrainingConfig = TrainingConfig()
     distributor: DistributorConfig = DistributorConfig()
 
 
 class LSTMStageConfig(DeepStageConfig):
-    model: LSTMModelConfig = LSTMModelConfig()
+    model: LSTMParams = LSTMParams()
 
 
 class TextCNNStageConfig(DeepStageConfig):
-    model: TextCNNModelConfig = TextCNNModelConfig()
+    model: TextCNNParams = TextCNNParams()
 
 
 class CNNStageConfig(DeepStageConfig):
-    model: CNNModelConfig = CNNModelConfig()
+    model: CNNParams = CNNParams()
     augment: AugmentConfig = AugmentConfig()
 
 
 class AlexNetStageConfig(DeepStageConfig):
-    model: AlexNetModelConfig = AlexNetModelConfig()
+    model: AlexNetParams = AlexNetParams()
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -506,18 +475,11 @@ class WordPieceConfig(Section):
     vocab_file: str | None = None  # a local BERT vocab.txt to use instead of training one
 
 
-class BertModelConfig(Section):
-    preset: Literal["tiny", "mini", "small", "medium", "base"] = "mini"
-    max_position_embeddings: int = Field(512, ge=8)
-    hidden_dropout: float = Field(0.1, ge=0, lt=1)
-    attention_dropout: float = Field(0.1, ge=0, lt=1)
-
-
 class BertPretrainStageConfig(DeepStageConfig):
     """MLM + NSP on the ingested text's training split (validation/test for the metrics)."""
 
     tokenizer: WordPieceConfig = WordPieceConfig()
-    model: BertModelConfig = BertModelConfig()
+    model: BertParams = BertParams()
     # NSP accuracy saturates early; the total loss (MLM + NSP) is what keeps improving
     training: TrainingConfig = TrainingConfig(
         early_stopping=EarlyStoppingSection(metric="val_loss")
@@ -563,15 +525,6 @@ class BPEConfig(Section):
     vocab_path: str | None = None
 
 
-class GPT2ModelConfig(Section):
-    preset: Literal["tiny", "mini", "small", "medium", "large"] = "tiny"  # small = GPT-2 124M
-    n_embd: int | None = Field(None, ge=8)  # None: the preset's
-    n_layer: int | None = Field(None, ge=1)
-    n_head: int | None = Field(None, ge=1)
-    n_positions: int | None = Field(None, ge=8)  # None: the preset's, at least block_size
-    dropout: float = Field(0.1, ge=0, lt=1)
-
-
 class GenerateSection(Section):
     """Sampling settings: the samples logged after training, and `sparkloom generate`'s defaults."""
 
@@ -587,7 +540,7 @@ class GPT2StageConfig(DeepStageConfig):
     """Causal LM on the ingested text: byte-level BPE, packed blocks, GPT2LMHeadModel."""
 
     tokenizer: BPEConfig = BPEConfig()
-    model: GPT2ModelConfig = GPT2ModelConfig()
+    model: GPT2Params = GPT2Params()
     block_size: int = Field(128, ge=8)  # context length; blocks hold block_size + 1 tokens
     # a local Hugging Face GPT-2 directory to start from (continued pretraining); its own
     # vocabulary must then be given as tokenizer.vocab_path
@@ -905,12 +858,12 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     parts = key.split(".")
     node, model = data, Config
     for i, part in enumerate(parts[:-1]):
-        field = model.model_fields.get(part) if model else None
-        if field is not None and get_origin(field.annotation) is dict:
+        annotation = _fields(model).get(part)
+        if get_origin(annotation) is dict:
             # free-form maps (spark.conf) take the rest of the dotted key as one key
             node.setdefault(part, {})[".".join(parts[i + 1 :])] = value
             return
-        model = _section_class(field.annotation) if field is not None else None
+        model = _section_class(annotation)
         child = node.get(part)
         if not isinstance(child, dict):
             child = node[part] = {}
@@ -918,11 +871,22 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _section_class(annotation: Any) -> type[Section] | None:
+def _section_class(annotation: Any) -> type | None:
+    """The section type a field holds (a Section, or a models/ dataclass), if any."""
     for t in (annotation, *get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, Section):
+        if isinstance(t, type) and (issubclass(t, Section) or is_dataclass(t)):
             return t
     return None
+
+
+def _fields(model: type | None) -> dict[str, Any]:
+    """A section's keys and their types."""
+    if model is None:
+        return {}
+    if is_dataclass(model):
+        return {f.name: hint for f in dataclass_fields(model)
+                for hint in [get_type_hints(model)[f.name]]}  # fmt: skip
+    return {name: f.annotation for name, f in model.model_fields.items()}
 
 
 def _validate(data: dict[str, Any]) -> Config:
@@ -936,6 +900,9 @@ def _validate(data: dict[str, Any]) -> Config:
 _UNION_MEMBER = re.compile(r"(str|int|float|bool|bytes|none|(list|dict|tuple|set)\[.*\])")
 
 
+_CLASS_FIELD = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:Params|Config)(\.(?=\w)|:(?= ))")
+
+
 def _explain(err: ValidationError, data: dict[str, Any]) -> str:
     lines: list[str | tuple[str, str]] = []  # a type error: (key, value shown), said once
     wanted: dict[str, list[str]] = {}  # key -> what each member of its union accepts
@@ -944,13 +911,17 @@ def _explain(err: ValidationError, data: dict[str, Any]) -> str:
         # pydantic adds the union member's class name to the path of `X | None` fields
         loc = [x for x in loc if not x[:1].isupper() and not _UNION_MEMBER.fullmatch(x)]
         key = ".".join(loc) or "<top level>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):  # dataclass: the 2nd
             lines.append(f"unknown key '{key}'{_did_you_mean(loc)}")
+        elif e["type"] == "dataclass_type":
+            lines.append(f"{key}: must be a mapping (got {_shown(loc, e.get('input'))})")
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}'; add it to the YAML or pass {key}=...")
         elif e["type"] == "value_error":
             msg = str(e["msg"]).removeprefix("Value error, ")
-            plain = key == "<top level>" or msg.startswith(key + ".")
+            # a models/ dataclass names its field as Class.field: say the YAML key instead
+            msg = _CLASS_FIELD.sub(lambda m, key=key: key + m[1], msg, count=1)
+            plain = key == "<top level>" or msg.startswith((key + ".", key + ":"))
             lines.append(msg if plain else f"{key}: {msg}")
         else:
             if key not in wanted:
@@ -990,13 +961,12 @@ def _capped(value: Any, limit: int = 80) -> str:
 
 
 def _did_you_mean(loc: list[str]) -> str:
-    model: type[Section] | None = Config
+    model: type | None = Config
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if model else None
-        model = _section_class(field.annotation) if field else None
+        model = _section_class(_fields(model).get(part))
     if model is None:
         return ""
-    known = list(model.model_fields)
+    known = list(_fields(model))
     close = difflib.get_close_matches(loc[-1], known, n=1)
     where = ".".join(loc[:-1])
     hint = f"; did you mean '{'.'.join([*loc[:-1], close[0]])}'?" if close else ""

@@ -114,9 +114,7 @@ def run_config(
     """
     section = getattr(cfg, stage)
     t: TrainingConfig = section.training
-    model = section.model.model_dump() if hasattr(section, "model") else {}
-    if stage == "textcnn":
-        model["filter_sizes"] = tuple(model["filter_sizes"])
+    model = asdict(section.model) if hasattr(section, "model") else {}
     return {
         "model": {"name": stage, "config": {**model, **model_extra}},
         "data": {
@@ -482,7 +480,7 @@ def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> D
         {"in_channels": c, "height": h, "width": w, "num_classes": len(upstream["labels"])},
         {
             "inputs": {"images": "image", "labels": "label"},
-            "image": {**preprocess, "augment": getattr(cfg, stage).augment.model_dump()},
+            "image": {**preprocess, "augment": asdict(getattr(cfg, stage).augment)},
             "id_column": "id",
             "num_errors": NUM_ERRORS,
         },
@@ -656,7 +654,7 @@ def gpt2_inputs(cfg: Config, catalog: Catalog, kept: str | None = None) -> DeepI
         parts.append(packed.blocks.select(F.col("block").cast("string").alias("id"), "tokens",
                                           F.lit(split).alias("split")))  # fmt: skip
     data = parts[0].unionByName(parts[1]).unionByName(parts[2])
-    model = {k: v for k, v in gc.model.model_dump().items() if v is not None}
+    model = {k: v for k, v in asdict(gc.model).items() if v is not None}
     model |= {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id(subword.EOT)}
     init = None
     if gc.init_from:

@@ -12,12 +12,12 @@ import torch
 import transformers
 
 from sparkloom.models.bert import (
-    BERT_PRESETS,
     BertClassifier,
     BertConfig,
     BertPretrainer,
     encoder_state_from_pretraining,
 )
+from sparkloom.models.hparams import BERT_PRESETS
 from sparkloom.models.masking import MaskingConfig, mask_tokens
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

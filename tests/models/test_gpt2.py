@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import transformers
 
 from sparkloom.models.generate import generate
-from sparkloom.models.gpt2 import GPT2_PRESETS, GPT2LM, GPT2Config
+from sparkloom.models.gpt2 import GPT2LM, GPT2Config
+from sparkloom.models.hparams import GPT2_PRESETS
 
 V = 64  # vocabulary of the tiny test models
 CTX = 32  # their n_positions

@@ -85,6 +85,14 @@ def test_later_files_win(tmp_path):
             "bert_pretrain.masking=both",
             "bert_pretrain.masking: input should be 'dynamic' or 'static'",
         ),
+        # the model sections are the models' own dataclasses: their checks name the YAML key
+        ("lstm.model.embed_dim=0", "lstm.model.embed_dim must be >= 1, got 0"),
+        ("lstm.model.embedd_dim=3", "unknown key 'lstm.model.embedd_dim'; did you mean 'lstm."),
+        ("textcnn.model=3", "textcnn.model: must be a mapping (got 3)"),
+        (
+            "bert_pretrain.model.num_attention_heads=3",
+            "bert_pretrain.model: hidden_size 256 must be divisible by num_attention_heads 3",
+        ),
     ],
 )
 def test_bad_config_names_the_key_and_the_fix(tmp_path, override, expected):
@@ -134,3 +142,25 @@ def test_a_partial_section_keeps_the_stages_own_defaults(tmp_path):
     )  # fmt: skip
     assert (b.early_stopping.metric, b.early_stopping.patience) == ("val_loss", 5)
     assert cfg.lstm.training.early_stopping.metric == "val_accuracy"
+
+
+def test_a_model_section_is_the_models_own_dataclass_and_needs_no_torch():
+    import subprocess
+    import sys
+
+    from sparkloom.models.bert import BertConfig
+    from sparkloom.models.cnn import AlexNetConfig, CNNConfig
+    from sparkloom.models.gpt2 import GPT2Config
+    from sparkloom.models.lstm import LSTMConfig
+    from sparkloom.models.textcnn import TextCNNConfig
+
+    cfg = Config.model_validate({"pipeline": {"name": "p"}, "lstm": {"model": {"hidden_dim": 7}}})
+    built = {"lstm": LSTMConfig, "textcnn": TextCNNConfig, "cnn": CNNConfig,
+             "alexnet": AlexNetConfig, "bert_pretrain": BertConfig, "gpt2": GPT2Config}  # fmt: skip
+    for stage, model_config in built.items():
+        assert issubclass(model_config, type(getattr(cfg, stage).model)), stage
+    assert cfg.lstm.model.hidden_dim == 7
+    # validating a config must not import torch (baseline-only pipelines never need it)
+    code = "import sys, sparkloom.pipelines.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
