@@ -83,13 +83,14 @@ def main() -> None:
                 "vocab_size": args.vocab_size, "preset": args.preset,
                 "n_positions": max(args.block_size, GPT2_PRESETS[args.preset].n_positions),
                 "dropout": 0.0}},
-            "data": {"train": train, "batch_size": args.batch_size,
-                     "inputs": {"tokens": "tokens"}, "shuffle_buffer": 0},
-            "optimizer": {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95)},
-            "schedule": {"warmup_steps": 10},
-            "epochs": 1, "grad_accum": args.grad_accum, "precision": args.precision,
-            "log_every_steps": args.log_every, "eval_at_start": False,
-            "compile": not args.no_compile, "peak_tflops": args.peak_tflops,
+            "data": {"train": train, "inputs": {"tokens": "tokens"}, "shuffle_buffer": 0},
+            "training": {
+                "batch_size": args.batch_size,
+                "optimizer": {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95)},
+                "schedule": {"warmup_steps": 10, "warmup_ratio": 0.0},
+                "epochs": 1, "grad_accum": args.grad_accum, "precision": args.precision,
+                "log_every_steps": args.log_every, "compile": not args.no_compile},
+            "eval_at_start": False, "peak_tflops": args.peak_tflops,
             "checkpoint": {"dir": None},
         }  # fmt: skip
         started = time.perf_counter()

@@ -240,12 +240,11 @@ def train_config(path: str, threads: int, seed: int) -> dict[str, Any]:
         "model": {"name": "lstm", "config": {"vocab_size": VOCAB, "num_classes": NUM_CLASSES,
                   "embed_dim": 64, "hidden_dim": 64, "num_layers": 1, "bidirectional": True,
                   "dropout": 0.1}},
-        "data": {"train": path, "batch_size": TRAIN_BATCH, "num_workers": 0},
+        "data": {"train": path},
+        "training": {"batch_size": TRAIN_BATCH, "num_workers": 0, "epochs": 1, "seed": seed,
+                     "precision": "fp32", "schedule": {"warmup_ratio": 0.0}},
         "checkpoint": {"dir": None},
-        "epochs": 1,
-        "seed": seed,
         "device": "cpu",
-        "precision": "fp32",
         "cpu_threads": threads,
     }  # fmt: skip
 

@@ -7,7 +7,7 @@ turn that into the YAML key (`lstm.model.dropout`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
 
@@ -260,3 +260,108 @@ class GPT2Params:
     def dims(self) -> GPT2Dims:
         """(layers, heads, width, context): the preset's, with the overrides applied."""
         return preset_sizes(self, GPT2_PRESETS, GPT2Dims, CUSTOM_PRESET)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+Optimizer = Literal["adamw", "adam", "rmsprop", "sgd"]
+Schedule = Literal["cosine", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def _non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Optimizer = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # sgd and rmsprop
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam(W)'s; GPT-2 recipes use (0.9, 0.95)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        one_of(self, "name", get_args(Optimizer))
+        if not self.eps > 0:
+            raise ValueError(f"OptimizerConfig.eps must be > 0, got {self.eps}")
+        _non_negative(self, "lr", "weight_decay")  # lr 0: frozen weights, as torch allows
+        probability(self, "momentum")
+        self.betas = tuple(self.betas)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    kind: Schedule = "cosine"  # both after a linear warmup
+    warmup_ratio: float = 0.05  # of all steps; the larger of the two warmups wins
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        one_of(self, "kind", get_args(Schedule))
+        probability(self, "warmup_ratio")
+        _non_negative(self, "warmup_steps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"ScheduleConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
+            )
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: int = 3  # epochs without improvement
+    min_delta: float = 0.0
+    mode: Literal["max", "min"] | None = None  # None: max for accuracy, min for loss
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "patience")
+        _non_negative(self, "min_delta")
+        if self.mode is not None:
+            one_of(self, "mode", ("max", "min"))
+
+    @property
+    def maximize(self) -> bool:
+        # derived, never stored: a config that changes the metric must not keep the old mode
+        return self.mode == "max" if self.mode else self.metric.endswith("accuracy")
+
+
+def _nested(cfg: Any, name: str, klass: type) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, dict):  # from JSON: the launcher sends plain dicts
+        setattr(cfg, name, klass(**value))
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """How a deep model is trained: the `<stage>.training` config section, and what the
+    training processes are sent (models.train.RunConfig.training)."""
+
+    epochs: int = 5
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0: off
+    precision: Precision = "auto"  # auto: bf16 autocast on GPU only
+    num_workers: int = 0  # DataLoader workers per process
+    checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
+    log_every_steps: int = 0  # train loss, lr, throughput every N steps (0: off)
+    eval_every_steps: int = 0  # validation metrics every N steps too (0: per epoch)
+    compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
+    seed: int = 42
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+    def __post_init__(self) -> None:
+        at_least_one(self, "epochs", "batch_size", "eval_batch_size", "grad_accum")
+        _non_negative(self, "grad_clip", "num_workers", "checkpoint_every_steps",
+                      "log_every_steps", "eval_every_steps")  # fmt: skip
+        one_of(self, "precision", get_args(Precision))
+        _nested(self, "optimizer", OptimizerConfig)
+        _nested(self, "schedule", ScheduleConfig)
+        _nested(self, "early_stopping", EarlyStoppingConfig)

@@ -27,9 +27,11 @@ from sparkloom.models.hparams import (
     AugmentConfig,
     BertParams,
     CNNParams,
+    EarlyStoppingConfig,
     GPT2Params,
     LSTMParams,
     TextCNNParams,
+    TrainingConfig,
 )
 from sparkloom.pipelines.errors import ConfigError
 from sparkloom.pipelines.stages import (
@@ -403,44 +405,6 @@ class DistributorConfig(Section):
     max_retries: int = Field(1, ge=0)
 
 
-class OptimizerSection(Section):
-    name: Literal["adamw", "adam", "rmsprop", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam(W)'s; GPT-2 recipes use (0.9, 0.95)
-
-
-class ScheduleSection(Section):
-    kind: Literal["cosine", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-
-
-class EarlyStoppingSection(Section):
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    patience: int = Field(3, ge=1)
-    min_delta: float = Field(0.0, ge=0)
-
-
-class TrainingConfig(Section):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)  # per process
-    eval_batch_size: int = Field(128, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    grad_clip: float = Field(1.0, ge=0)  # 0: off
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
-    num_workers: int = Field(0, ge=0)  # DataLoader workers per process
-    checkpoint_every_steps: int = Field(0, ge=0)  # 0: at the end of each epoch only
-    log_every_steps: int = Field(0, ge=0)  # train loss, lr, throughput every N steps (0: off)
-    eval_every_steps: int = Field(0, ge=0)  # validation metrics every N steps too (0: per epoch)
-    compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
-    seed: int = 42
-    optimizer: OptimizerSection = OptimizerSection()
-    schedule: ScheduleSection = ScheduleSection()
-    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
-
-
 class DeepStageConfig(Section):
     """What every deep stage has; each model adds its `model` section (images: `augment`),
     validated as that model's own dataclass of hyper-parameters (models/hparams.py)."""
@@ -481,9 +445,7 @@ class BertPretrainStageConfig(DeepStageConfig):
     tokenizer: WordPieceConfig = WordPieceConfig()
     model: BertParams = BertParams()
     # NSP accuracy saturates early; the total loss (MLM + NSP) is what keeps improving
-    training: TrainingConfig = TrainingConfig(
-        early_stopping=EarlyStoppingSection(metric="val_loss")
-    )
+    training: TrainingConfig = TrainingConfig(early_stopping=EarlyStoppingConfig(metric="val_loss"))
     max_length: int = Field(128, ge=8)  # [CLS] A [SEP] B [SEP]
     mask_probability: float = Field(0.15, gt=0, lt=1)
     # dynamic: a new mask every time a batch is made, in the training processes (RoBERTa);
@@ -548,7 +510,7 @@ class GPT2StageConfig(DeepStageConfig):
     # evaluation batches hold (B, T, vocab) logits: small batches keep GPT-2 124M at 1024
     # tokens within a GPU's memory
     training: TrainingConfig = TrainingConfig(
-        early_stopping=EarlyStoppingSection(metric="val_loss"), log_every_steps=10,
+        early_stopping=EarlyStoppingConfig(metric="val_loss"), log_every_steps=10,
         eval_batch_size=16,
     )  # fmt: skip
     generate: GenerateSection = GenerateSection()

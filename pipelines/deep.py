@@ -30,7 +30,7 @@ from sparkloom.models import storage
 from sparkloom.models.masking import IGNORE_INDEX
 from sparkloom.pipelines import lm, subword
 from sparkloom.pipelines.catalog import Catalog, fingerprint
-from sparkloom.pipelines.config import Config, DistributorConfig, TrainingConfig
+from sparkloom.pipelines.config import Config, DistributorConfig
 from sparkloom.pipelines.context import StageContext, context, run_stage
 from sparkloom.pipelines.converter import make_spark_converter
 from sparkloom.pipelines.errors import (
@@ -113,40 +113,19 @@ def run_config(
     number of classes); data_extra: how batches map to model inputs.
     """
     section = getattr(cfg, stage)
-    t: TrainingConfig = section.training
     model = asdict(section.model) if hasattr(section, "model") else {}
     return {
         "model": {"name": stage, "config": {**model, **model_extra}},
-        "data": {
-            "train": paths["train"],
-            "validation": paths.get("validation"),
-            "test": paths.get("test"),
-            "batch_size": t.batch_size,
-            "eval_batch_size": t.eval_batch_size,
-            "num_workers": t.num_workers,
-            **data_extra,
-        },
-        "optimizer": t.optimizer.model_dump(),
-        "schedule": t.schedule.model_dump(),
-        "early_stopping": {
-            **t.early_stopping.model_dump(),
-            "mode": "max" if t.early_stopping.metric.endswith("accuracy") else "min",
-        },  # fmt: skip
-        "checkpoint": {"dir": checkpoint_dir, "every_steps": t.checkpoint_every_steps},
-        "epochs": t.epochs,
-        "grad_accum": t.grad_accum,
-        "grad_clip": t.grad_clip,
-        "precision": t.precision,
-        "seed": t.seed,
+        "data": {"train": paths["train"], "validation": paths.get("validation"),
+                 "test": paths.get("test"), **data_extra},
+        "training": asdict(section.training),
+        "checkpoint": {"dir": checkpoint_dir},
         "cpu_threads": cpu_threads,
         "timeout_s": section.distributor.timeout_s,
-        "log_every_steps": t.log_every_steps,
-        "eval_every_steps": t.eval_every_steps,
-        "compile": t.compile,
         "status_dir": status_dir,
         # test hook: "rank=R,step=S,mode=exit|raise|hang" (see models/train/distributed.py)
         "fault": os.environ.get("SPARKLOOM_FAULT"),
-    }
+    }  # fmt: skip
 
 
 def launch(

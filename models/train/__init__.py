@@ -34,6 +34,12 @@ import torch
 import torch.distributed as dist
 
 from sparkloom.models import storage
+from sparkloom.models.hparams import (
+    EarlyStoppingConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainingConfig,
+)
 from sparkloom.models.train.checkpoint import (
     Checkpoints,
     export,
@@ -41,15 +47,7 @@ from sparkloom.models.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from sparkloom.models.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    EarlyStoppingConfig,
-    OptimizerConfig,
-    RunConfig,
-    ScheduleConfig,
-    cfg_dict,
-)
+from sparkloom.models.train.config import CheckpointConfig, DataConfig, RunConfig, cfg_dict
 from sparkloom.models.train.distributed import (
     Dist,
     all_sum,
@@ -65,8 +63,8 @@ from sparkloom.models.train.tasks import MLM_KEYS, CausalLM, Classify, Distill, 
 
 __all__ = [
     "MLM_KEYS", "STOPPED", "CheckpointConfig", "Checkpoints", "DataConfig", "Dist",
-    "EarlyStoppingConfig", "OptimizerConfig", "RunConfig", "ScheduleConfig", "all_sum",
-    "build_optimizer", "build_schedule", "cfg_dict", "evaluate", "export", "fault_hook", "fit",
+    "EarlyStoppingConfig", "OptimizerConfig", "RunConfig", "ScheduleConfig", "TrainingConfig",
+    "all_sum", "build_optimizer", "build_schedule", "cfg_dict", "evaluate", "export", "fault_hook", "fit",
     "improved", "load_exported", "main", "model_inputs", "peak_tflops_for", "TrainState",
     "Classify", "Pretrain", "CausalLM", "Distill", "task_for",
     "rng_state", "set_rng_state", "setup", "train_fn", "unwrap", "wrap", "write_status",

@@ -1,5 +1,6 @@
-"""What a training run is told: data, model, optimizer, schedule, early stopping,
-checkpoints. Plain dataclasses, built from the JSON dict the launcher sends."""
+"""What a training run is told: the model, its data, how to train it (the user's
+`<stage>.training` section, models/hparams.py's TrainingConfig, sent as is) and where to
+checkpoint. Plain dataclasses, built from the JSON dict the launcher sends."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from sparkloom.models.augment import AugmentConfig, ImageBatchTransform
 from sparkloom.models.data import ColumnTransform, make_dataloader
+from sparkloom.models.hparams import TrainingConfig
 from sparkloom.models.masking import MaskingConfig, MLMBatchTransform
 
 # --- config -----------------------------------------------------------------------------------
@@ -21,9 +23,6 @@ class DataConfig:
     train: str
     validation: str | None = None
     test: str | None = None
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
     shuffle_buffer: int = 16_384
     # model keyword -> batch column; "<col>_mask" is the loader's padding mask
     inputs: dict[str, str] = field(
@@ -67,44 +66,17 @@ class DataConfig:
                                  AugmentConfig(**im.get("augment", {})), train=train)  # fmt: skip
         return ColumnTransform(im.get("column", "image"), fn)
 
-    def loader(self, path: str, train: bool, seed: int) -> torch.utils.data.DataLoader:
+    def loader(self, path: str, train: bool, t: TrainingConfig) -> torch.utils.data.DataLoader:
         return make_dataloader(
-            path, self.batch_size if train else self.eval_batch_size, shuffle=train, seed=seed,
-            num_workers=self.num_workers, shuffle_buffer=self.shuffle_buffer,
+            path, t.batch_size if train else t.eval_batch_size, shuffle=train, seed=t.seed,
+            num_workers=t.num_workers, shuffle_buffer=self.shuffle_buffer,
             columns=self.columns(), transform=self.transform(train), pad_value=self.pad_values,
         )  # fmt: skip
 
 
 @dataclass
-class OptimizerConfig:
-    name: str = "adamw"  # adamw | adam | rmsprop | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
-    eps: float = 1e-8
-
-
-@dataclass
-class ScheduleConfig:
-    kind: str = "cosine"  # cosine | constant (both after linear warmup)
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # of all steps; the larger of the two wins
-    min_lr_ratio: float = 0.1
-
-
-@dataclass
-class EarlyStoppingConfig:
-    metric: str = "val_accuracy"
-    mode: str = "max"
-    patience: int = 3
-    min_delta: float = 0.0
-
-
-@dataclass
 class CheckpointConfig:
-    dir: str | None = None
-    every_steps: int = 0  # 0: only at the end of each epoch
+    dir: str | None = None  # every training.checkpoint_every_steps, and after each epoch
     keep: int = 2
     resume: bool = True
 
@@ -113,21 +85,11 @@ class CheckpointConfig:
 class RunConfig:
     model: dict[str, Any]  # {"name": ..., "config": {...}}
     data: DataConfig
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    epochs: int = 5
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU) | fp32 | bf16
-    seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     cpu_threads: int | None = None
     timeout_s: int = 600  # process-group timeout: a hung rank fails the job after this
-    log_every_steps: int = 0  # mean train loss, lr and tokens/s every N steps, in the result
-    eval_every_steps: int = 0  # also evaluate on validation every N steps (besides each epoch)
-    compile: bool = False  # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     peak_tflops: float | None = None  # per device, for MFU; None: looked up from the GPU's name
     eval_at_start: bool = True  # validation metrics of the untrained model (loss at init)
     status_dir: str | None = None  # per-rank started/done/error files, for the launcher
@@ -141,20 +103,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
-        parts = {
-            "data": DataConfig,
-            "optimizer": OptimizerConfig,
-            "schedule": ScheduleConfig,
-            "early_stopping": EarlyStoppingConfig,
-            "checkpoint": CheckpointConfig,
-        }
+        parts = {"data": DataConfig, "training": TrainingConfig, "checkpoint": CheckpointConfig}
         for key, klass in parts.items():
             if key in d and isinstance(d[key], dict):
                 d[key] = klass(**d[key])
-        cfg = cls(**d)
-        if cfg.grad_accum < 1 or cfg.epochs < 1:
-            raise ValueError("epochs and grad_accum must be >= 1")
-        return cfg
+        return cls(**d)
+
+    def loader(self, path: str, train: bool) -> torch.utils.data.DataLoader:
+        return self.data.loader(path, train, self.training)
 
 
 def cfg_dict(cfg: RunConfig) -> str:

@@ -116,7 +116,9 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 
 def autocast(cfg: RunConfig, ctx: Dist):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+    bf16 = cfg.training.precision == "bf16" or (
+        cfg.training.precision == "auto" and ctx.device.type == "cuda"
+    )
     # bf16 on this CPU is ~10x slower than fp32: autocast only where it pays off
     return torch.autocast(
         ctx.device.type, dtype=torch.bfloat16, enabled=bf16 and ctx.device.type == "cuda"

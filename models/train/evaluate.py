@@ -33,7 +33,7 @@ def evaluate(
     all ranks; with `num_errors`, up to that many misclassified examples (id, true,
     predicted, p)."""
     model.eval()
-    loader = cfg.data.loader(path, train=False, seed=cfg.seed)
+    loader = cfg.loader(path, train=False)
     sums = task.sums(ctx.device)
     errors: list[dict[str, Any]] = []
     keep = num_errors if isinstance(task, Classify) else 0

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sparkloom.models import storage
+from sparkloom.models.hparams import EarlyStoppingConfig, OptimizerConfig, ScheduleConfig
 from sparkloom.models.registry import build_model, model_config
 from sparkloom.models.train.checkpoint import (
     Checkpoints,
@@ -20,13 +21,7 @@ from sparkloom.models.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from sparkloom.models.train.config import (
-    EarlyStoppingConfig,
-    OptimizerConfig,
-    RunConfig,
-    ScheduleConfig,
-    cfg_dict,
-)
+from sparkloom.models.train.config import RunConfig, cfg_dict
 from sparkloom.models.train.distributed import (
     Dist,
     all_sum,
@@ -110,7 +105,7 @@ def improved(record: dict[str, float], state: TrainState, es: EarlyStoppingConfi
         return False
     if best is None:
         return True
-    better = value > best + es.min_delta if es.mode == "max" else value < best - es.min_delta
+    better = value > best + es.min_delta if es.maximize else value < best - es.min_delta
     tie = value == best and record.get("val_loss", math.inf) < (state.best_loss or math.inf)
     return better or tie
 
@@ -162,18 +157,19 @@ class Run:
 
 
 def build(cfg: RunConfig, ctx: Dist) -> Run:
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    t = cfg.training
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg.model["name"], cfg.model.get("config", {}), cfg.model.get("init"))
     task = task_for(model, cfg.distill, ctx.device, load_exported)
     ddp = wrap(model, ctx)
-    if cfg.compile:
+    if t.compile:
         # in place, on the DDP module: DDP's optimizer splits the graph at gradient buckets, so
         # communication still overlaps backward; the state dict keeps its keys
         ddp.compile()
-    train = cfg.data.loader(cfg.data.train, train=True, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(train.dataset) / cfg.grad_accum)
-    opt = build_optimizer(ddp, cfg.optimizer)
-    sched = build_schedule(opt, cfg.schedule, steps_per_epoch * cfg.epochs)
+    train = cfg.loader(cfg.data.train, train=True)
+    steps_per_epoch = math.ceil(len(train.dataset) / t.grad_accum)
+    opt = build_optimizer(ddp, t.optimizer)
+    sched = build_schedule(opt, t.schedule, steps_per_epoch * t.epochs)
     ckpt = Checkpoints(cfg.checkpoint, ctx, cfg.fault, cfg.attempt)
     return Run(cfg, ctx, model, ddp, task, train, opt, sched, ckpt, peak_flops(cfg, ctx),
                sum(p.numel() for p in model.parameters()))  # fmt: skip
@@ -202,7 +198,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     run = build(cfg, ctx)
     state, resumed_from = resume(run)
     log(ctx, f"{run.num_parameters:,} parameters, world size {ctx.world_size}, device "
-             f"{ctx.device}, {run.batches_per_epoch} batches/epoch/rank, {cfg.epochs} epochs")  # fmt: skip
+             f"{ctx.device}, {run.batches_per_epoch} batches/epoch/rank, {cfg.training.epochs} epochs")  # fmt: skip
     initial: dict[str, float] = {}
     if cfg.eval_at_start and cfg.data.validation and not resumed_from:
         initial = scores(run.evaluate(cfg.data.validation), "val")
@@ -211,7 +207,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     sums = tuple(torch.tensor(v, dtype=torch.float64, device=ctx.device)
                  for v in (state.epoch_sums, state.window_sums))  # fmt: skip
     samples = 0
-    while state.epoch < cfg.epochs and not state.stopped_early:
+    while state.epoch < cfg.training.epochs and not state.stopped_early:
         epoch_started = time.perf_counter()
         samples += train_epoch(run, state, sums)
         end_epoch(run, state, sums, time.perf_counter() - epoch_started)
@@ -252,7 +248,7 @@ def train_epoch(run: Run, state: TrainState, sums: tuple[torch.Tensor, torch.Ten
     """One epoch from `state.batch` on: per micro-batch a seed, forward, the task's loss and
     backward; per optimizer step clipping, the step, the schedule, the step records and the
     mid-epoch checkpoints. Returns the rows trained."""
-    cfg, ctx, ddp = run.cfg, run.ctx, run.ddp
+    cfg, t, ctx, ddp = run.cfg, run.cfg.training, run.ctx, run.ddp
     epoch, per_epoch, samples = state.epoch, run.batches_per_epoch, 0
     epoch_sums, window_sums = sums
     run.train.dataset.set_epoch(epoch)
@@ -260,14 +256,14 @@ def train_epoch(run: Run, state: TrainState, sums: tuple[torch.Tensor, torch.Ten
     for i, batch in enumerate(run.train):
         if i < state.batch:
             continue  # resumed mid-epoch: these batches were trained before the checkpoint
-        torch.manual_seed(hash((cfg.seed, ctx.rank, epoch * per_epoch + i)) & 0x7FFF_FFFF)
+        torch.manual_seed(hash((t.seed, ctx.rank, epoch * per_epoch + i)) & 0x7FFF_FFFF)
         x = model_inputs(batch, cfg.data.inputs, ctx.device)
-        last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == per_epoch
+        last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == per_epoch
         sync = ddp.no_sync() if ctx.world_size > 1 and not last_micro else _null()
         with sync, autocast(cfg, ctx):
             out = ddp(**x)
             loss = run.task.loss(out, x, batch)
-            (loss / cfg.grad_accum).backward()
+            (loss / t.grad_accum).backward()
         rows = len(next(iter(x.values())))
         samples += rows
         for acc in (epoch_sums, window_sums):  # device-side adds: no sync here
@@ -278,15 +274,15 @@ def train_epoch(run: Run, state: TrainState, sums: tuple[torch.Tensor, torch.Ten
         del out, loss  # the logits are not kept alive into the next forward
         if not last_micro:
             continue
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(ddp.parameters(), cfg.grad_clip)
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(ddp.parameters(), t.grad_clip)
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
         state.global_step += 1
         state.batch = step_batch = i + 1
         step = state.global_step
-        if cfg.log_every_steps and step % cfg.log_every_steps == 0:
+        if t.log_every_steps and step % t.log_every_steps == 0:
             rec = {"step": step, "lr": run.sched.get_last_lr()[0],
                    **run.throughput(window_sums, time.perf_counter() - window_start)}  # fmt: skip
             state.steps.append(rec)
@@ -294,13 +290,13 @@ def train_epoch(run: Run, state: TrainState, sums: tuple[torch.Tensor, torch.Ten
             window_start = time.perf_counter()
             log(ctx, f"step {step} " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                 if k != "step"))  # fmt: skip
-        if cfg.eval_every_steps and cfg.data.validation and step % cfg.eval_every_steps == 0:
+        if t.eval_every_steps and cfg.data.validation and step % t.eval_every_steps == 0:
             rec = {"step": step, **scores(run.evaluate(cfg.data.validation), "val")}
             state.evals.append(rec)
             log(ctx, f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in rec.items()
                                                 if k != "step"))  # fmt: skip
             window_start = time.perf_counter()  # evaluation time is not training time
-        every = cfg.checkpoint.every_steps
+        every = t.checkpoint_every_steps
         if every and step % every == 0 and step_batch < per_epoch:
             run.ckpt.save(run.snapshot(state, sums), best=False)
         fault_hook(ctx.rank, "step", step, cfg.fault, cfg.attempt)
@@ -318,18 +314,18 @@ def end_epoch(
     sums[0].zero_()
     if cfg.data.validation:
         record |= scores(run.evaluate(cfg.data.validation), "val")
-    metric = record.get(cfg.early_stopping.metric)
-    is_best = improved(record, state, cfg.early_stopping)
+    metric = record.get(cfg.training.early_stopping.metric)
+    is_best = improved(record, state, cfg.training.early_stopping)
     if is_best:
         state.best, state.best_epoch, state.bad_epochs = metric, epoch + 1, 0
         state.best_loss = record.get("val_loss")
     elif metric is not None:
         state.bad_epochs += 1
-        state.stopped_early = state.bad_epochs >= cfg.early_stopping.patience
+        state.stopped_early = state.bad_epochs >= cfg.training.early_stopping.patience
     state.history.append(record)
     state.epoch, state.batch = epoch + 1, 0
     run.ckpt.save(run.snapshot(state, sums), best=is_best or metric is None)
-    log(run.ctx, f"epoch {epoch + 1}/{cfg.epochs} "
+    log(run.ctx, f"epoch {epoch + 1}/{cfg.training.epochs} "
         + " ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "step"))
         + (" *" if is_best else "") + (" (early stop)" if state.stopped_early else ""))  # fmt: skip
 

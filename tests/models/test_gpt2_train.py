@@ -31,12 +31,13 @@ def config(tmp_path, **extra):
     return {
         "model": {"name": "gpt2", "config": {"vocab_size": VOCAB, "preset": "tiny",
                                              "n_positions": 32, "dropout": 0.1}},
-        "data": {**paths, "batch_size": 16, "eval_batch_size": 48, "inputs": {"tokens": "tokens"}},
-        "optimizer": {"lr": 3e-3},
-        "early_stopping": {"metric": "val_loss", "mode": "min", "patience": 5},
-        "epochs": 2, "seed": 0, "log_every_steps": 1, "eval_every_steps": 5,
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 4},
-        **extra,
+        "data": {**paths, "inputs": {"tokens": "tokens"}},
+        "training": {"batch_size": 16, "eval_batch_size": 48, "optimizer": {"lr": 3e-3},
+                     "schedule": {"warmup_ratio": 0.0},
+                     "early_stopping": {"metric": "val_loss", "mode": "min", "patience": 5},
+                     "epochs": 2, "seed": 0, "log_every_steps": 1, "eval_every_steps": 5,
+                     "checkpoint_every_steps": 4, **extra},
+        "checkpoint": {"dir": str(tmp_path / "ckpt")},
     }  # fmt: skip
 
 

@@ -45,13 +45,13 @@ def config(tmp_path: Path, **over) -> dict:
         "model": {"name": "lstm", "config": {"vocab_size": 40, "num_classes": 3, "embed_dim": 16,
                                              "hidden_dim": 16, "num_layers": 1, "dropout": 0.1}},
         "data": {"train": str(data / "train"), "validation": str(data / "validation"),
-                 "test": str(data / "test"), "batch_size": 16},
-        "optimizer": {"name": "adamw", "lr": 0.02},
-        "checkpoint": {"dir": str(tmp_path / "ckpt"), "every_steps": 3},
-        "epochs": 4,
-        "seed": 7,
+                 "test": str(data / "test")},
+        "training": {"batch_size": 16, "optimizer": {"name": "adamw", "lr": 0.02},
+                     "schedule": {"warmup_ratio": 0.0}, "checkpoint_every_steps": 3,
+                     "epochs": 4, "seed": 7},
+        "checkpoint": {"dir": str(tmp_path / "ckpt")},
     }  # fmt: skip
-    cfg.update(over)
+    cfg["training"].update(over)  # the tests vary how it trains
     return cfg
 
 
@@ -112,7 +112,7 @@ def test_checkpoints_status_and_export_on_a_remote_filesystem_resume_bit_identic
         cfg = config(tmp_path / "clean", **over)
         for split in ("train", "validation", "test"):
             cfg["data"][split] = f"{root}/data/{split}"
-        cfg["checkpoint"] = {"dir": f"{root}/ckpt", "every_steps": 3}
+        cfg["checkpoint"] = {"dir": f"{root}/ckpt"}
         cfg["status_dir"] = f"{root}/status"
         return cfg
 

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,13 @@ def test_a_model_section_is_the_models_own_dataclass_and_needs_no_torch():
     for stage, model_config in built.items():
         assert issubclass(model_config, type(getattr(cfg, stage).model)), stage
     assert cfg.lstm.model.hidden_dim == 7
+    # the training section is what the training processes get: no mapping in between
+    from sparkloom.models.train.config import RunConfig
+    from sparkloom.pipelines.deep import run_config
+
+    sent = run_config(cfg, "gpt2", {"train": "t"}, {"vocab_size": 50}, {}, "ckpt", "status", 1)
+    got = RunConfig.from_dict(json.loads(json.dumps(sent)))  # as it travels
+    assert got.training == cfg.gpt2.training and not got.training.early_stopping.maximize
     # validating a config must not import torch (baseline-only pipelines never need it)
     code = "import sys, sparkloom.pipelines.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
