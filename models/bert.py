@@ -25,6 +25,7 @@ from sparkloom.models.hparams import (
     index_below,
     one_of,
 )
+from sparkloom.models.outputs import ClassifierOutput, PretrainingOutput
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 ENCODER_PREFIXES = ("bert.embeddings.", "bert.encoder.", "bert.pooler.")
@@ -109,12 +110,12 @@ def _mlm_metrics(
 class BertPretrainer(nn.Module):
     """BertForPreTraining's encoder and heads: masked LM + next sentence prediction.
 
-    Returns "logits" = the NSP logits (B, 2), so the shared evaluate() (argmax accuracy of
-    "logits" against "labels") scores NSP; the MLM scores are "prediction_logits" (B, T, V).
+    Returns a PretrainingOutput: `logits` are the NSP logits (B, 2), which the Pretrain task
+    scores as a two-class classification; `prediction_logits` the MLM scores (B, T, V).
     """
 
     task = "pretrain"  # models.train.tasks: MLM + NSP, reported per masked token and pair
-    num_labels = 2  # what "logits" classify: is B the next segment (0) or random (1)
+    num_labels = 2  # what `logits` classify: is B the next segment (0) or random (1)
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -137,33 +138,21 @@ class BertPretrainer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
-        """`labels` is an alias of `next_sentence_label` (evaluate() passes NSP labels by that
-        name). The loss is the sum of the losses whose labels are given; None without any."""
-        nsp_labels = next_sentence_label if next_sentence_label is not None else labels
+    ) -> PretrainingOutput:
+        """The loss is the sum of the losses whose labels are given; None without any."""
         mask = padding_mask(input_ids, attention_mask, self.cfg.pad_token_id)  # (B, T)
         out = self.bert(input_ids, attention_mask=mask.long(), token_type_ids=token_type_ids)
         # sequence (B, T, H) and pooled [CLS] (B, H) -> MLM (B, T, V) and NSP (B, 2) logits
         mlm_logits, nsp_logits = self.cls(out.last_hidden_state, out.pooler_output)
-        result: dict[str, torch.Tensor | None] = {
-            "logits": nsp_logits,
-            "prediction_logits": mlm_logits,
-            "mlm_loss": None,
-            "mlm_correct": None,
-            "mlm_count": None,
-            "nsp_loss": None,
-            "nsp_correct": None,
-        }
+        out = PretrainingOutput(nsp_logits, mlm_logits)
         if mlm_labels is not None:
-            mlm_loss, mlm_correct, mlm_count = _mlm_metrics(mlm_logits, mlm_labels)
-            result |= {"mlm_loss": mlm_loss, "mlm_correct": mlm_correct, "mlm_count": mlm_count}
-        if nsp_labels is not None:
-            result["nsp_loss"] = F.cross_entropy(nsp_logits, nsp_labels, ignore_index=-100)
-            result["nsp_correct"] = (nsp_logits.argmax(-1) == nsp_labels).sum()
-        losses = [loss for loss in (result["mlm_loss"], result["nsp_loss"]) if loss is not None]
-        result["loss"] = sum(losses) if losses else None
-        return result
+            out.mlm_loss, out.mlm_correct, out.mlm_count = _mlm_metrics(mlm_logits, mlm_labels)
+        if next_sentence_label is not None:
+            out.nsp_loss = F.cross_entropy(nsp_logits, next_sentence_label, ignore_index=-100)
+            out.nsp_correct = (nsp_logits.argmax(-1) == next_sentence_label).sum()
+        losses = [loss for loss in (out.mlm_loss, out.nsp_loss) if loss is not None]
+        out.loss = sum(losses) if losses else None
+        return out
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -202,12 +191,12 @@ class BertClassifier(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> ClassifierOutput:
         mask = padding_mask(input_ids, attention_mask, self.cfg.pad_token_id)  # (B, T)
         out = self.bert(input_ids, attention_mask=mask.long(), token_type_ids=token_type_ids)
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, H) -> (B, C)
         loss = None if labels is None else F.cross_entropy(logits, labels, ignore_index=-100)
-        return {"logits": logits, "loss": loss}
+        return ClassifierOutput(logits, loss)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -1,7 +1,7 @@
 """Image classifiers: the TensorFlow "Deep MNIST" network and AlexNet (Krizhevsky et al., 2012).
 
 Both take float images (B, C, H, W), already scaled and standardised (see models.augment), and
-return {"logits", "loss"} like the text classifiers.
+return a ClassifierOutput (logits, loss) like the text classifiers.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from sparkloom.models.heads import ClassificationHead
 from sparkloom.models.hparams import AlexNetParams, CNNParams, at_least_one
+from sparkloom.models.outputs import ClassifierOutput
 
 # AlexNet geometry per stem: conv1 (kernel, stride, padding) and the three max pools (kernel,
 # stride). conv2-conv5 keep the spatial size in both stems, so these alone fix the output size.
@@ -157,9 +158,7 @@ class SmallCNN(nn.Module):
         # Built after he_init_ so it keeps its own small init.
         self.head = ClassificationHead(cfg.hidden_dim, cfg.num_classes, cfg.dropout)
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
         check_images(images, self.cfg)
         x = self.conv1(images)  # (B, 32, H, W)
         x = self.pool1(x)  # (B, 32, H/2, W/2)
@@ -246,9 +245,7 @@ class AlexNet(nn.Module):
         self.features.train(mode)
         return flat
 
-    def forward(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor | None]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> ClassifierOutput:
         check_images(images, self.cfg)
         x = self.features(images)  # (B, 256, 6, 6)
         x = self.avgpool(x)  # (B, 256, 6, 6)

@@ -26,6 +26,7 @@ from sparkloom.models.hparams import (
     index_below,
     one_of,
 )
+from sparkloom.models.outputs import CausalLMOutput
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -113,7 +114,7 @@ class GPT2LM(nn.Module):
     """
 
     task = "lm"
-    num_labels = 0  # no classes: "logits" are next-token scores over the vocabulary
+    num_labels = 0  # no classes: `logits` are next-token scores over the vocabulary
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -124,7 +125,7 @@ class GPT2LM(nn.Module):
         self.transformer = hf.transformer  # wte + wpe -> n_layer GPT2Blocks -> ln_f
         self.lm_head = hf.lm_head  # (n_embd -> vocab_size), weight is transformer.wte.weight
 
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> CausalLMOutput:
         if tokens.dim() != 2 or tokens.size(1) < 2:
             raise ValueError(
                 f"GPT2LM takes token blocks (B, T+1) with T >= 1, got shape {tuple(tokens.shape)}"
@@ -142,13 +143,8 @@ class GPT2LM(nn.Module):
         # float32 even when the logits come from bf16 autocast: log-softmax over a large
         # vocabulary loses too much in bf16.
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # (B*T, V)
-        return {
-            "logits": logits,
-            "loss": loss,
-            "lm_loss": loss,
-            "lm_correct": (logits.argmax(-1) == targets).sum(),
-            "lm_count": torch.tensor(B * T, device=tokens.device),
-        }
+        correct = (logits.argmax(-1) == targets).sum()
+        return CausalLMOutput(logits, loss, correct, torch.tensor(B * T, device=tokens.device))
 
     def num_parameters(self) -> int:
         """Trainable parameters, the tied embedding/head counted once."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparkloom.models.outputs import ClassifierOutput
+
 
 def padding_mask(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, padding_idx: int
@@ -29,7 +31,7 @@ class ClassificationHead(nn.Module):
 
     def forward(
         self, features: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> ClassifierOutput:
         logits = self.classifier(self.dropout(features))  # (B, C)
         loss = None if labels is None else F.cross_entropy(logits, labels, ignore_index=-100)
-        return {"logits": logits, "loss": loss}
+        return ClassifierOutput(logits, loss)

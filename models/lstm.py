@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from sparkloom.models.heads import ClassificationHead, padding_mask
 from sparkloom.models.hparams import LSTMParams, at_least_one, index_below
+from sparkloom.models.outputs import ClassifierOutput
 
 
 @dataclass(kw_only=True)
@@ -103,7 +104,7 @@ class LSTMClassifier(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> ClassifierOutput:
         mask = padding_mask(input_ids, attention_mask, self.cfg.padding_idx)  # (B, T)
         # A row with no real tokens runs as length 1 rather than crashing the packer.
         lengths = mask.sum(dim=1).clamp(min=1)  # (B,)

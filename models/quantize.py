@@ -232,7 +232,7 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 64,
     out = []
     with torch.no_grad():
         for i in range(0, len(inputs), batch_size):
-            out.append(model(**{key: inputs[i : i + batch_size]})["logits"].float().softmax(-1))
+            out.append(model(**{key: inputs[i : i + batch_size]}).logits.float().softmax(-1))
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -79,7 +79,7 @@ class Scorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # an int8 model's 8-bit embedding reads contiguous ids only (a column slice is not)
-        return self.model(input_ids=input_ids.contiguous())["logits"].softmax(-1)
+        return self.model(input_ids=input_ids.contiguous()).logits.softmax(-1)
 
 
 class ImageScorer(nn.Module):
@@ -97,4 +97,4 @@ class ImageScorer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() / 255.0 - self.mean) / self.std  # (B, C, H, W)
-        return self.model(images=x)["logits"].softmax(-1)
+        return self.model(images=x).logits.softmax(-1)

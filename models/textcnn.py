@@ -10,6 +10,7 @@ from torch import nn
 
 from sparkloom.models.heads import ClassificationHead, padding_mask
 from sparkloom.models.hparams import TextCNNParams, at_least_one, index_below
+from sparkloom.models.outputs import ClassifierOutput
 
 
 @dataclass(kw_only=True)
@@ -69,7 +70,7 @@ class TextCNN(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> ClassifierOutput:
         mask = padding_mask(input_ids, attention_mask, self.cfg.padding_idx)  # (B, T)
         # Zeroed pads make windows that run past the true end see exactly the k-1 zero
         # vectors F.pad appends, whatever ids the pads carry.

@@ -469,7 +469,7 @@ def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> D
 
 NSP_LABELS = ["is_next", "random_next"]  # BERT pretraining's classes (Hugging Face's order)
 BERT_INPUTS = {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
-               "attention_mask": "input_ids_mask", "labels": "label"}  # fmt: skip
+               "attention_mask": "input_ids_mask"}  # fmt: skip
 
 
 def keep_tokenizer(path: str | None, make) -> tuple[str, dict]:
@@ -530,7 +530,9 @@ def bert_pretrain_inputs(
     mlm = {"mask_token_id": tok.token_to_id("[MASK]"), "vocab_size": vocab,
            "special_ids": special, "first_normal_id": max(special) + 1,
            "probability": bc.mask_probability}  # fmt: skip
-    data_extra: dict[str, Any] = {"inputs": {**BERT_INPUTS, "mlm_labels": "mlm_labels"}}
+    data_extra: dict[str, Any] = {
+        "inputs": {**BERT_INPUTS, "mlm_labels": "mlm_labels", "next_sentence_label": "label"}
+    }
     if bc.masking == "static":
         data = static_masked(data, mlm, bc.static_copies, bc.training.seed)
         data_extra["pad_values"] = {"mlm_labels": IGNORE_INDEX}  # padding is never predicted
@@ -587,7 +589,12 @@ def bert_finetune_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> De
         F.col("label_index").cast("int").alias("label"), "split",
     )  # fmt: skip
     return DeepInputs(
-        data, {}, config, {"inputs": BERT_INPUTS}, {"tokenizer.json": tokenizer_json}, init
+        data,
+        {},
+        config,
+        {"inputs": {**BERT_INPUTS, "labels": "label"}},
+        {"tokenizer.json": tokenizer_json},
+        init,
     )
 
 

@@ -43,8 +43,8 @@ def evaluate(
             out = model(**x)
         task.add(sums, out, x)
         if len(errors) < keep and cfg.data.id_column in batch:
-            labels, pred = x["labels"], out["logits"].argmax(-1)
-            prob = out["logits"].float().softmax(-1).max(-1).values
+            labels, pred = x[task.label], out.logits.argmax(-1)
+            prob = out.logits.float().softmax(-1).max(-1).values
             for i in (pred != labels).nonzero().flatten().tolist()[: keep - len(errors)]:
                 errors.append({"id": batch[cfg.data.id_column][i], "label": int(labels[i]),
                                "pred": int(pred[i]), "prob": float(prob[i])})  # fmt: skip

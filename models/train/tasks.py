@@ -1,6 +1,7 @@
 """What a model is trained to do, one object per kind of training: the loss `fit` minimises
 on a batch, the tokens it counts for throughput, and what `evaluate` sums over a split and
-reports. `fit` and `evaluate` ask the task; they never look for a model's output keys.
+reports, read from the typed output its model returns (models/outputs.py). `fit` and
+`evaluate` ask the task; they never look inside a model's output.
 
 - `Classify`: cross-entropy over classes (the text and image classifiers, BERT fine-tuning)
 - `Pretrain`: BERT's MLM + NSP; NSP is scored as a classification, MLM per masked token
@@ -17,20 +18,22 @@ import torch
 from torch import nn
 
 from sparkloom.models.distill import distillation_loss
+from sparkloom.models.outputs import CausalLMOutput, ClassifierOutput, PretrainingOutput
 
 MLM_KEYS = ("mlm_loss", "mlm_accuracy", "perplexity")
 
 
 class Classify:
     language_model = False  # throughput in samples/s (a language model adds tokens/s, MFU)
+    label = "labels"  # the model input that holds the classes
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
 
-    def loss(self, out: dict[str, Any], x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        return out["loss"]
+    def loss(self, out: ClassifierOutput, x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        return out.loss
 
-    def tokens(self, out: dict[str, Any]) -> torch.Tensor | float:
+    def tokens(self, out: ClassifierOutput) -> torch.Tensor | float:
         return 0.0
 
     def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -39,10 +42,10 @@ class Classify:
         return {"loss": torch.zeros(1, dtype=torch.float64, device=device),
                 "confusion": torch.zeros(c * c, dtype=torch.int64, device=device)}  # fmt: skip
 
-    def add(self, sums: dict[str, torch.Tensor], out: dict[str, Any], x: dict[str, Any]) -> None:
-        labels, c = x["labels"], self.num_classes
-        sums["loss"] += out["loss"].double() * labels.numel()
-        pred = out["logits"].argmax(-1)
+    def add(self, sums: dict[str, torch.Tensor], out: ClassifierOutput, x: dict[str, Any]) -> None:
+        labels, c = x[self.label], self.num_classes
+        sums["loss"] += out.loss.double() * labels.numel()
+        pred = out.logits.argmax(-1)
         sums["confusion"] += torch.bincount(labels * c + pred, minlength=c * c)
 
     def report(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -57,6 +60,8 @@ class Pretrain(Classify):
     """MLM + NSP: the loss is their sum; evaluation scores NSP as two classes and reports MLM
     loss and accuracy per masked token, and perplexity = exp(MLM loss)."""
 
+    label = "next_sentence_label"
+
     def __init__(self):
         super().__init__(2)
 
@@ -64,10 +69,10 @@ class Pretrain(Classify):
         # MLM: loss sum, correct, masked tokens
         return super().sums(device) | {"mlm": torch.zeros(3, dtype=torch.float64, device=device)}
 
-    def add(self, sums: dict[str, torch.Tensor], out: dict[str, Any], x: dict[str, Any]) -> None:
+    def add(self, sums: dict[str, torch.Tensor], out: PretrainingOutput, x: dict[str, Any]) -> None:
         super().add(sums, out, x)
-        n = out["mlm_count"].double()
-        sums["mlm"] += torch.stack([out["mlm_loss"].double() * n, out["mlm_correct"].double(), n])
+        n = out.mlm_count.double()
+        sums["mlm"] += torch.stack([out.mlm_loss.double() * n, out.mlm_correct.double(), n])
 
     def report(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
         loss_sum, correct, count = (float(v) for v in sums["mlm"].tolist())
@@ -85,20 +90,20 @@ class CausalLM:
     language_model = True
     num_classes = 0
 
-    def loss(self, out: dict[str, Any], x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
-        return out["loss"]
+    def loss(self, out: CausalLMOutput, x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+        return out.loss
 
-    def tokens(self, out: dict[str, Any]) -> torch.Tensor | float:
-        return out["lm_count"]
+    def tokens(self, out: CausalLMOutput) -> torch.Tensor | float:
+        return out.count
 
     def sums(self, device: torch.device) -> dict[str, torch.Tensor]:
         # loss sum, correct, target tokens, rows
         return {"lm": torch.zeros(4, dtype=torch.float64, device=device)}
 
-    def add(self, sums: dict[str, torch.Tensor], out: dict[str, Any], x: dict[str, Any]) -> None:
-        n = out["lm_count"].double()
-        sums["lm"] += torch.stack([out["lm_loss"].double() * n, out["lm_correct"].double(), n,
-                                   n.new_tensor(float(out["logits"].shape[0]))])  # fmt: skip
+    def add(self, sums: dict[str, torch.Tensor], out: CausalLMOutput, x: dict[str, Any]) -> None:
+        n = out.count.double()
+        sums["lm"] += torch.stack([out.loss.double() * n, out.correct.double(), n,
+                                   n.new_tensor(float(out.logits.shape[0]))])  # fmt: skip
 
     def report(self, sums: dict[str, torch.Tensor]) -> dict[str, Any]:
         loss_total, correct, count, rows = (float(v) for v in sums["lm"].tolist())
@@ -118,13 +123,13 @@ class Distill(Classify):
         super().__init__(num_classes)
         self.spec, self.teacher, self.device = spec, teacher, device
 
-    def loss(self, out: dict[str, Any], x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, out: ClassifierOutput, x: dict[str, Any], batch: dict[str, Any]) -> torch.Tensor:
         if self.teacher is not None:
             with torch.no_grad():
-                soft = self.teacher(**{k: v for k, v in x.items() if k != "labels"})["logits"]
+                soft = self.teacher(**{k: v for k, v in x.items() if k != "labels"}).logits
         else:
             soft = batch[self.spec["column"]].to(self.device, non_blocking=True)
-        return distillation_loss(out["logits"], soft, x["labels"], self.spec["temperature"],
+        return distillation_loss(out.logits, soft, x["labels"], self.spec["temperature"],
                                  self.spec["alpha"])  # fmt: skip
 
 

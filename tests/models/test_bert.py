@@ -19,6 +19,7 @@ from sparkloom.models.bert import (
 )
 from sparkloom.models.hparams import BERT_PRESETS
 from sparkloom.models.masking import MaskingConfig, mask_tokens
+from sparkloom.models.outputs import ClassifierOutput, PretrainingOutput
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 FIRST_NORMAL = 5
@@ -180,9 +181,9 @@ def test_matches_transformers_bert_for_pretraining():
             token_type_ids=batch["token_type_ids"], labels=batch["mlm_labels"],
             next_sentence_label=batch["next_sentence_label"],
         )  # fmt: skip
-    torch.testing.assert_close(ours["prediction_logits"], theirs.prediction_logits)
-    torch.testing.assert_close(ours["logits"], theirs.seq_relationship_logits)
-    torch.testing.assert_close(ours["loss"], theirs.loss)
+    torch.testing.assert_close(ours.prediction_logits, theirs.prediction_logits)
+    torch.testing.assert_close(ours.logits, theirs.seq_relationship_logits)
+    torch.testing.assert_close(ours.loss, theirs.loss)
 
 
 def test_eager_and_sdpa_attention_agree():
@@ -192,7 +193,7 @@ def test_eager_and_sdpa_attention_agree():
     eager.load_state_dict(sdpa.state_dict())
     with torch.no_grad():
         a, b = sdpa(**batch), eager(**batch)
-    torch.testing.assert_close(a["prediction_logits"], b["prediction_logits"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.prediction_logits, b.prediction_logits, atol=1e-5, rtol=1e-4)
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -205,33 +206,37 @@ def test_pretrainer_forward_shapes_and_keys():
         out = model(**batch)
         bare = model(batch["input_ids"])
         mlm_only = model(batch["input_ids"], mlm_labels=batch["mlm_labels"])
-    assert set(out) == {
-        "loss", "mlm_loss", "nsp_loss", "logits", "prediction_logits",
-        "mlm_correct", "mlm_count", "nsp_correct",
-    }  # fmt: skip
-    assert out["logits"].shape == (4, 2)
-    assert out["prediction_logits"].shape == (4, 24, 100)
+    assert isinstance(out, PretrainingOutput)
+    assert out.logits.shape == (4, 2)
+    assert out.prediction_logits.shape == (4, 24, 100)
     for key in ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct"):
-        assert out[key].ndim == 0, key
-    assert out["mlm_count"] == (batch["mlm_labels"] != -100).sum()
-    assert 0 <= out["mlm_correct"] <= out["mlm_count"]
-    assert 0 <= out["nsp_correct"] <= 4
-    torch.testing.assert_close(out["loss"], out["mlm_loss"] + out["nsp_loss"])
-    assert bare["loss"] is None and bare["mlm_loss"] is None and bare["nsp_correct"] is None
-    assert bare["logits"].shape == (4, 2)
-    torch.testing.assert_close(mlm_only["loss"], mlm_only["mlm_loss"])
-    assert mlm_only["nsp_loss"] is None
+        assert getattr(out, key).ndim == 0, key
+    assert out.mlm_count == (batch["mlm_labels"] != -100).sum()
+    assert 0 <= out.mlm_correct <= out.mlm_count
+    assert 0 <= out.nsp_correct <= 4
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)
+    assert bare.loss is None and bare.mlm_loss is None and bare.nsp_correct is None
+    assert bare.logits.shape == (4, 2)
+    torch.testing.assert_close(mlm_only.loss, mlm_only.mlm_loss)
+    assert mlm_only.nsp_loss is None
 
 
-def test_labels_is_an_alias_of_next_sentence_label():
-    # evaluate() passes the class labels as `labels` and scores "logits" against them.
+def test_the_pretrain_task_scores_nsp_from_next_sentence_label():
+    # NSP labels go by their own name (`labels` is no alias any more); the task knows it
+    from sparkloom.models.train.tasks import Pretrain
+
     model = pretrainer().eval()
     batch = masked_batch(4, 24, 100)
-    nsp = batch.pop("next_sentence_label")
     with torch.no_grad():
-        a, b = model(**batch, next_sentence_label=nsp), model(**batch, labels=nsp)
-    torch.testing.assert_close(a["loss"], b["loss"])
-    assert a["nsp_correct"] == b["nsp_correct"]
+        out = model(**batch)
+    task = Pretrain()
+    sums = task.sums(torch.device("cpu"))
+    task.add(sums, out, batch)
+    report = task.report(sums)
+    assert report["examples"] == 4 and report["accuracy"] == out.nsp_correct.item() / 4
+    assert report["mlm_loss"] == pytest.approx(out.mlm_loss.item())
+    with pytest.raises(TypeError, match="labels"):
+        model(**batch, labels=batch["next_sentence_label"])
 
 
 def test_a_batch_without_masked_positions_has_zero_mlm_loss():
@@ -240,8 +245,8 @@ def test_a_batch_without_masked_positions_has_zero_mlm_loss():
     batch["mlm_labels"].fill_(-100)
     with torch.no_grad():
         out = model(**batch)
-    assert out["mlm_loss"] == 0 and out["mlm_count"] == 0
-    assert torch.isfinite(out["loss"])
+    assert out.mlm_loss == 0 and out.mlm_count == 0
+    assert torch.isfinite(out.loss)
 
 
 def test_classifier_forward_shapes():
@@ -250,9 +255,9 @@ def test_classifier_forward_shapes():
     with torch.no_grad():
         out = model(ids, token_type_ids=types)
         labelled = model(ids, token_type_ids=types, labels=torch.tensor([0, 1, 2, -100]))
-    assert set(out) == {"logits", "loss"}
-    assert out["logits"].shape == (4, 3) and out["loss"] is None
-    assert labelled["loss"].ndim == 0
+    assert isinstance(out, ClassifierOutput)
+    assert out.logits.shape == (4, 3) and out.loss is None
+    assert labelled.loss.ndim == 0
 
 
 @pytest.mark.parametrize("build", [pretrainer, classifier], ids=["pretrainer", "classifier"])
@@ -262,9 +267,9 @@ def test_padding_is_masked_even_without_attention_mask(build):
     ids, _ = sentences(4, 24, 100)
     assert (ids == PAD).any()
     with torch.no_grad():
-        implicit = model(ids)["logits"]
-        explicit = model(ids, attention_mask=(ids != PAD).long())["logits"]
-        attends_to_pads = model(ids, attention_mask=torch.ones_like(ids))["logits"]
+        implicit = model(ids).logits
+        explicit = model(ids, attention_mask=(ids != PAD).long()).logits
+        attends_to_pads = model(ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(implicit, explicit)
     assert not torch.allclose(implicit, attends_to_pads)
 
@@ -283,8 +288,8 @@ def test_pretraining_losses_at_init(cfg):
     batch = masked_batch(16, 32, cfg.vocab_size, seed=1)
     with torch.no_grad():
         out = model(**batch)
-    assert abs(out["mlm_loss"].item() - math.log(cfg.vocab_size)) < 0.3
-    assert abs(out["nsp_loss"].item() - math.log(2)) < 0.1
+    assert abs(out.mlm_loss.item() - math.log(cfg.vocab_size)) < 0.3
+    assert abs(out.nsp_loss.item() - math.log(2)) < 0.1
 
 
 @pytest.mark.parametrize("num_classes", [2, 5])
@@ -293,7 +298,7 @@ def test_classifier_loss_at_init(num_classes):
     ids, types = sentences(64, 24, 100, seed=2)
     labels = torch.randint(0, num_classes, (64,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        loss = model(ids, token_type_ids=types, labels=labels)["loss"].item()
+        loss = model(ids, token_type_ids=types, labels=labels).loss.item()
     assert abs(loss - math.log(num_classes)) < 0.2
     # transformers' small init of the last layer is what keeps the first predictions uniform.
     assert model.classifier.weight.std().item() == pytest.approx(0.02, rel=0.3)
@@ -306,14 +311,14 @@ def test_tiny_pretrainer_overfits_a_handful_of_examples():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(150):
         opt.zero_grad()
-        model(**batch)["loss"].backward()
+        model(**batch).loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         out = model(**batch)
-    assert out["mlm_count"] >= 8
-    assert out["mlm_loss"].item() < 0.5
-    assert out["nsp_correct"].item() == 8
+    assert out.mlm_count >= 8
+    assert out.mlm_loss.item() < 0.5
+    assert out.nsp_correct.item() == 8
 
 
 # --- pretraining -> classifier -------------------------------------------------------------------
@@ -377,7 +382,7 @@ def test_from_hf_directory_round_trip(tmp_path):
     mask = (ids != PAD).long()
     with torch.no_grad():
         expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        got = model(ids, attention_mask=mask, token_type_ids=types)["logits"]
+        got = model(ids, attention_mask=mask, token_type_ids=types).logits
     assert torch.equal(got, expected)
 
     # Its config is ours, and rebuilds the same model (what load_exported does).
@@ -386,7 +391,7 @@ def test_from_hf_directory_round_trip(tmp_path):
     rebuilt = BertClassifier(BertConfig(**asdict(model.cfg))).eval()
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(rebuilt(ids, mask, types)["logits"], expected)
+        assert torch.equal(rebuilt(ids, mask, types).logits, expected)
 
 
 def test_from_hf_directory_puts_a_new_head_on_a_pretraining_checkpoint(tmp_path):

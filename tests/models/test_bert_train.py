@@ -42,7 +42,7 @@ def test_pretraining_reports_mlm_and_nsp_metrics_and_learns(tmp_path):
         "data": {**paths,
                  "inputs": {"input_ids": "input_ids", "token_type_ids": "token_type_ids",
                             "attention_mask": "input_ids_mask", "mlm_labels": "mlm_labels",
-                            "labels": "label"},
+                            "next_sentence_label": "label"},
                  "mlm": {"mask_token_id": MASK, "vocab_size": VOCAB, "special_ids": [0, CLS, SEP],
                          "first_normal_id": 5, "probability": 0.15}},
         "training": {"batch_size": 32, "eval_batch_size": 128, "optimizer": {"lr": 3e-3},

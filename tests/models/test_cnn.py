@@ -52,9 +52,9 @@ def test_output_shapes(builder, overrides):
     model = builder(**overrides)
     images, labels = random_batch(model, 2)
     out = model(images)
-    assert out["logits"].shape == (2, model.cfg.num_classes)
-    assert out["loss"] is None
-    assert model(images, labels)["loss"].ndim == 0
+    assert out.logits.shape == (2, model.cfg.num_classes)
+    assert out.loss is None
+    assert model(images, labels).loss.ndim == 0
 
 
 @pytest.mark.parametrize(("size", "kernel", "stride"), [(28, 3, 1), (63, 3, 1), (64, 11, 4)])
@@ -70,7 +70,7 @@ def test_initial_loss_is_near_log_num_classes(build, init, batch_norm):
     model = build(init=init, batch_norm=batch_norm).eval()
     images, labels = random_batch(model, 64, seed=1)
     with torch.no_grad():
-        loss = model(images, labels)["loss"].item()
+        loss = model(images, labels).loss.item()
     assert abs(loss - math.log(10)) < 0.1
 
 
@@ -117,15 +117,15 @@ def test_loss_drops_on_a_fixed_batch(build):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.eval()
     with torch.no_grad():
-        start = model(images, labels)["loss"].item()
+        start = model(images, labels).loss.item()
     model.train()
     for _ in range(50):
         opt.zero_grad()
-        model(images, labels)["loss"].backward()
+        model(images, labels).loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        end = model(images, labels)["loss"].item()
+        end = model(images, labels).loss.item()
     assert end < start / 2
 
 

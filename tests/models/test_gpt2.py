@@ -13,6 +13,7 @@ import transformers
 from sparkloom.models.generate import generate
 from sparkloom.models.gpt2 import GPT2LM, GPT2Config
 from sparkloom.models.hparams import GPT2_PRESETS
+from sparkloom.models.outputs import CausalLMOutput
 
 V = 64  # vocabulary of the tiny test models
 CTX = 32  # their n_positions
@@ -55,7 +56,7 @@ def next_logits(model: GPT2LM, seq: list[int]) -> torch.Tensor:
     # forward() wants a block of T+1 tokens; the last one is only a target and cannot change
     # the logits before it.
     with torch.no_grad():
-        return model(torch.tensor([seq + [0]]))["logits"][0, -1]
+        return model(torch.tensor([seq + [0]])).logits[0, -1]
 
 
 # -- config and sizes ------------------------------------------------------------------------
@@ -123,18 +124,18 @@ def test_loss_is_cross_entropy_against_the_next_token(model):
     tokens = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = model(tokens)
-    logits = out["logits"]
+    logits = out.logits
     assert logits.shape == (3, 8, V)
     by_hand = torch.stack(
         [F.cross_entropy(logits[:, t], tokens[:, t + 1], reduction="none") for t in range(8)]
     ).mean()
-    torch.testing.assert_close(out["loss"], by_hand)
-    assert out["lm_loss"] is out["loss"]
-    assert out["lm_count"].item() == 3 * 8 and out["lm_count"].dim() == 0
+    torch.testing.assert_close(out.loss, by_hand)
+    assert isinstance(out, CausalLMOutput)
+    assert out.count.item() == 3 * 8 and out.count.dim() == 0
     expected_correct = sum(
         int((logits[:, t].argmax(-1) == tokens[:, t + 1]).sum()) for t in range(8)
     )
-    assert out["lm_correct"].item() == expected_correct
+    assert out.correct.item() == expected_correct
 
 
 def test_position_t_sees_no_later_token(model):
@@ -143,13 +144,13 @@ def test_position_t_sees_no_later_token(model):
     changed = tokens.clone()
     changed[:, t + 2 :] = (changed[:, t + 2 :] + 1) % V  # inputs after position t differ
     with torch.no_grad():
-        a, b = model(tokens)["logits"], model(changed)["logits"]
+        a, b = model(tokens).logits, model(changed).logits
     torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1])
     assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the change does reach later ones
 
 
 def test_block_up_to_n_positions_and_no_longer(model):
-    assert model(torch.zeros(1, CTX + 1, dtype=torch.long))["logits"].shape == (1, CTX, V)
+    assert model(torch.zeros(1, CTX + 1, dtype=torch.long)).logits.shape == (1, CTX, V)
     with pytest.raises(ValueError, match=rf"block_size {CTX + 1}.*n_positions {CTX}"):
         model(torch.zeros(1, CTX + 2, dtype=torch.long))
 
@@ -160,7 +161,7 @@ def test_loss_starts_at_ln_vocab_and_overfits_one_batch():
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(100):
-        loss = m(tokens)["loss"]
+        loss = m(tokens).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -292,7 +293,7 @@ def test_to_hf_shares_the_weights(sharp):
     assert hf.lm_head.weight is sharp.transformer.wte.weight
     tokens = torch.tensor([[3, 1, 4, 1, 5, 9]])
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens[:, :-1]).logits, sharp(tokens)["logits"])
+        torch.testing.assert_close(hf(tokens[:, :-1]).logits, sharp(tokens).logits)
 
 
 def test_hf_directory_round_trip(sharp, tmp_path):
@@ -303,7 +304,7 @@ def test_hf_directory_round_trip(sharp, tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     tokens = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        assert torch.equal(loaded(tokens)["logits"], sharp(tokens)["logits"])
+        assert torch.equal(loaded(tokens).logits, sharp(tokens).logits)
 
 
 def test_missing_hf_directory_is_named(tmp_path):

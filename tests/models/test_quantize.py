@@ -41,7 +41,7 @@ def test_int8_predictions_agree_with_float_on_a_fixed_set():
         model = decisive(build_model(name, cfg))
         ids = torch.randint(2, 2000, (256, 48), generator=torch.Generator().manual_seed(1))
         ids[:, 30:] = 0  # padding, as batches have it
-        labels = model(input_ids=ids)["logits"].argmax(-1)  # the float model's own answers
+        labels = model(input_ids=ids).logits.argmax(-1)  # the float model's own answers
         m = compare(model, quantize(model), ids, labels)
         assert m["float_test_accuracy"] == 1.0
         assert m["agreement"] >= 0.95, (name, m["agreement"])
@@ -57,7 +57,7 @@ def test_bert_quantizes_its_linear_layers():
     model = decisive(build_model("bert", cfg))
     ids = torch.randint(5, 300, (64, 40), generator=torch.Generator().manual_seed(2))
     ids[:, 30:] = 0
-    labels = model(input_ids=ids)["logits"].argmax(-1)
+    labels = model(input_ids=ids).logits.argmax(-1)
     how = recipe("bert")
     assert how["modules"] == ["Linear"]  # HF BERT indexes positions through a strided slice
     m = compare(model, quantize(model, how["modules"]), ids, labels)
@@ -95,9 +95,9 @@ def test_static_quantization_runs_the_cnn_trunks_in_int8_and_reloads_exactly(tmp
         assert "ConvReLU2d" in kinds and "BatchNorm2d" not in kinds, kinds  # folded and fused
         assert not any(isinstance(m, nn.Conv2d | nn.Linear) for m in q.modules())
         with torch.no_grad():  # fixed scales: a row scores the same in any batch
-            whole, alone = q(images=images)["logits"], q(images=images[:3])["logits"]
+            whole, alone = q(images=images).logits, q(images=images[:3]).logits
         assert torch.equal(whole[:3], alone)
-        labels = model(images=images)["logits"].argmax(-1)
+        labels = model(images=images).logits.argmax(-1)
         m = compare(model, q, images, labels, key="images")
         assert m["agreement"] >= 0.9, (name, m["agreement"])
         assert m["int8_bytes"] < 0.5 * m["float_bytes"]  # ~1/4 at real sizes; tiny: headers
@@ -106,7 +106,7 @@ def test_static_quantization_runs_the_cnn_trunks_in_int8_and_reloads_exactly(tmp
         load_weights(str(tmp_path / INT8_WEIGHTS))  # plain tensors: weights-only loads it
         again = load_int8(build_model(name, cfg).eval(), how, str(tmp_path))
         with torch.no_grad():
-            assert torch.equal(again(images=images)["logits"], q(images=images)["logits"])
+            assert torch.equal(again(images=images).logits, q(images=images).logits)
 
 
 def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
@@ -129,17 +129,17 @@ def test_static_textcnn_runs_every_conv1d_in_int8_and_reloads_exactly(tmp_path):
     assert not any(isinstance(m, nn.Conv1d | nn.Linear | nn.Embedding) for m in q.modules())
     assert serialized_bytes(q) < 0.45 * serialized_bytes(model)  # 8-bit embedding table too
     with torch.no_grad():
-        whole = q(input_ids=ids)["logits"]
-        alone = q(input_ids=ids[:3])["logits"]
-        trimmed = q(input_ids=ids[:1, :12])["logits"]  # the padded row without its pads
+        whole = q(input_ids=ids).logits
+        alone = q(input_ids=ids[:3]).logits
+        trimmed = q(input_ids=ids[:1, :12]).logits  # the padded row without its pads
     assert torch.equal(whole[:3], alone) and torch.equal(whole[:1], trimmed)
-    labels = model(input_ids=ids)["logits"].argmax(-1)
+    labels = model(input_ids=ids).logits.argmax(-1)
     assert compare(model, q, ids, labels)["agreement"] >= 0.9
 
     torch.save(q.state_dict(), tmp_path / INT8_WEIGHTS)
     again = load_int8(build_model("textcnn", TEXTCNN).eval(), how, str(tmp_path))
     with torch.no_grad():
-        assert torch.equal(again(input_ids=ids)["logits"], whole)
+        assert torch.equal(again(input_ids=ids).logits, whole)
 
 
 def test_static_quantization_is_for_the_cnns_only():

@@ -58,10 +58,10 @@ def test_output_shapes(build):
     model = build()
     ids, mask = make_batch(LENGTHS)
     out = model(ids, mask)
-    assert out["logits"].shape == (len(LENGTHS), CLASSES)
-    assert out["loss"] is None
+    assert out.logits.shape == (len(LENGTHS), CLASSES)
+    assert out.loss is None
     out = model(ids, mask, labels=torch.zeros(len(LENGTHS), dtype=torch.long))
-    assert out["loss"].ndim == 0
+    assert out.loss.ndim == 0
 
 
 def test_padding_embedding_row_is_zero(build):
@@ -74,7 +74,7 @@ def test_initial_loss_is_near_log_num_classes(build):
     model = build().eval()
     ids, mask = make_batch([5, 8, 3, 6] * 4, seed=1)
     labels = torch.arange(16) % CLASSES
-    loss = model(ids, mask, labels=labels)["loss"].item()
+    loss = model(ids, mask, labels=labels).loss.item()
     assert abs(loss - math.log(CLASSES)) < 0.3
 
 
@@ -82,25 +82,25 @@ def test_initial_loss_is_near_log_num_classes(build):
 def test_extra_padding_does_not_change_logits(build):
     model = build().eval()
     ids, mask = make_batch(LENGTHS)
-    ref = model(ids, mask)["logits"]
+    ref = model(ids, mask).logits
     more_ids = F.pad(ids, (0, 6), value=PAD)
     more_mask = F.pad(mask, (0, 6), value=0)
-    torch.testing.assert_close(model(more_ids, more_mask)["logits"], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(more_ids, more_mask).logits, ref, atol=1e-5, rtol=0)
     # No mask: pads are inferred from padding_idx.
-    torch.testing.assert_close(model(more_ids)["logits"], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(more_ids).logits, ref, atol=1e-5, rtol=0)
     # The mask, not the id, decides what is padding.
     junk_ids = more_ids.masked_fill(more_mask == 0, 7)
-    torch.testing.assert_close(model(junk_ids, more_mask)["logits"], ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(model(ids, mask.bool())["logits"], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(junk_ids, more_mask).logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(ids, mask.bool()).logits, ref, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
 def test_each_row_matches_running_it_alone_unpadded(build):
     model = build().eval()
     ids, mask = make_batch(LENGTHS)
-    batched = model(ids, mask)["logits"]
+    batched = model(ids, mask).logits
     for row, n in enumerate(LENGTHS):
-        alone = model(ids[row : row + 1, :n])["logits"]
+        alone = model(ids[row : row + 1, :n]).logits
         torch.testing.assert_close(alone[0], batched[row], atol=1e-5, rtol=0)
 
 
@@ -108,13 +108,13 @@ def test_all_pad_row_gives_finite_logits_and_grads(build):
     model = build().eval()
     ids, mask = make_batch([4, 0, 6])
     out = model(ids, mask, labels=torch.tensor([0, 1, 2]))
-    assert torch.isfinite(out["logits"]).all()
-    out["loss"].backward()
+    assert torch.isfinite(out.logits).all()
+    out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     # The empty row leaves its neighbours alone.
     with torch.no_grad():
-        rest = model(ids[[0, 2]], mask[[0, 2]])["logits"]
-    torch.testing.assert_close(out["logits"][[0, 2]].detach(), rest, atol=1e-5, rtol=0)
+        rest = model(ids[[0, 2]], mask[[0, 2]]).logits
+    torch.testing.assert_close(out.logits[[0, 2]].detach(), rest, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -124,11 +124,11 @@ def test_labels_of_minus_100_are_ignored(build):
     labels = torch.tensor([0, -100, 2, -100, 1])
     out = model(ids, mask, labels=labels)
     keep = labels != -100
-    expected = F.cross_entropy(out["logits"][keep], labels[keep])
-    torch.testing.assert_close(out["loss"], expected)
+    expected = F.cross_entropy(out.logits[keep], labels[keep])
+    torch.testing.assert_close(out.loss, expected)
     ignored_all_but_one = torch.tensor([-100, -100, 2, -100, -100])
-    loss_one = model(ids, mask, labels=ignored_all_but_one)["loss"]
-    torch.testing.assert_close(loss_one, F.cross_entropy(out["logits"][2:3], labels[2:3]))
+    loss_one = model(ids, mask, labels=ignored_all_but_one).loss
+    torch.testing.assert_close(loss_one, F.cross_entropy(out.logits[2:3], labels[2:3]))
 
 
 def test_overfits_a_tiny_batch(build):
@@ -139,13 +139,13 @@ def test_overfits_a_tiny_batch(build):
     model.train()
     for _ in range(100):
         opt.zero_grad()
-        model(ids, mask, labels=labels)["loss"].backward()
+        model(ids, mask, labels=labels).loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         out = model(ids, mask, labels=labels)
-    assert (out["logits"].argmax(dim=1) == labels).float().mean().item() == 1.0
-    assert out["loss"].item() < 0.1
+    assert (out.logits.argmax(dim=1) == labels).float().mean().item() == 1.0
+    assert out.loss.item() < 0.1
 
 
 @pytest.mark.parametrize(

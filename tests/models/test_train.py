@@ -68,7 +68,7 @@ def test_trains_evaluates_checkpoints_and_exports(tmp_path):
     assert {"model", "optimizer", "scheduler", "rng", "epoch", "global_step"} <= set(saved)
     model = load_exported(result["export_dir"], "lstm")
     batch = {"input_ids": torch.tensor([[2, 3, 4]]), "attention_mask": torch.tensor([[1, 1, 1]])}
-    assert model(**batch)["logits"].argmax(-1).item() == 0
+    assert model(**batch).logits.argmax(-1).item() == 0
 
 
 def test_early_stopping_and_optimizers(tmp_path):
