@@ -363,6 +363,7 @@ class DeepInputs:
     files: dict[str, str]  # name -> text, saved with the model
     init: dict[str, str] | None = None  # weights to start from (see models.registry.build_model)
     stats: dict[str, float] = field(default_factory=dict)  # counts from the data step (metrics)
+    run_extra: dict[str, Any] = field(default_factory=dict)  # more of the run: distillation
 
 
 def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
@@ -409,13 +410,21 @@ def student_and_teacher(cfg: Config, catalog: Catalog, threads: int = 1) -> dict
 
 
 def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
-    """The student's token ids with the teacher's logits for every row of every split,
-    computed once in Spark by batch scoring the teacher's current model with its own
-    preprocessing (pipelines.scoring), stored as `teacher_logits` (log-probabilities)."""
+    """The student's token ids, and how it learns from the teacher: with
+    teacher_logits=precomputed, the teacher's logits for every row of every split, computed
+    once in Spark by batch scoring the teacher's current model with its own preprocessing
+    (pipelines.scoring), stored as `teacher_logits` (log-probabilities); on_the_fly, the
+    teacher's model directory, which the ranks load and run on the student's own ids."""
     from sparkloom.pipelines.scoring import ModelRef, score
 
     d = cfg.distill
     student = text_inputs(catalog, labels)
+    student.files["distill.json"] = json.dumps(distill_json(cfg))
+    spec: dict[str, Any] = {"temperature": d.temperature, "alpha": d.alpha}
+    if d.teacher_logits == "on_the_fly":
+        spec["teacher"] = {"name": d.teacher, "dir": catalog.uri(f"{d.teacher}_model")}
+        student.run_extra = {"distill": spec}
+        return student
     teacher_dir = catalog.local_path(f"{d.teacher}_model")
     ref = ModelRef("", d.teacher, teacher_dir, labels, cfg.model_dump(mode="json"))
     text = catalog.read("ingested", "ingest").select("id", "text")
@@ -437,8 +446,9 @@ def distill_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInpu
             f"distill: the teacher '{d.teacher}' scored no logits for {missing} training rows "
             "(blank after its own preprocessing); nothing was trained"
         )
-    files = {**student.files, "distill.json": json.dumps(distill_json(cfg))}
-    return DeepInputs(data, {}, student.model_extra, student.data_extra, files, stats=stats)
+    data_extra = {**student.data_extra, "extra_columns": ["teacher_logits"]}
+    return DeepInputs(data, {}, student.model_extra, data_extra, student.files, stats=stats,
+                      run_extra={"distill": {**spec, "column": "teacher_logits"}})  # fmt: skip
 
 
 def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> DeepInputs:
@@ -659,6 +669,26 @@ def gpt2_inputs(cfg: Config, catalog: Catalog, kept: str | None = None) -> DeepI
     )  # fmt: skip
 
 
+OWN_LABELS = {"bert_pretrain": NSP_LABELS, "gpt2": []}  # the rest: the ingested labels
+
+
+def stage_inputs(ctx: StageContext, labels: list[str], kept_tokenizer: str) -> DeepInputs:
+    """What `ctx.stage` trains on: a classifier reads the features stage's token ids or the
+    ingested images, by its modality; the stages below make their own."""
+    cfg, catalog, stage = ctx.cfg, ctx.catalog, ctx.stage
+    own = {
+        "bert_pretrain": lambda: bert_pretrain_inputs(ctx.spark, cfg, catalog, kept_tokenizer),
+        "bert": lambda: bert_finetune_inputs(cfg, catalog, labels),
+        "gpt2": lambda: gpt2_inputs(cfg, catalog, kept_tokenizer),
+        "distill": lambda: distill_inputs(cfg, catalog, labels),
+    }
+    if stage in own:
+        return own[stage]()
+    if stage in IMAGE_MODELS:
+        return image_inputs(cfg, stage, catalog, ctx.upstream)
+    return text_inputs(catalog, labels)
+
+
 def run_deep(
     spark: SparkSession, cfg: Config, catalog: Catalog, stage: str, force: bool = False
 ) -> DeepResult:
@@ -670,7 +700,6 @@ def run_deep(
 def _train(ctx: StageContext) -> DeepResult:
     spark, cfg, catalog, stage, fp = ctx.spark, ctx.cfg, ctx.catalog, ctx.stage, ctx.fingerprint
     force, upstream, out_name = ctx.force, ctx.upstream, ctx.output
-    image = stage in IMAGE_MODELS
     started = time.perf_counter()
     work = catalog.uri(f"{stage}_work")  # any filesystem: rank 0 writes it via models.storage
     checkpoint_dir = storage.join(work, fp, "checkpoints")
@@ -678,22 +707,8 @@ def _train(ctx: StageContext) -> DeepResult:
     if force:
         storage.rmtree(checkpoint_dir)
         storage.remove(kept_tokenizer)
-    labels: list[str] = {"bert_pretrain": NSP_LABELS, "gpt2": []}.get(stage, upstream["labels"])
-    if image:
-        inputs = image_inputs(cfg, stage, catalog, upstream)
-    elif stage == "bert_pretrain":
-        inputs = bert_pretrain_inputs(spark, cfg, catalog, kept_tokenizer)
-    elif stage == "bert":
-        inputs = bert_finetune_inputs(cfg, catalog, labels)
-    elif stage == "gpt2":
-        inputs = gpt2_inputs(cfg, catalog, kept_tokenizer)
-    elif stage == "distill" and cfg.distill.teacher_logits == "precomputed":
-        inputs = distill_inputs(cfg, catalog, labels)
-    elif stage == "distill":  # the teacher runs in the training processes, on these ids
-        inputs = text_inputs(catalog, labels)
-        inputs.files["distill.json"] = json.dumps(distill_json(cfg))
-    else:
-        inputs = text_inputs(catalog, labels)
+    labels: list[str] = OWN_LABELS[stage] if stage in OWN_LABELS else upstream["labels"]
+    inputs = stage_inputs(ctx, labels, kept_tokenizer)
     arch = trained_section(cfg, stage)  # the model it trains
     dc = getattr(cfg, arch).distributor
     check_barrier(spark, dc)  # before the data is written
@@ -705,15 +720,7 @@ def _train(ctx: StageContext) -> DeepResult:
         cfg, arch, paths, inputs.model_extra, inputs.data_extra, checkpoint_dir,
         storage.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
-    if stage == "distill":
-        d = cfg.distill
-        train_config["distill"] = {"temperature": d.temperature, "alpha": d.alpha}
-        if d.teacher_logits == "precomputed":
-            train_config["distill"]["column"] = "teacher_logits"
-            train_config["data"]["extra_columns"] = ["teacher_logits"]
-        else:
-            teacher_dir = catalog.uri(f"{d.teacher}_model")  # read by the ranks
-            train_config["distill"]["teacher"] = {"name": d.teacher, "dir": teacher_dir}
+    train_config |= inputs.run_extra
     if inputs.init:
         train_config["model"]["init"] = inputs.init
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",

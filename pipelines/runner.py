@@ -302,23 +302,10 @@ def _deep(stage: str):
         if result.errors and stage in IMAGE_MODELS:
             _log_misclassified(catalog, stage, result)
         model_dir = catalog.local_path(f"{stage}_model")
-        if stage == "gpt2" and not result.skipped:
-            _log_samples(cfg, model_dir)
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
-        if stage == "distill":  # how the comparison names it: e.g. textcnn-distilled
-            mlflow.set_tag("sparkloom.model", f"{result.model}-distilled")
-            mlflow.set_tag("sparkloom.teacher", cfg.distill.teacher)
-            if not result.skipped:  # its size and CPU scoring speed beside the teacher's
-                cost = student_and_teacher(cfg, catalog)
-                tracking.log_metrics(cost)
-                log.info(
-                    "[distill] student %s: %.0f parameters, %.2f MB, %.0f rows/s; teacher %s: "
-                    "%.0f parameters, %.2f MB, %.0f rows/s (1 thread, test split)",
-                    result.model, cost["student_parameters"], cost["student_bytes"] / 1e6,
-                    cost["student_rows_per_s"], cfg.distill.teacher, cost["teacher_parameters"],
-                    cost["teacher_bytes"] / 1e6, cost["teacher_rows_per_s"],
-                )  # fmt: skip
+        if stage in _MORE_TO_LOG:
+            _MORE_TO_LOG[stage](cfg, catalog, result)
         if not result.skipped:
             tracking.log_tokenizer(model_dir)  # BERT stages: the WordPiece vocabulary they used
         if cfg.mlflow.log_models and not result.skipped:
@@ -331,9 +318,31 @@ def _deep(stage: str):
     return run
 
 
-def _log_samples(cfg: Config, model_dir: str) -> None:
+def _log_distill(cfg: Config, catalog: Catalog, result: DeepResult) -> None:
+    """The student as the comparison names it (textcnn-distilled), its teacher, and its size
+    and CPU scoring speed beside the teacher's."""
+    mlflow.set_tag("sparkloom.model", f"{result.model}-distilled")
+    mlflow.set_tag("sparkloom.teacher", cfg.distill.teacher)
+    if result.skipped:
+        return
+    cost = student_and_teacher(cfg, catalog)
+    tracking.log_metrics(cost)
+    log.info(
+        "[distill] student %s: %.0f parameters, %.2f MB, %.0f rows/s; teacher %s: "
+        "%.0f parameters, %.2f MB, %.0f rows/s (1 thread, test split)",
+        result.model, cost["student_parameters"], cost["student_bytes"] / 1e6,
+        cost["student_rows_per_s"], cfg.distill.teacher, cost["teacher_parameters"],
+        cost["teacher_bytes"] / 1e6, cost["teacher_rows_per_s"],
+    )  # fmt: skip
+
+
+def _log_samples(cfg: Config, catalog: Catalog, result: DeepResult) -> None:
     """Text the trained model writes from the configured prompts, as samples.md/.json."""
     from sparkloom.pipelines.generation import Sampling, complete
+
+    if result.skipped:
+        return
+    model_dir = catalog.local_path("gpt2_model")
 
     g = cfg.gpt2.generate
     s = Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.seed)
@@ -367,6 +376,9 @@ def _log_misclassified(catalog: Catalog, stage: str, result: DeepResult) -> None
     )  # fmt: skip
     tracking.log_figure(fig, "plots/misclassified_test.png")
 
+
+# what a deep stage logs besides what every one does
+_MORE_TO_LOG = {"gpt2": _log_samples, "distill": _log_distill}
 
 _STAGES = {
     "ingest": _ingest,
