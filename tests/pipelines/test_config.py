@@ -172,3 +172,16 @@ def test_a_model_section_is_the_models_own_dataclass_and_needs_no_torch():
     code = "import sys, sparkloom.pipelines.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_config_reference_in_docs_is_current():
+    from sparkloom.pipelines.config_reference import reference, rows
+
+    keys = {key for key, *_ in rows()}
+    assert {"gpt2.training.early_stopping.metric", "lstm.model.pooling", "cnn.augment.crop_padding",
+            "ingest.csv.sep", "spark.conf"} <= keys  # fmt: skip
+    assert dict((k, d) for k, _, d, _ in rows())["gpt2.training.eval_batch_size"] == "`16`"
+    assert (ROOT / "docs" / "config-reference.md").read_text() == reference(), (
+        "docs/config-reference.md is stale: python -m sparkloom.pipelines.config_reference "
+        "> docs/config-reference.md"
+    )
