@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -52,6 +53,13 @@ STOPWORD_LANGUAGES = (
 )  # fmt: skip
 
 
+def _as_mapping(value: Any) -> dict[str, Any] | None:
+    """A section value (a Section or a models/ dataclass) as the mapping it was made from."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else None
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -64,11 +72,9 @@ class Section(BaseModel):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
-            given, default = out.get(name), field.default
-            if isinstance(given, dict) and isinstance(default, BaseModel):
-                out[name] = _deep_merge(default.model_dump(), given)
-            elif isinstance(given, dict) and is_dataclass(default):
-                out[name] = _deep_merge(asdict(default), given)
+            if isinstance(given := out.get(name), dict):
+                base = _as_mapping(field.default)
+                out[name] = given if base is None else _deep_merge(base, given)
         return out
 
 
@@ -841,13 +847,14 @@ def _section_class(annotation: Any) -> type | None:
     return None
 
 
+@functools.cache
 def _fields(model: type | None) -> dict[str, Any]:
-    """A section's keys and their types."""
+    """A section's keys and their types (a dataclass's annotations are strings here: resolved)."""
     if model is None:
         return {}
     if is_dataclass(model):
-        return {f.name: hint for f in dataclass_fields(model)
-                for hint in [get_type_hints(model)[f.name]]}  # fmt: skip
+        hints = get_type_hints(model)
+        return {f.name: hints[f.name] for f in dataclass_fields(model)}
     return {name: f.annotation for name, f in model.model_fields.items()}
 
 

@@ -11,6 +11,7 @@ A test checks that the committed file is current; regenerate it with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 import types
@@ -25,6 +26,7 @@ _FIELD = re.compile(r"^\s+(\w+)\s*:")
 _NOT_NOTES = ("fmt:", "type:", "noqa")
 
 
+@functools.cache
 def _notes(cls: type) -> dict[str, str]:
     """field -> its comment in the class body: the trailing one, else the lines above it."""
     try:
