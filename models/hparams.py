@@ -11,12 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
 
-def at_least_one(cfg: Any, *names: str) -> None:
-    """Each of `names` is >= 1 (or None, where None means "the preset's")."""
+def at_least(cfg: Any, low: float, *names: str) -> None:
+    """Each of `names` is >= `low` (or None, where None means "the preset's")."""
     for name in names:
         value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 1, got {value}")
+        if value is not None and value < low:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be >= {low}, got {value}")
+
+
+def at_least_one(cfg: Any, *names: str) -> None:
+    at_least(cfg, 1, *names)
 
 
 def probability(cfg: Any, *names: str) -> None:
@@ -158,8 +162,7 @@ class AugmentConfig:
     standardize: bool = True  # per channel, with the training split's mean/std from ingest
 
     def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ValueError(f"AugmentConfig.crop_padding must be >= 0, got {self.crop_padding}")
+        at_least(self, 0, "crop_padding")
 
 
 # --- BERT and GPT-2 ------------------------------------------------------------------------------
@@ -270,12 +273,6 @@ Schedule = Literal["cosine", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
-def _non_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{type(cfg).__name__}.{name} must be >= 0, got {getattr(cfg, name)}")
-
-
 @dataclass(kw_only=True)
 class OptimizerConfig:
     name: Optimizer = "adamw"
@@ -289,7 +286,7 @@ class OptimizerConfig:
         one_of(self, "name", get_args(Optimizer))
         if not self.eps > 0:
             raise ValueError(f"OptimizerConfig.eps must be > 0, got {self.eps}")
-        _non_negative(self, "lr", "weight_decay")  # lr 0: frozen weights, as torch allows
+        at_least(self, 0, "lr", "weight_decay")  # lr 0: frozen weights, as torch allows
         probability(self, "momentum")
         self.betas = tuple(self.betas)
 
@@ -304,7 +301,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         one_of(self, "kind", get_args(Schedule))
         probability(self, "warmup_ratio")
-        _non_negative(self, "warmup_steps")
+        at_least(self, 0, "warmup_steps")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(
                 f"ScheduleConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"
@@ -320,7 +317,7 @@ class EarlyStoppingConfig:
 
     def __post_init__(self) -> None:
         at_least_one(self, "patience")
-        _non_negative(self, "min_delta")
+        at_least(self, 0, "min_delta")
         if self.mode is not None:
             one_of(self, "mode", ("max", "min"))
 
@@ -359,7 +356,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         at_least_one(self, "epochs", "batch_size", "eval_batch_size", "grad_accum")
-        _non_negative(self, "grad_clip", "num_workers", "checkpoint_every_steps",
+        at_least(self, 0, "grad_clip", "num_workers", "checkpoint_every_steps",
                       "log_every_steps", "eval_every_steps")  # fmt: skip
         one_of(self, "precision", get_args(Precision))
         _nested(self, "optimizer", OptimizerConfig)
