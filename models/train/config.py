@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from sparkloom.models.augment import AugmentConfig, ImageBatchTransform
+from sparkloom.models.augment import ImageBatchTransform
 from sparkloom.models.data import ColumnTransform, make_dataloader
-from sparkloom.models.hparams import TrainingConfig
+from sparkloom.models.hparams import AugmentConfig, TrainingConfig
 from sparkloom.models.masking import MaskingConfig, MLMBatchTransform
 
 # --- config -----------------------------------------------------------------------------------
