@@ -165,6 +165,18 @@ class GPT2LM(nn.Module):
         hf.lm_head = self.lm_head
         return hf.train(self.training)
 
+    def save_pretrained(self, directory: str) -> None:
+        """A directory transformers loads as GPT2LMHeadModel (config.json, model.safetensors)."""
+        self.to_hf().save_pretrained(directory, safe_serialization=True)
+
+    def load_pretrained_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """What save_pretrained wrote (safetensors, loaded); the head is tied to the token
+        embeddings, so save_pretrained leaves its copy out."""
+        state = dict(state)
+        state.setdefault("lm_head.weight", state["transformer.wte.weight"])
+        self.load_state_dict(state)
+        self.lm_head.weight = self.transformer.wte.weight
+
     @classmethod
     def from_hf_directory(
         cls, path: str | os.PathLike, attn_implementation: str = "sdpa"

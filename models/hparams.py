@@ -350,6 +350,8 @@ class TrainingConfig:
     eval_every_steps: int = 0  # validation metrics every N steps too (0: per epoch)
     compile: bool = False  # torch.compile the model (pays off on GPUs, for long runs)
     seed: int = 42
+    layer_lr_decay: float = 1.0  # transformers only: each layer at this x the rate above it; 1: off
+    freeze_layers: int = 0  # transformers only: the embeddings and the first N layers do not train
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -357,7 +359,12 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         at_least_one(self, "epochs", "batch_size", "eval_batch_size", "grad_accum")
         at_least(self, 0, "grad_clip", "num_workers", "checkpoint_every_steps",
-                      "log_every_steps", "eval_every_steps")  # fmt: skip
+                      "log_every_steps", "eval_every_steps", "freeze_layers")  # fmt: skip
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ValueError(
+                f"layer_lr_decay must be in (0, 1] (1: every layer at the same rate), got "
+                f"{self.layer_lr_decay}"
+            )
         one_of(self, "precision", get_args(Precision))
         _nested(self, "optimizer", OptimizerConfig)
         _nested(self, "schedule", ScheduleConfig)

@@ -11,6 +11,7 @@ from torch import nn
 from sparkloom.models.bert import BertClassifier, BertConfig, BertPretrainer
 from sparkloom.models.cnn import AlexNet, AlexNetConfig, CNNConfig, SmallCNN
 from sparkloom.models.gpt2 import GPT2LM, GPT2Config
+from sparkloom.models.hf import HFClassifier, HFClassifierConfig
 from sparkloom.models.lstm import LSTMClassifier, LSTMConfig
 from sparkloom.models.textcnn import TextCNN, TextCNNConfig
 from sparkloom.models.weights import load_weights
@@ -23,13 +24,16 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "bert_pretrain": (BertConfig, BertPretrainer),  # MLM + NSP
     "bert": (BertConfig, BertClassifier),  # sequence classification (fine-tuning)
     "gpt2": (GPT2Config, GPT2LM),  # causal language model
+    # any Hugging Face encoder + sequence-classification head (bert.init_from: a directory)
+    "hf_classifier": (HFClassifierConfig, HFClassifier),
 }
 
 
 def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None = None) -> nn.Module:
     """The model `name` from its config; `init` starts it from saved weights:
     {"kind": "bert_pretraining", "path": state_dict.pt of a BertPretrainer} or
-    {"kind": "hf_directory", "path": a local Hugging Face BERT or GPT-2 directory}."""
+    {"kind": "hf_directory", "path": a local Hugging Face directory} (hf_classifier: any
+    encoder; gpt2: a GPT-2; bert: a BERT)."""
     if init:
         return _from_weights(name, config, init)
     if name not in MODELS:
@@ -43,6 +47,8 @@ def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None =
 
 
 def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn.Module:
+    if name == "hf_classifier" and init["kind"] == "hf_directory":
+        return HFClassifier.from_pretrained(init["path"], **config)
     if name == "gpt2" and init["kind"] == "hf_directory":  # continued pretraining
         model = GPT2LM.from_hf_directory(init["path"])
         if "vocab_size" in config and config["vocab_size"] != model.cfg.vocab_size:
@@ -52,7 +58,9 @@ def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn
             )
         return model
     if name != "bert":
-        raise ValueError(f"model '{name}' cannot start from saved weights; only bert and gpt2 can")
+        raise ValueError(
+            f"model '{name}' cannot start from saved weights; only bert, hf_classifier and gpt2 can"
+        )
     if init["kind"] == "bert_pretraining":
         state = load_weights(init["path"])
         return BertClassifier.from_pretraining(BertConfig(**config), state)

@@ -479,9 +479,12 @@ class BertPretrainStageConfig(DeepStageConfig):
 class BertFinetuneStageConfig(DeepStageConfig):
     """Sequence classification on the ingested text, from our pretraining or a local model."""
 
-    init_from: str = "bert_pretrain"  # our bert_pretrain stage's model, or a local HF directory
-    max_length: int = Field(256, ge=8)
-    dropout: float = Field(0.1, ge=0, lt=1)
+    # bert_pretrain: our pretraining stage's model; or a local Hugging Face directory of any
+    # encoder AutoModelForSequenceClassification takes (bert, distilbert, roberta, electra,
+    # ...), fine-tuned with its own tokenizer, special tokens and position limit
+    init_from: str = "bert_pretrain"
+    max_length: int = Field(256, ge=8)  # capped at the checkpoint's own position limit
+    dropout: float = Field(0.1, ge=0, lt=1)  # bert_pretrain's model; a checkpoint keeps its own
 
 
 class BPEConfig(Section):
@@ -511,7 +514,7 @@ class GPT2StageConfig(DeepStageConfig):
     model: GPT2Params = GPT2Params()
     block_size: int = Field(128, ge=8)  # context length; blocks hold block_size + 1 tokens
     # a local Hugging Face GPT-2 directory to start from (continued pretraining); its own
-    # vocabulary must then be given as tokenizer.vocab_path
+    # tokenizer there is used unless tokenizer.vocab_path names another
     init_from: str | None = None
     # evaluation batches hold (B, T, vocab) logits: small batches keep GPT-2 124M at 1024
     # tokens within a GPU's memory
@@ -528,11 +531,6 @@ class GPT2StageConfig(DeepStageConfig):
             raise ValueError(
                 f"gpt2.block_size {self.block_size} exceeds model.n_positions {n}; lower "
                 "block_size or raise n_positions"
-            )
-        if self.init_from and not self.tokenizer.vocab_path:
-            raise ValueError(
-                "gpt2.init_from needs the model's own vocabulary: set gpt2.tokenizer.vocab_path "
-                "(usually the same directory)"
             )
         return self
 

@@ -81,6 +81,7 @@ class DeepResult:
     evals: list[dict[str, float]] = field(default_factory=list)  # every eval_every_steps
     data_stats: dict[str, float] = field(default_factory=dict)  # what the data step counted
     attempts: int = 1  # launcher tries it took (retries resume from the last checkpoint)
+    init_report: dict[str, list[str]] = field(default_factory=dict)  # a checkpoint's weights
     skipped: bool = False
 
     def summary(self) -> str:
@@ -364,6 +365,7 @@ class DeepInputs:
     init: dict[str, str] | None = None  # weights to start from (see models.registry.build_model)
     stats: dict[str, float] = field(default_factory=dict)  # counts from the data step (metrics)
     run_extra: dict[str, Any] = field(default_factory=dict)  # more of the run: distillation
+    model_name: str | None = None  # the registry's model, when not the stage's own
 
 
 def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
@@ -573,48 +575,77 @@ def static_masked(data: DataFrame, mlm: dict, copies: int, seed: int) -> DataFra
 
 
 def bert_finetune_inputs(cfg: Config, catalog: Catalog, labels: list[str]) -> DeepInputs:
+    """Sequence classification from our bert_pretrain model, or from any local Hugging Face
+    encoder directory (`hf_inputs`)."""
     bc = cfg.bert
-    if bc.init_from == "bert_pretrain":
-        pre = catalog.require("bert_pretrain_model", "bert_pretrain")
-        model_dir = catalog.uri("bert_pretrain_model")
-        tokenizer_json = storage.read_text(storage.join(model_dir, "tokenizer.json"))
-        config = {**pre["result"]["model_config"], "num_classes": len(labels)}
-        init = {"kind": "bert_pretraining", "path": storage.join(model_dir, "state_dict.pt")}
-    else:
-        tok_path = os.path.join(bc.init_from, "tokenizer.json")
-        if not os.path.isfile(tok_path):
-            raise DataError(
-                f"bert.init_from={bc.init_from}: no tokenizer.json there; give a local Hugging "
-                "Face BERT directory (config.json, weights, tokenizer.json) or bert_pretrain"
-            )
-        with open(tok_path) as f:
-            tokenizer_json = f.read()
-        config = {"num_classes": len(labels)}
-        init = {"kind": "hf_directory", "path": bc.init_from}
-    config["hidden_dropout"] = bc.dropout
-    text = catalog.read("ingested", "ingest")
+    if bc.init_from != "bert_pretrain":
+        return hf_classifier_inputs(bc, catalog, labels)
+    pre = catalog.require("bert_pretrain_model", "bert_pretrain")
+    model_dir = catalog.uri("bert_pretrain_model")
+    tokenizer_json = storage.read_text(storage.join(model_dir, "tokenizer.json"))
+    config = {**pre["result"]["model_config"], "num_classes": len(labels),
+              "hidden_dropout": bc.dropout}  # fmt: skip
+    init = {"kind": "bert_pretraining", "path": storage.join(model_dir, "state_dict.pt")}
     enc = subword.encode(tokenizer_json, bc.max_length, F.col("text"))
-    data = text.select(
+    data = catalog.read("ingested", "ingest").select(
         "id", enc["input_ids"].alias("input_ids"), enc["token_type_ids"].alias("token_type_ids"),
         F.col("label_index").cast("int").alias("label"), "split",
     )  # fmt: skip
     return DeepInputs(
-        data,
-        {},
-        config,
-        {"inputs": {**BERT_INPUTS, "labels": "label"}},
-        {"tokenizer.json": tokenizer_json},
-        init,
-    )
+        data, {}, config, {"inputs": {**BERT_INPUTS, "labels": "label"}},
+        {"tokenizer.json": tokenizer_json}, init,
+    )  # fmt: skip
+
+
+def hf_classifier_inputs(bc, catalog: Catalog, labels: list[str]) -> DeepInputs:
+    """A local Hugging Face encoder (any model_type AutoModelForSequenceClassification takes)
+    fine-tuned with its own tokenizer, padding id and position limit. The model dataset is
+    then a directory `transformers` loads as it is: config.json (our label names as
+    id2label), model.safetensors, the tokenizer's files, plus labels.json."""
+    from sparkloom.models.hf import check_hf_directory, hf_config, load_tokenizer, tokenizer_files
+
+    path = bc.init_from
+    try:
+        check_hf_directory(path)
+        tokenizer_json, tok = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"bert.init_from={path}: {e}") from None
+    max_length = bc.max_length
+    if tok.max_length and tok.max_length < max_length:
+        log.info("bert: max_length %d exceeds what %s takes; using its %d", max_length, path,
+                 tok.max_length)  # fmt: skip
+        max_length = tok.max_length
+    model_type = hf_config(path).get("model_type")
+    log.info("bert: fine-tuning the %s checkpoint at %s (tokenizer from %s, padding id %d, "
+             "max_length %d)", model_type, path, " + ".join(tok.files), tok.pad_token_id,
+             max_length)  # fmt: skip
+    enc = subword.encode(tokenizer_json, max_length, F.col("text"))
+    data = catalog.read("ingested", "ingest").select(
+        "id", enc["input_ids"].alias("input_ids"),
+        F.col("label_index").cast("int").alias("label"), "split",
+    )  # fmt: skip
+    info = {"source": "init_from", "path": path, "model_type": model_type, "files": tok.files,
+            "max_length": max_length, "pad_token_id": tok.pad_token_id}  # fmt: skip
+    return DeepInputs(
+        data, {},
+        {"num_classes": len(labels), "pad_token_id": tok.pad_token_id, "labels": labels},
+        {"inputs": {"input_ids": "input_ids", "attention_mask": "input_ids_mask",
+                    "labels": "label"},
+         "pad_values": {"input_ids": tok.pad_token_id}},
+        {**tokenizer_files(path), "tokenizer_info.json": json.dumps(info)},
+        {"kind": "hf_directory", "path": path},
+        model_name="hf_classifier",
+    )  # fmt: skip
 
 
 def gpt2_tokenizer(cfg: Config, catalog: Catalog) -> tuple[str, dict]:
     """Byte-level BPE as JSON, and where it came from: a local GPT-2 vocabulary, or trained
     on a sample of the training split."""
     tc = cfg.gpt2.tokenizer
-    if tc.vocab_path:
-        tok = subword.load_bytelevel_bpe(tc.vocab_path)
-        info = {"source": "vocab_path", "vocab_path": tc.vocab_path}
+    vocab_path = tc.vocab_path or cfg.gpt2.init_from  # a checkpoint's own tokenizer by default
+    if vocab_path:
+        tok = subword.load_bytelevel_bpe(vocab_path)
+        info = {"source": "vocab_path", "vocab_path": vocab_path}
     else:
         train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
         texts = subword.sample_texts(train, "text", tc.sample_docs, cfg.gpt2.training.seed)
@@ -723,6 +754,8 @@ def _train(ctx: StageContext) -> DeepResult:
     train_config |= inputs.run_extra
     if inputs.init:
         train_config["model"]["init"] = inputs.init
+    if inputs.model_name:
+        train_config["model"]["name"] = inputs.model_name
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
              stage, dc.num_processes, dc.local_mode, storage.shown(checkpoint_dir))  # fmt: skip
     out = launch(spark, train_config, dc)
@@ -746,12 +779,14 @@ def _train(ctx: StageContext) -> DeepResult:
         evals=out.get("evals", []),
         data_stats=inputs.stats,
         attempts=out.get("attempts", 1),
+        init_report=out.get("init_report", {}),
     )
     export_dir = out["export_dir"]
+    from sparkloom.models.train.checkpoint import exported_files  # torch: imported when used
 
     def save(tmp: str) -> None:
         tmp = catalog.fs.qualify(tmp)
-        for name in ("state_dict.pt", "model.json"):
+        for name in exported_files(export_dir):
             storage.copy(storage.join(export_dir, name), storage.join(tmp, name))
         for name, text in {**inputs.files, "labels.json": json.dumps(labels)}.items():
             storage.write_text(storage.join(tmp, name), text)

@@ -69,8 +69,10 @@ def resolve_model(model: str, tracking_uri: str | None = None, tokenizer: str | 
             f"no model at {model}: give a model directory (state_dict.pt, model.json, "
             "tokenizer.json), runs:/RUN_ID/model-files, a run id, or a checkpoint .pt file"
         )
-    missing = [f for f in ("state_dict.pt", "model.json", "tokenizer.json")
+    missing = [f for f in ("model.json", "tokenizer.json")
                if not os.path.isfile(os.path.join(path, f))]  # fmt: skip
+    if not _weights_file(path):
+        missing.append("state_dict.pt or model.safetensors")
     if missing:
         raise DataError(f"{path} is not a GPT-2 model directory: it lacks {missing}")
     return path
@@ -105,15 +107,28 @@ def _from_checkpoint(path: str, tokenizer: str | None) -> str:
     return out
 
 
-MODEL_FILES = ("state_dict.pt", "model.json", "tokenizer.json")
+WEIGHTS = ("model.safetensors", "state_dict.pt")  # a transformers directory, or a checkpoint's
 _LOADED: dict[tuple, tuple] = {}
 
 
+def _weights_file(model_dir: str, prefix: str = "") -> str | None:
+    return next((f"{prefix}{w}" for w in WEIGHTS
+                 if os.path.isfile(os.path.join(model_dir, f"{prefix}{w}"))), None)  # fmt: skip
+
+
+def model_files(model_dir: str) -> tuple[str, ...]:
+    """What generating needs from a model directory: its weights, model.json, tokenizer.json
+    (config.json too when the weights are a transformers directory's)."""
+    weights = _weights_file(model_dir)
+    extra = ("config.json",) if weights == "model.safetensors" else ()
+    return (weights, "model.json", "tokenizer.json", *extra)
+
+
 def load(model_dir: str, device: str = "cpu", prefix: str = ""):
-    """(GPT2LM in eval mode on `device`, tokenizer) from `prefix`+MODEL_FILES in model_dir,
+    """(GPT2LM in eval mode on `device`, tokenizer) from `prefix`+model_files() in model_dir,
     once per process per model version (path and the weights' modification time: a
     retrained model reloads)."""
-    weights = os.path.join(model_dir, f"{prefix}state_dict.pt")
+    weights = os.path.join(model_dir, _weights_file(model_dir, prefix) or f"{prefix}state_dict.pt")
     key = (os.path.abspath(weights), os.path.getmtime(weights), device)
     if key not in _LOADED:
         from sparkloom.models.train import load_exported
@@ -182,7 +197,7 @@ def generate_dataframe(
     if id_col and id_col not in df.columns:
         raise DataError(f"no column '{id_col}' among {df.columns}; set --id-column")
     spark = df.sparkSession
-    prefix = ship_files(spark, model_dir, MODEL_FILES)  # once per executor, by content
+    prefix = ship_files(spark, model_dir, model_files(model_dir))  # once per executor, by content
     threads = int(spark.conf.get("spark.task.cpus", "1"))
     # no id column: the prompt itself is the key (equal prompts get equal completions)
     rid = F.col(id_col).cast("string") if id_col else F.sha2(F.col(prompt_col), 256)

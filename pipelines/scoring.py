@@ -36,7 +36,7 @@ from sparkloom.pipelines.config import IMAGE_FORMATS, ImageConfig
 from sparkloom.pipelines.context import StageContext, stage
 from sparkloom.pipelines.errors import DataError
 from sparkloom.pipelines.spark import ship_files, write_with_quarantine
-from sparkloom.pipelines.stages import CLASSIFIERS
+from sparkloom.pipelines.stages import CLASSIFIERS, SPARK_MODELS
 
 
 @dataclass
@@ -52,10 +52,26 @@ class ModelRef:
 
     @property
     def max_length(self) -> int:
-        """Token ids per row: BERT's own setting, else the features stage's sequence length."""
+        """Token ids per row: what the model was trained with (a checkpoint's tokenizer
+        records it), BERT's own setting, else the features stage's sequence length."""
+        if "max_length" in self.tokenizer_info:
+            return self.tokenizer_info["max_length"]
         if self.stage == "bert":
             return self.config["bert"]["max_length"]
         return self.config["features"]["sequence"]["max_length"]
+
+    @property
+    def pad_token_id(self) -> int:
+        """What ids are right-padded with: the checkpoint tokenizer's padding id, else 0."""
+        return self.tokenizer_info.get("pad_token_id", 0)
+
+    @property
+    def tokenizer_info(self) -> dict:
+        path = os.path.join(self.files, "tokenizer_info.json")
+        if self.stage != "bert" or not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     @property
     def modality(self) -> str:
@@ -107,7 +123,7 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
     with open(resolved) as f:
         config = yaml.safe_load(f)
     quantized: dict | None = None  # the recipe of an int8 model of the quantize stage
-    if stage == "baseline":
+    if stage in SPARK_MODELS:
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model")
         extras = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-extras")
         with open(os.path.join(extras, "labels.txt")) as f:
@@ -126,7 +142,11 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         from sparkloom.models.quantize import INT8_WEIGHTS
         from sparkloom.models.weights import UnsafeWeights, load_weights
 
-        weights = [os.path.join(files, "state_dict.pt")]
+        weights = (
+            [os.path.join(files, "state_dict.pt")]
+            if os.path.exists(os.path.join(files, "state_dict.pt"))
+            else []
+        )  # safetensors: tensors only
         if os.path.exists(os.path.join(files, INT8_WEIGHTS)):  # a static int8 model's
             weights.append(os.path.join(files, INT8_WEIGHTS))
         try:  # on the driver, so an unsafe file is refused before any executor opens it
@@ -157,7 +177,7 @@ def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
         for stage in tokenize:
             tokens = stage.transform(tokens)
         ids = tokens.select("id", token_ids(F.col("tokens"), vocabulary, max_length).alias("ids"))
-    pad = F.array_repeat(F.lit(0), F.lit(max_length) - F.size("ids"))
+    pad = F.array_repeat(F.lit(ref.pad_token_id), F.lit(max_length) - F.size("ids"))
     return ids.select("id", F.concat("ids", pad).alias("ids"))
 
 
@@ -289,7 +309,7 @@ def _image_rows(
 
 def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     """(id, probabilities) in the model's label order."""
-    if ref.stage == "baseline":
+    if ref.stage in SPARK_MODELS:
         import mlflow.spark
         from pyspark.ml.functions import vector_to_array
 
@@ -297,8 +317,10 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
         return model.transform(good).select(
             "id", vector_to_array("probability").alias("probabilities")
         )
+    from sparkloom.models.train.checkpoint import exported_files
+
     spark = good.sparkSession
-    weights: tuple[str, ...] = ("state_dict.pt", "model.json")
+    weights = exported_files(ref.files)  # state_dict.pt or a transformers model's safetensors
     if ref.quantized and ref.quantized["method"] == "static":
         from sparkloom.models.quantize import INT8_WEIGHTS
 

@@ -27,6 +27,7 @@ class StageSpec:
     torch: bool = False  # trained by TorchDistributor (the deep stages)
     token_ids: bool = False  # reads the features stage's token ids (features.sequence)
     static_int8: bool = False  # quantize.method=static has kernels for all its layers
+    spark_model: bool = False  # its model is a Spark PipelineModel (raw input -> probability)
     cli: bool = True  # a `sparkloom <name>` command of its own
     # the catalog dataset it writes: None for none; models write <name>_model by default
     output: str | None = "{name}_model"
@@ -48,7 +49,13 @@ def _bert_inputs(cfg: Any) -> tuple[str, ...]:
 REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("ingest", "data", ("ingest",), output="ingested"),  # and its files' fingerprint
     StageSpec("features", "data", ("ingest", "features"), output="features", inputs=INGESTED),
-    StageSpec("baseline", "classifier", ("ingest", "features", "baseline"), inputs=FEATURES),
+    StageSpec(
+        "baseline",
+        "classifier",
+        ("ingest", "features", "baseline"),
+        spark_model=True,
+        inputs=FEATURES,
+    ),  # fmt: skip
     StageSpec(
         "lstm",
         "classifier",
@@ -149,5 +156,6 @@ TEXT_MODELS = names(torch=True, modality="text")
 IMAGE_MODELS = names(torch=True, modality="image")
 DEEP_STAGES = names(torch=True)
 STATIC_INT8 = names(static_int8=True)
+SPARK_MODELS = names(spark_model=True)
 STAGE_COMMANDS = names(cli=True)
 DEPENDS = {s.name: s.depends for s in REGISTRY}

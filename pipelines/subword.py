@@ -176,6 +176,7 @@ def encode(tokenizer_json: str, max_length: int, a: Column, b: Column | None = N
 
     def run(first: pd.Series, second: pd.Series | None) -> pd.DataFrame:
         tok = tokenizer_from_json(tokenizer_json)
+        tok.no_padding()  # a checkpoint's tokenizer.json may pad to a fixed length
         tok.enable_truncation(max_length)
         items = list(first) if second is None else list(zip(first, second, strict=True))
         encs = tok.encode_batch([x if x is not None else "" for x in items])

@@ -98,22 +98,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def export(model: nn.Module, directory: str) -> None:
-    """Weights as a plain state dict plus the config that builds the model: no pickled code."""
+# what an export may hold: our state dict + config, or a Hugging Face directory (config.json,
+# model.safetensors) + our config for the models that are transformers models inside
+EXPORT_FILES = ("model.json", "state_dict.pt", "config.json", "model.safetensors",
+                "generation_config.json")  # fmt: skip
+
+
+def export(model: nn.Module, directory: str, name: str | None = None) -> None:
+    """Weights plus the config that builds the model, no pickled code: a state dict, or for
+    a transformers model (HFClassifier) the directory `save_pretrained` writes (safetensors),
+    which `transformers` loads as it is. `name` is the registry name that rebuilds it."""
     out = storage.join(directory, "export")
-    storage.torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                       storage.join(out, "state_dict.pt"))  # fmt: skip
-    storage.write_text(storage.join(out, "model.json"),
-                       json.dumps({"config": model_config(model)}, indent=2))  # fmt: skip
+    saved: dict[str, Any] = {"config": model_config(model)}
+    if name:
+        saved["name"] = name
+    if hasattr(model, "save_pretrained"):
+        from sparkloom.models.hf import quiet
+
+        quiet()
+        with storage.staged(out) as local:
+            model.save_pretrained(local)
+    else:
+        storage.torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           storage.join(out, "state_dict.pt"))  # fmt: skip
+    storage.write_text(storage.join(out, "model.json"), json.dumps(saved, indent=2))
+
+
+def exported_files(directory: str) -> tuple[str, ...]:
+    """The files of EXPORT_FILES that an export in `directory` holds."""
+    return tuple(f for f in EXPORT_FILES if storage.exists(storage.join(directory, f)))
 
 
 def load_exported(
     directory: str, name: str, prefix: str = "", allow_pickle: bool = False
 ) -> nn.Module:
-    """The model `export` wrote: `prefix`model.json and `prefix`state_dict.pt in `directory`
-    (weights only: a file that would unpickle code is refused unless `allow_pickle`)."""
-    config = json.loads(storage.read_text(storage.join(directory, f"{prefix}model.json")))["config"]
-    model = build_model(name, config)
-    weights = storage.join(directory, f"{prefix}state_dict.pt")
-    model.load_state_dict(load_weights(weights, allow_pickle))
+    """The model `export` wrote: `prefix`model.json and `prefix`state_dict.pt (or
+    `prefix`model.safetensors) in `directory`. Weights only: a .pt file that would unpickle
+    code is refused unless `allow_pickle`; safetensors holds tensors only."""
+    saved = json.loads(storage.read_text(storage.join(directory, f"{prefix}model.json")))
+    model = build_model(saved.get("name", name), saved["config"])
+    safetensors = storage.join(directory, f"{prefix}model.safetensors")
+    if hasattr(model, "load_pretrained_weights") and storage.exists(safetensors):
+        from safetensors.torch import load
+
+        model.load_pretrained_weights(load(storage.read_bytes(safetensors)))
+    else:
+        weights = storage.join(directory, f"{prefix}state_dict.pt")
+        model.load_state_dict(load_weights(weights, allow_pickle))
     return model.eval()

@@ -39,24 +39,63 @@ from sparkloom.models.train.tasks import task_for
 # --- optimizer and schedule ------------------------------------------------------------------
 
 
-def build_optimizer(model: nn.Module, oc: OptimizerConfig) -> torch.optim.Optimizer:
-    """No weight decay on biases, norms and other 1-d parameters (BERT's rule)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": oc.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def build_optimizer(
+    model: nn.Module, oc: OptimizerConfig, layer_lr_decay: float = 1.0
+) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms and other 1-d parameters (BERT's rule). With
+    `layer_lr_decay` < 1, a model that numbers its layers (`layer_of`, `num_layers`: the
+    transformer classifiers) trains layer d at lr x decay^(num_layers + 1 - d): the head at
+    lr, each layer below at `decay` times the rate of the one above, the embeddings lowest."""
+    inner = unwrap(model)
+    layered = layer_lr_decay < 1
+    if layered and not hasattr(inner, "layer_of"):
+        raise ValueError(
+            f"training.layer_lr_decay={layer_lr_decay} needs a model with numbered layers (a "
+            f"transformer); {type(inner).__name__} has none: set it to 1"
+        )
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, p in inner.named_parameters():
+        if p.requires_grad:
+            depth = inner.layer_of(name) if layered else 0
+            groups.setdefault((depth, p.dim() >= 2), []).append(p)
+    top = inner.num_layers + 1 if layered else 0
+    params = [
+        {"params": ps, "weight_decay": oc.weight_decay if decayed else 0.0,
+         "lr": oc.lr * layer_lr_decay ** (top - depth)}
+        for (depth, decayed), ps in sorted(groups.items())
+    ]  # fmt: skip
     name = oc.name.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+        return torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
+        return torch.optim.Adam(params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=oc.lr, momentum=oc.momentum, eps=oc.eps)
+        return torch.optim.RMSprop(params, lr=oc.lr, momentum=oc.momentum, eps=oc.eps)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum)
+        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum)
     raise ValueError(f"unknown optimizer '{oc.name}'; use adamw, adam, rmsprop or sgd")
+
+
+def freeze_layers(model: nn.Module, n: int) -> int:
+    """Stop training the embeddings and the first `n` layers of a model that numbers them;
+    returns the parameters frozen (before DDP wraps it, which then leaves them alone)."""
+    if n == 0:
+        return 0
+    if not hasattr(model, "layer_of"):
+        raise ValueError(
+            f"training.freeze_layers={n} needs a model with numbered layers (a transformer); "
+            f"{type(model).__name__} has none: set it to 0"
+        )
+    if n > model.num_layers:
+        raise ValueError(
+            f"training.freeze_layers={n} but the model has {model.num_layers} layers; lower it"
+        )
+    frozen = 0
+    for name, p in model.named_parameters():
+        if model.layer_of(name) <= n:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
 
 
 def build_schedule(opt: torch.optim.Optimizer, sc: ScheduleConfig, total_steps: int):
@@ -160,7 +199,14 @@ def build(cfg: RunConfig, ctx: Dist) -> Run:
     t = cfg.training
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg.model["name"], cfg.model.get("config", {}), cfg.model.get("init"))
+    loading = getattr(model, "loading", None)  # a transformers checkpoint's weights, by name
+    if loading is not None:
+        log(ctx, f"started from {cfg.model['init']['path']}: {loading.summary()}")
     task = task_for(model, cfg.distill, ctx.device, load_exported)
+    frozen = freeze_layers(model, t.freeze_layers)
+    if frozen:
+        log(ctx, f"froze the embeddings and the first {t.freeze_layers} layers: {frozen:,} "
+                 "parameters")  # fmt: skip
     ddp = wrap(model, ctx)
     if t.compile:
         # in place, on the DDP module: DDP's optimizer splits the graph at gradient buckets, so
@@ -168,7 +214,7 @@ def build(cfg: RunConfig, ctx: Dist) -> Run:
         ddp.compile()
     train = cfg.loader(cfg.data.train, train=True)
     steps_per_epoch = math.ceil(len(train.dataset) / t.grad_accum)
-    opt = build_optimizer(ddp, t.optimizer)
+    opt = build_optimizer(ddp, t.optimizer, t.layer_lr_decay)
     sched = build_schedule(opt, t.schedule, steps_per_epoch * t.epochs)
     ckpt = Checkpoints(cfg.checkpoint, ctx, cfg.fault, cfg.attempt)
     return Run(cfg, ctx, model, ddp, task, train, opt, sched, ckpt, peak_flops(cfg, ctx),
@@ -227,6 +273,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
         "train_seconds": time.perf_counter() - started,
         "train_samples": samples,
         "model": {"name": cfg.model["name"], "config": model_config(unwrap(run.ddp))},
+        "init_report": asdict(run.model.loading) if hasattr(run.model, "loading") else {},
         "confusion": {},
         "metrics": {},
     }
@@ -239,7 +286,7 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
             if ev["confusion"]:
                 result["confusion"][split] = ev["confusion"]
     if cfg.checkpoint.dir and ctx.main:
-        export(unwrap(run.ddp), cfg.checkpoint.dir)
+        export(unwrap(run.ddp), cfg.checkpoint.dir, cfg.model["name"])
         result["export_dir"] = storage.join(cfg.checkpoint.dir, "export")
     return result
 
