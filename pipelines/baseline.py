@@ -14,6 +14,11 @@ small share of its buckets (BBC News: 22% of 2^16; 20,000 synthetic documents: 8
 2^18), and an unused feature's coefficient is zero at the optimum of an L2-penalised fit
 anyway, so the classifier is fitted on the used ones only (a VectorSlicer kept in the
 saved model): the same model, a fraction of the memory and of the time per iteration.
+
+Two stages run this code, each with its own section: `baseline` (features_col: features by
+default) and `embed_baseline` (embedding by default: the embed stage's vectors, every index
+used; features+embedding joins both by id with a VectorAssembler). The embedding models'
+saved PipelineModel starts with the embed stage's `Embedder`, so it too goes from raw text.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import numpy as np
 from pyspark.ml import PipelineModel
 from pyspark.ml.classification import LogisticRegression, LogisticRegressionModel
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
-from pyspark.ml.feature import IDFModel, IndexToString, VectorSlicer
+from pyspark.ml.feature import IDFModel, IndexToString, VectorAssembler, VectorSlicer
 from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -45,6 +50,8 @@ from sparkloom.pipelines.text import load_feature_model
 log = logging.getLogger(__name__)
 
 INPUT_COL = "baseline_input"  # the used features, what the classifier sees
+EMBEDDING = "embedding"  # the embed stage's dense vectors: every index is used
+JOINED = "features_embedding"  # features_col=features+embedding: both, side by side
 # live copies of the coefficient matrix per fit (measured: 26 at 20 x 2^18), with room
 COPIES_PER_FIT = 32
 # share of the driver heap the fits' coefficient copies may take together
@@ -119,13 +126,20 @@ def evaluate(predictions: DataFrame, labels: list[str]) -> tuple[dict[str, float
     return classification_metrics(cm, labels), cm
 
 
-def used_features(train: DataFrame, feature_model: PipelineModel, col: str) -> tuple[list, int]:
+def used_features(
+    train: DataFrame, feature_model: PipelineModel | None, col: str
+) -> tuple[list, int]:
     """(sorted indices of the features the training split has, the vector size).
 
     With an IDF stage the answer is in the fitted model (a feature below its minDocFreq
-    is zeroed by IDF, so it is unused too); otherwise one pass over the training split.
+    is zeroed by IDF, so it is unused too); dense embeddings use every index (one row gives
+    the size); otherwise one pass over the training split.
     """
-    idf = next((s for s in feature_model.stages if isinstance(s, IDFModel)), None)
+    if col == EMBEDDING:
+        size = len(train.select(col).first()[0])
+        return list(range(size)), size
+    stages = feature_model.stages if feature_model is not None else []
+    idf = next((s for s in stages if isinstance(s, IDFModel)), None)
     if col == "features" and idf is not None:
         df = np.asarray(idf.docFreq)
         keep = np.flatnonzero((df > 0) & (df >= idf.getMinDocFreq()))
@@ -170,13 +184,42 @@ def spark_cores(spark: SparkSession) -> int:
     return max(1, spark.sparkContext.defaultParallelism)
 
 
-@stage("baseline", BaselineResult)
-def run_baseline(ctx: StageContext) -> BaselineResult:
-    """Fit, tune and evaluate; called as run_baseline(spark, cfg, catalog, force=False). The
-    scoring model (features + classifier, raw text or image in, label name out) is dataset
-    `baseline_model`."""
+def training_inputs(ctx: StageContext, bc: BaselineConfig):
+    """(rows with label_index, split and the vector column; the fitted stages that make
+    that column from raw input; the column; a function of the training rows giving the
+    used indices and the vector size), by `features_col`."""
+    catalog, col = ctx.catalog, bc.features_col
+    if col in ("features", "word2vec"):
+        feature_model = load_feature_model(catalog)
+        used = lambda train: used_features(train, feature_model, col)  # noqa: E731
+        return catalog.read("features", "features"), feature_model.stages, col, used
+    from sparkloom.pipelines.embed import load_embedder
+
+    embeddings = catalog.read("embeddings", "embed")
+    embedder = load_embedder(catalog)
+    if col == EMBEDDING:
+        used = lambda train: used_features(train, None, EMBEDDING)  # noqa: E731
+        return embeddings, embedder.stages, EMBEDDING, used
+    # TF-IDF and embedding side by side; a text the embed stage quarantined has no vector
+    feature_model = load_feature_model(catalog)
+    assembler = VectorAssembler(inputCols=["features", EMBEDDING], outputCol=JOINED)
+    data = catalog.read("features", "features").join(embeddings.select("id", EMBEDDING), "id")
+    dim = catalog.manifest("embeddings")["dimension"]
+
+    def used(train: DataFrame) -> tuple[list, int]:
+        keep, total = used_features(train, feature_model, "features")
+        return keep + [total + i for i in range(dim)], total + dim
+
+    stages = [*feature_model.stages, *embedder.stages, assembler]
+    return assembler.transform(data), stages, JOINED, used
+
+
+def run_classifier(ctx: StageContext) -> BaselineResult:
+    """Fit, tune and evaluate the MLlib classifier of `ctx.stage` (its section: baseline
+    or embed_baseline). The scoring model (features + classifier, raw text or image in,
+    label name out) is the stage's dataset `<stage>_model`."""
     spark, cfg, catalog, upstream = ctx.spark, ctx.cfg, ctx.catalog, ctx.upstream
-    bc = cfg.baseline
+    bc: BaselineConfig = getattr(cfg, ctx.stage)
     labels = upstream["labels"]
     blas, native = blas_in_use(spark)
     log.info(
@@ -184,20 +227,19 @@ def run_baseline(ctx: StageContext) -> BaselineResult:
         "" if native else " (no native BLAS: `apt install libopenblas0` provides libblas.so.3, "
         "which MLlib then loads; see docs/baseline.md)",
     )  # fmt: skip
-    data = catalog.read("features", "features")
-    feature_model = load_feature_model(catalog)
+    data, front, col, used = training_inputs(ctx, bc)
     train_all = data.filter(F.col("split") == "train")
     if train_all.isEmpty():
         raise DataError(
             "the training split is empty; check ingest.split ratios and the ingest counts"
         )
-    keep, total = used_features(train_all, feature_model, bc.features_col)
+    keep, total = used(train_all)
     if not keep:
         raise DataError(
             "no feature is non-zero in the training split; check features.idf.min_doc_freq "
             "and features.tf (every document is empty after tokenizing?)"
         )
-    slicer = VectorSlicer(inputCol=bc.features_col, outputCol=INPUT_COL, indices=keep)
+    slicer = VectorSlicer(inputCol=col, outputCol=INPUT_COL, indices=keep)
     partitions = bc.partitions or spark_cores(spark)
     weight_col = "class_weight" if bc.class_weight == "balanced" else None
     train = slicer.transform(train_all).select("label_index", INPUT_COL)
@@ -207,8 +249,8 @@ def run_baseline(ctx: StageContext) -> BaselineResult:
     validation = None
     try:
         log.info(
-            "baseline: %d of %d features are used by the training split; fitting on those, "
-            "%d partitions", len(keep), total, partitions,
+            "%s: %d of %d features are used by the training split; fitting on those, "
+            "%d partitions", ctx.stage, len(keep), total, partitions,
         )  # fmt: skip
         lr, grid, tuner = build_estimator(bc, INPUT_COL, len(labels), weight_col)
         fits = plan_fits(spark, bc, len(labels), len(keep))
@@ -223,8 +265,8 @@ def run_baseline(ctx: StageContext) -> BaselineResult:
                 validation = validation.select("label_index", INPUT_COL).cache()
                 if validation.isEmpty():
                     raise DataError(
-                        "baseline.tuning=validation needs a validation split and it is "
-                        "empty; set ingest.split.validation > 0 or baseline.tuning="
+                        f"{ctx.stage}.tuning=validation needs a validation split and it is "
+                        f"empty; set ingest.split.validation > 0 or {ctx.stage}.tuning="
                         "train_validation_split"
                     )
             lr_model, grid_scores = fit_grid(lr, grid, train, validation, bc.metric, fits)
@@ -235,16 +277,16 @@ def run_baseline(ctx: StageContext) -> BaselineResult:
     regs = sorted(set(bc.grid.reg_param))
     if len(regs) > 1 and lr_model.getRegParam() in (regs[0], regs[-1]):
         log.warning(
-            "baseline: the best reg_param, %g, is at the end of baseline.grid.reg_param %s; "
+            "%s: the best reg_param, %g, is at the end of %s.grid.reg_param %s; "
             "the optimum may lie beyond it: extend the grid that way",
-            lr_model.getRegParam(), regs,
+            ctx.stage, lr_model.getRegParam(), ctx.stage, regs,
         )  # fmt: skip
     iterations = lr_model.summary.totalIterations if lr_model.hasSummary else 0
     converged = iterations < lr_model.getMaxIter()
     if not converged:
         log.warning(
-            "baseline: the chosen model stopped at max_iter=%d before L-BFGS converged; "
-            "raise baseline.grid.max_iter", lr_model.getMaxIter(),
+            "%s: the chosen model stopped at max_iter=%d before L-BFGS converged; "
+            "raise %s.grid.max_iter", ctx.stage, lr_model.getMaxIter(), ctx.stage,
         )  # fmt: skip
 
     result = BaselineResult(
@@ -276,14 +318,19 @@ def run_baseline(ctx: StageContext) -> BaselineResult:
 
     scoring = PipelineModel(
         stages=[
-            *feature_model.stages,
+            *front,
             slicer,
             lr_model,
             IndexToString(inputCol="prediction", outputCol="predicted_label", labels=labels),
         ]
     )
-    catalog.write("baseline_model", scoring.save, ctx.common(result=asdict(result)))
+    catalog.write(ctx.output, scoring.save, ctx.common(result=asdict(result)))
     return result
+
+
+# the same code, two stages: TF-IDF by default, and the embeddings (embed_baseline)
+run_baseline = stage("baseline", BaselineResult)(run_classifier)
+run_embed_baseline = stage("embed_baseline", BaselineResult)(run_classifier)
 
 
 def fit_grid(

@@ -376,7 +376,9 @@ class GridConfig(Section):
 
 
 class BaselineConfig(Section):
-    features_col: Literal["features", "word2vec"] = "features"
+    # features: TF-IDF (features stage); word2vec: its averaged word vectors; embedding: the
+    # embed stage's vectors; features+embedding: TF-IDF and embedding side by side (by id)
+    features_col: Literal["features", "word2vec", "embedding", "features+embedding"] = "features"
     # validation: one fit per grid point on the training split, scored on the validation
     # split ingest made (no refit); cross_validation and train_validation_split re-split
     # the training split (num_folds + 1, or 1 + 1 fits per point); none: the first point
@@ -394,6 +396,33 @@ class BaselineConfig(Section):
     metric: Literal["f1", "accuracy", "weightedPrecision", "weightedRecall"] = "f1"
     grid: GridConfig = GridConfig()
     seed: int = 42
+
+
+# --- embed --------------------------------------------------------------------------------------
+
+
+class EmbedConfig(Section):
+    """The `embed` stage: every ingested text through a pretrained encoder, in Spark (one
+    model load per Python worker), as an ML vector column for the MLlib baselines."""
+
+    # a local Hugging Face encoder directory (config.json, model.safetensors or
+    # pytorch_model.bin, tokenizer.json or vocab.txt), as save_pretrained writes it
+    model: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"  # mean of the real tokens, or the CLS token
+    normalize: bool = False  # L2-normalize each vector
+    max_length: int = Field(256, ge=8)  # tokens per text; capped at the model's own limit
+    batch_size: int = Field(32, ge=1)  # texts per forward pass
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # half precision: CUDA only
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the worker has one
+
+    @model_validator(mode="after")
+    def _half_on_gpu(self) -> EmbedConfig:
+        if self.device == "cpu" and self.dtype != "float32":
+            raise ValueError(
+                f"embed.dtype={self.dtype} runs on CUDA only and embed.device=cpu; set "
+                "embed.dtype=float32 (or embed.device=auto on GPU executors)"
+            )
+        return self
 
 
 # --- deep models (TorchDistributor) -----------------------------------------------------------
@@ -648,6 +677,8 @@ class Config(Section):
     ingest: IngestConfig | None = None
     features: FeaturesConfig = FeaturesConfig()
     baseline: BaselineConfig = BaselineConfig()
+    embed: EmbedConfig = EmbedConfig()
+    embed_baseline: BaselineConfig = BaselineConfig(features_col="embedding")
     lstm: LSTMStageConfig = LSTMStageConfig()
     textcnn: TextCNNStageConfig = TextCNNStageConfig()
     cnn: CNNStageConfig = CNNStageConfig()
@@ -676,8 +707,21 @@ class Config(Section):
             raise ValueError(
                 f"stages {deep} train on token ids; set features.sequence.enabled=true"
             )
-        if self.baseline.features_col == "word2vec" and not self.features.word2vec.enabled:
-            raise ValueError("baseline.features_col=word2vec needs features.word2vec.enabled=true")
+        for name in ("baseline", "embed_baseline"):
+            if (
+                getattr(self, name).features_col == "word2vec"
+                and not self.features.word2vec.enabled
+            ):
+                raise ValueError(
+                    f"{name}.features_col=word2vec needs features.word2vec.enabled=true"
+                )
+        if "embed" in stages and self.embed.model is None:
+            raise ValueError(
+                "stage embed needs embed.model: a local Hugging Face encoder directory "
+                "(config.json, model.safetensors or pytorch_model.bin, tokenizer.json or vocab.txt)"
+            )
+        if "embed" in stages and self.modality == "image":
+            raise ValueError("stage embed embeds text; remove it for image data")
         return self
 
     @property

@@ -13,10 +13,11 @@ import numpy as np
 from pyspark.sql import SparkSession
 
 from sparkloom.pipelines import tracking
-from sparkloom.pipelines.baseline import BaselineResult, run_baseline
+from sparkloom.pipelines.baseline import BaselineResult, run_baseline, run_embed_baseline
 from sparkloom.pipelines.catalog import Catalog
 from sparkloom.pipelines.config import Config, flatten, stage_output
 from sparkloom.pipelines.deep import DeepResult, run_deep, student_and_teacher
+from sparkloom.pipelines.embed import EmbedResult, run_embed
 from sparkloom.pipelines.errors import SparkloomError, Terminated, exception_text
 from sparkloom.pipelines.images import ImageFeaturesResult, decode_grid, run_image_features
 from sparkloom.pipelines.ingest import IngestResult, run_ingest
@@ -152,38 +153,57 @@ def _features(
     return result
 
 
-def _baseline(
-    spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
+def _embed(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> EmbedResult:
+    result = run_embed(spark, cfg, catalog, force)
+    tracking.log_metrics(result.metrics())
+    mlflow.set_tag("sparkloom.embed_model", f"{result.model} ({result.model_fingerprint})")
+    return result
+
+
+def _baseline(stage: str):
+    """The MLlib classifier stages (baseline, embed_baseline): one code, their own sections."""
+    trained = {"baseline": run_baseline, "embed_baseline": run_embed_baseline}[stage]
+
+    def run(
+        spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
+    ) -> BaselineResult:
+        return _log_baseline(stage, cfg, catalog, outcome, trained(spark, cfg, catalog, force))
+
+    return run
+
+
+def _log_baseline(
+    stage: str, cfg: Config, catalog: Catalog, outcome: PipelineOutcome, result: BaselineResult
 ) -> BaselineResult:
-    result = run_baseline(spark, cfg, catalog, force)
+    bc = getattr(cfg, stage)
     mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
     tracking.log_metrics(
         {"features_used": result.features_used, "lr_iterations": result.iterations,
          "lr_converged": float(result.converged), "fits_at_once": result.fits_at_once}
     )  # fmt: skip
     if result.grid:
-        tracking.log_metrics({f"tuning_{cfg.baseline.metric}": result.tuning_metric})
+        tracking.log_metrics({f"tuning_{bc.metric}": result.tuning_metric})
         mlflow.log_text(json.dumps(result.grid, indent=2), "tuning/grid_scores.json")
     report = []
     for split, metrics in result.metrics.items():
         tracking.log_metrics(metrics, prefix=f"{split}_")
         cm = np.array(result.confusion[split])
-        title = f"baseline LR, {split} split"
+        title = f"{stage} LR, {split} split"
         tracking.log_figure(
             confusion_figure(cm, result.labels, title), f"plots/confusion_{split}.png"
         )
         report.append(classification_report(cm, result.labels, title))
     mlflow.log_text("\n".join(report), "classification_report.md")
     if result.skipped:  # the model is in the run that made it: not logged again
-        made = catalog.manifest(stage_output(cfg, "baseline"))
+        made = catalog.manifest(stage_output(cfg, stage))
         run = made and tracking.making_run(
-            mlflow.active_run().info.experiment_id, "baseline", made["fingerprint"]
+            mlflow.active_run().info.experiment_id, stage, made["fingerprint"]
         )
         outcome.model_uri = f"runs:/{run.info.run_id}/model" if run else None
     elif cfg.mlflow.log_models:  # the model the catalog holds, as written
         from pyspark.ml import PipelineModel
 
-        model = PipelineModel.load(catalog.path("baseline_model"))
+        model = PipelineModel.load(catalog.path(stage_output(cfg, stage)))
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
     return result
@@ -383,7 +403,9 @@ _MORE_TO_LOG = {"gpt2": _log_samples, "distill": _log_distill}
 _STAGES = {
     "ingest": _ingest,
     "features": _features,
-    "baseline": _baseline,
+    "baseline": _baseline("baseline"),
+    "embed": _embed,
+    "embed_baseline": _baseline("embed_baseline"),
     **{stage: _deep(stage) for stage in DEEP_STAGES},
     "quantize": _quantize,
     "register": _register,

@@ -39,7 +39,20 @@ class StageSpec:
         return self.inputs(cfg) if callable(self.inputs) else self.inputs
 
 
-FEATURES, INGESTED = ("features",), ("ingested",)
+FEATURES, INGESTED, EMBEDDINGS = ("features",), ("ingested",), ("embeddings",)
+
+
+def _baseline_inputs(section: str) -> Callable[[Any], tuple[str, ...]]:
+    """An MLlib baseline reads what its features_col names: TF-IDF/word2vec from features,
+    the embed stage's vectors, or both (joined by id)."""
+
+    def inputs(cfg: Any) -> tuple[str, ...]:
+        col = getattr(cfg, section).features_col
+        return {"embedding": EMBEDDINGS, "features+embedding": FEATURES + EMBEDDINGS}.get(
+            col, FEATURES
+        )
+
+    return inputs
 
 
 def _bert_inputs(cfg: Any) -> tuple[str, ...]:
@@ -54,7 +67,19 @@ REGISTRY: tuple[StageSpec, ...] = (
         "classifier",
         ("ingest", "features", "baseline"),
         spark_model=True,
-        inputs=FEATURES,
+        inputs=_baseline_inputs("baseline"),
+    ),  # fmt: skip
+    # a pretrained encoder's vectors of every ingested text (the model directory's
+    # fingerprint joins its own)
+    StageSpec("embed", "data", ("ingest", "embed"), "text", output="embeddings", inputs=INGESTED),
+    # the baseline's code on the embeddings (embed_baseline.features_col, default embedding)
+    StageSpec(
+        "embed_baseline",
+        "classifier",
+        ("ingest", "features", "embed", "embed_baseline"),
+        "text",
+        spark_model=True,
+        inputs=_baseline_inputs("embed_baseline"),
     ),  # fmt: skip
     StageSpec(
         "lstm",

@@ -25,7 +25,8 @@ def test_every_declared_stage_runs_validates_and_names_real_sections():
 
 def test_derived_lists_follow_the_declarations():
     assert names(kind="classifier") == (
-        "baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill", "quantize",
+        "baseline", "embed_baseline", "lstm", "textcnn", "cnn", "alexnet", "bert", "distill",
+        "quantize",
     )  # fmt: skip
     assert names(torch=True, modality="image") == ("cnn", "alexnet")
     assert names(token_ids=True) == ("lstm", "textcnn", "distill")
