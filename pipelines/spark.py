@@ -350,6 +350,8 @@ MEMORY_KNOBS = {
     "baseline": "features.tf.num_features, baseline.parallelism, baseline.grid",
     "features": "features.tf.num_features, features.sequence.vocab_size",
     "score": "score's batch size",
+    "embed": "embed.batch_size, embed.max_length",
+    "embed_baseline": "embed_baseline.parallelism, embed_baseline.grid",
 }
 
 

@@ -77,7 +77,8 @@ def store(tmp_path_factory):
     ids["baseline"] = s.stage(p1, "baseline", T0 + 3, DATA_A, classifier(0.90),
                               {"baseline.reg_param": "0.01", "best.reg_param": "0.01"})  # fmt: skip
     lstm = {**LSTM, "lstm.training.optimizer.lr": "0.01"}
-    metrics = classifier(0.85, 0.40, num_parameters=12345.0, train_seconds=12.5)
+    metrics = classifier(0.85, 0.40, num_parameters=12345.0, train_seconds=12.5,
+                         train_rows_per_s=250.0)  # fmt: skip
     ids["lstm_lr01"] = s.stage(p1, "lstm", T0 + 4, DATA_A, metrics, lstm, CURVE)
     ids["bert"] = s.stage(p1, "bert", T0 + 5, DATA_A,
                           classifier(0.93, 0.30, num_parameters=99999.0, train_seconds=40.0),
@@ -120,7 +121,7 @@ def test_every_comparable_run_once_in_accuracy_order(report, store):
     assert lstm.metrics == {
         "accuracy": 0.85, "f1": 0.84, "macro_f1": 0.83, "loss": 0.40, "val_accuracy": 0.86,
         "perplexity": None, "token_accuracy": None, "num_parameters": 12345.0,
-        "train_seconds": 12.5,
+        "train_seconds": 12.5, "train_rows_per_s": 250.0,
     }  # fmt: skip
     assert lstm.curves["epoch_val_loss"] == [(1, 0.9), (2, 0.7), (3, 0.65)]
     gpt2 = report.language_models[1]
