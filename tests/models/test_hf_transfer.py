@@ -21,6 +21,7 @@ from sparkloom.models.hparams import OptimizerConfig
 from sparkloom.models.train import build_optimizer, load_exported, train_fn
 from sparkloom.models.train.loop import freeze_layers
 
+PAD = {"bert": 0, "distilbert": 0, "electra": 0, "roberta": 1}
 WORDS = [
     "[PAD]",
     "[UNK]",
@@ -48,10 +49,15 @@ def tiny(kind: str, path) -> str:
     """A tiny encoder (no head) and its tokenizer, as save_pretrained writes them."""
     torch.manual_seed(0)
     v = len(WORDS)
+    sizes = {"vocab_size": v, "hidden_size": 16, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}  # fmt: skip
     if kind == "bert":
-        model = transformers.BertModel(transformers.BertConfig(
-            vocab_size=v, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=32, max_position_embeddings=64))  # fmt: skip
+        model = transformers.BertModel(transformers.BertConfig(**sizes))
+    elif kind == "roberta":  # padding id 1, positions counted after it (offset 2)
+        model = transformers.RobertaModel(transformers.RobertaConfig(
+            **{**sizes, "max_position_embeddings": 66}, pad_token_id=PAD["roberta"]))  # fmt: skip
+    elif kind == "electra":  # embeddings narrower than the encoder, projected up
+        model = transformers.ElectraModel(transformers.ElectraConfig(**sizes, embedding_size=8))
     else:
         model = transformers.DistilBertModel(transformers.DistilBertConfig(
             vocab_size=v, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
@@ -74,28 +80,29 @@ def rows(n: int, seed: int) -> pa.Table:
     return pa.table({"input_ids": ids, "label": labels})
 
 
-def run_config(tmp_path, path: str, **training) -> dict:
+def run_config(tmp_path, path: str, pad: int = 0, **training) -> dict:
     paths = {}
     for split, n, seed in (("train", 64, 0), ("validation", 32, 1), ("test", 32, 2)):
         pq.write_table(rows(n, seed), tmp_path / f"{split}.parquet")
         paths[split] = str(tmp_path / f"{split}.parquet")
     return {
         "model": {"name": "hf_classifier",
-                  "config": {"num_classes": 2, "pad_token_id": 0, "labels": ["colour", "animal"]},
+                  "config": {"num_classes": 2, "pad_token_id": pad, "labels": ["colour", "animal"]},
                   "init": {"kind": "hf_directory", "path": path}},
         "data": {**paths, "inputs": {"input_ids": "input_ids", "attention_mask": "input_ids_mask",
-                                     "labels": "label"}, "pad_values": {"input_ids": 0}},
+                                     "labels": "label"}, "pad_values": {"input_ids": pad}},
         "training": {"batch_size": 64, "epochs": 1, "seed": 0, "optimizer": {"lr": 1e-3},
                      "schedule": {"warmup_ratio": 0.0}, **training},
         "checkpoint": {"dir": str(tmp_path / "ckpt")},
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "electra"])
 def test_a_checkpoint_fine_tunes_one_step_exports_and_reloads_in_transformers(tmp_path, kind):
     path = tiny(kind, tmp_path / "ckpt-in")
     before = load_file(os.path.join(path, "model.safetensors"))
-    out = train_fn(run_config(tmp_path, path))
+    pad = PAD[kind]
+    out = train_fn(run_config(tmp_path, path, pad))
     assert out["history"][0]["step"] == 1  # one optimizer step: 64 rows, batch 64
     export = out["export_dir"]
     assert sorted(os.listdir(export)) == ["config.json", "model.json", "model.safetensors"]
@@ -105,10 +112,10 @@ def test_a_checkpoint_fine_tunes_one_step_exports_and_reloads_in_transformers(tm
     ours = load_exported(export, "bert")  # the name model.json records wins
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(export).eval()
     assert hf.config.id2label == {0: "colour", 1: "animal"} and hf.config.model_type == kind
-    ids = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 8, 9, 10, 9, 3]])
+    ids = torch.tensor([[2, 5, 6, 3, pad, pad], [2, 8, 9, 10, 9, 3]])
     with torch.no_grad():
         a = ours(input_ids=ids).logits
-        b = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        b = hf(input_ids=ids, attention_mask=(ids != pad).long()).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     # the encoder came from the checkpoint and moved by one step, not from a fresh start
     after = load_file(os.path.join(export, "model.safetensors"))
@@ -231,3 +238,23 @@ def test_a_gpt2_checkpoint_continues_one_step_and_reloads_in_transformers(tmp_pa
     moved = load_file(os.path.join(export, "model.safetensors"))["transformer.wte.weight"]
     start = load_file(tmp_path / "in" / "model.safetensors")["transformer.wte.weight"]
     assert not torch.equal(moved, start) and (moved - start).abs().max() < 0.01
+
+
+def test_a_vocab_txt_alone_becomes_the_same_kind_of_tokenizer(tmp_path):
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=48)).save_pretrained(tmp_path)  # fmt: skip
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    tokenizer_json, info = load_tokenizer(str(tmp_path))
+    assert info.files == ["vocab.txt"] and info.pad_token_id == 0
+    assert info.max_length == 48  # no model_max_length saved: the model's positions decide
+    assert Tokenizer.from_str(tokenizer_json).encode("Blue DOG").ids == [2, 7, 9, 3]
+
+
+def test_roberta_positions_leave_room_for_the_padding_offset():
+    from sparkloom.models.hf import max_positions
+
+    assert max_positions({"model_type": "roberta", "max_position_embeddings": 514,
+                          "pad_token_id": 1}) == 512  # fmt: skip
+    assert max_positions({"model_type": "bert", "max_position_embeddings": 512}) == 512
+    assert max_positions({"model_type": "gpt2", "n_positions": 1024}) == 1024
