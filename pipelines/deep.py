@@ -604,7 +604,7 @@ def hf_classifier_inputs(bc, catalog: Catalog, labels: list[str]) -> DeepInputs:
     id2label), model.safetensors, the tokenizer's files, plus labels.json."""
     from sparkloom.models.hf import check_hf_directory, hf_config, load_tokenizer, tokenizer_files
 
-    path = bc.init_from
+    path = os.path.abspath(os.path.expanduser(bc.init_from))  # the ranks' cwd is not ours
     try:
         check_hf_directory(path)
         tokenizer_json, tok = load_tokenizer(path)
