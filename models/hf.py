@@ -184,13 +184,17 @@ class HFClassifier(nn.Module):
 
     task = "classify"
 
-    def __init__(self, cfg: HFClassifierConfig):
+    def __init__(self, cfg: HFClassifierConfig, hf: nn.Module | None = None):
+        """`hf`: the transformers model already loaded (from_pretrained); else one is built
+        from `cfg.hf_config` (weights to be loaded into it)."""
         super().__init__()
         from transformers import AutoModelForSequenceClassification
 
         quiet()
         self.cfg = cfg
-        self.hf = AutoModelForSequenceClassification.from_config(_config_from_dict(cfg.hf_config))
+        self.hf = hf or AutoModelForSequenceClassification.from_config(
+            _config_from_dict(cfg.hf_config)
+        )
 
     def forward(
         self,
@@ -256,9 +260,10 @@ class HFClassifier(nn.Module):
                 + "; they would start random. Give a complete checkpoint (save_pretrained of the "
                 "whole model)"
             )
+        # the loaded model itself: building one from the config first would allocate and
+        # randomly initialise a second copy of the encoder in every rank, only to drop it
         model = cls(HFClassifierConfig(hf_config=hf.config.to_dict(), num_classes=num_classes,
-                                       pad_token_id=pad_token_id, labels=labels))  # fmt: skip
-        model.hf = hf
+                                       pad_token_id=pad_token_id, labels=labels), hf)  # fmt: skip
         model.loading = report
         return model
 
