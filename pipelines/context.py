@@ -41,6 +41,9 @@ class StageContext:
     inputs: dict[str, dict]  # dataset -> its manifest, in the order the stage declares them
     fingerprint: str
     output: str | None  # the dataset it writes
+    # what `extra` returned for the fingerprint (a model's content hash...): the body reuses
+    # it instead of computing it again
+    parts: tuple[Any, ...] = ()
 
     @property
     def upstream(self) -> dict:
@@ -66,7 +69,8 @@ def context(
     parts = tuple(extra(spark, cfg, catalog)) if extra else ()
     made_from = (m["fingerprint"] for m in inputs.values())
     fp = fingerprint(OUTPUT_FORMAT, cfg.stage_hash(stage), *made_from, *parts)
-    return StageContext(spark, cfg, catalog, stage, force, inputs, fp, stage_output(cfg, stage))
+    return StageContext(spark, cfg, catalog, stage, force, inputs, fp, stage_output(cfg, stage),
+                        parts)  # fmt: skip
 
 
 def run_stage(ctx: StageContext, result: Callable[..., R], body: Callable[[StageContext], R]) -> R:

@@ -287,7 +287,8 @@ class EmbedResult:
 
 def model_parts(spark: SparkSession, cfg: Config, catalog: Catalog) -> list[str]:
     """The encoder directory's fingerprint joins the stage's: a new checkpoint at the same
-    path re-embeds. Checked here, before any Spark work."""
+    path re-embeds. Checked here, before any Spark work; the body reads the hash back from
+    ctx.parts instead of reading the weights again."""
     return [model_fingerprint(checked_model(cfg.embed))]
 
 
@@ -295,8 +296,8 @@ def model_parts(spark: SparkSession, cfg: Config, catalog: Catalog) -> list[str]
 def run_embed(ctx: StageContext) -> EmbedResult:
     """Called as run_embed(spark, cfg, catalog, force=False)."""
     spark, catalog, ec = ctx.spark, ctx.catalog, ctx.cfg.embed
-    path = checked_model(ec)
-    names, fp, s = model_files(path), model_fingerprint(path), settings_of(ec)
+    path, (fp,) = checked_model(ec), ctx.parts  # hashed once, by model_parts
+    names, s = model_files(path), settings_of(ec)
     data = catalog.read("ingested", "ingest").select("id", "text", "label", "label_index", "split")
     blank = F.col("text").isNull() | F.col("text").rlike(BLANK)
     quarantine = data.filter(blank).select("id", "text", "label", "split",
