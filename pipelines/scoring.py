@@ -21,6 +21,7 @@ rows in = rows scored + rows quarantined.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class ModelRef:
         """What ids are right-padded with: the checkpoint tokenizer's padding id, else 0."""
         return self.tokenizer_info.get("pad_token_id", 0)
 
-    @property
+    @functools.cached_property
     def tokenizer_info(self) -> dict:
         path = os.path.join(self.files, "tokenizer_info.json")
         if self.stage != "bert" or not os.path.isfile(path):
