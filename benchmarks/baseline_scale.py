@@ -51,9 +51,10 @@ def one_size(n: int, seed: int) -> dict:
 
     from sparkloom.pipelines.baseline import run_baseline
     from sparkloom.pipelines.catalog import Catalog
+    from sparkloom.pipelines.compat import blas_in_use
     from sparkloom.pipelines.config import load_config
     from sparkloom.pipelines.ingest import run_ingest
-    from sparkloom.pipelines.spark import blas_in_use, get_spark
+    from sparkloom.pipelines.spark import get_spark
     from sparkloom.pipelines.synthetic import Corpus
     from sparkloom.pipelines.text import run_features
 

@@ -29,7 +29,8 @@ class Session:
 
     def spark(self, spark_config: Any) -> Any:
         if self.started is None:
-            from sparkloom.pipelines.spark import get_spark, quiet_task_failures
+            from sparkloom.pipelines.compat import quiet_task_failures
+            from sparkloom.pipelines.spark import get_spark
 
             self.started = get_spark(spark_config)
             if not self.verbose:

@@ -40,11 +40,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from sparkloom.pipelines.compat import blas_in_use, default_parallelism
 from sparkloom.pipelines.config import BaselineConfig
 from sparkloom.pipelines.context import StageContext, stage
 from sparkloom.pipelines.errors import DataError
 from sparkloom.pipelines.report import classification_metrics, confusion_from_counts
-from sparkloom.pipelines.spark import blas_in_use
 from sparkloom.pipelines.text import load_feature_model
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def driver_memory_bytes(spark: SparkSession) -> int:
 
 
 def spark_cores(spark: SparkSession) -> int:
-    return max(1, spark.sparkContext.defaultParallelism)
+    return default_parallelism(spark)
 
 
 def training_inputs(ctx: StageContext, bc: BaselineConfig):
@@ -227,7 +227,7 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
     blas, native = blas_in_use(spark)
     log.info(
         "baseline: MLlib computes with %s%s", blas,
-        "" if native else " (no native BLAS: `apt install libopenblas0` provides libblas.so.3, "
+        "" if native is not False else " (no native BLAS: `apt install libopenblas0` provides libblas.so.3, "
         "which MLlib then loads; see docs/baseline.md)",
     )  # fmt: skip
     data, front, col, used = training_inputs(ctx, bc)

@@ -6,9 +6,10 @@ previous version readable. The datasets of one stage are one commit (`Catalog.co
 a journal written before the renames lets the next reader finish a commit cut short, so
 no reader sees a new dataset beside an old one. Each dataset carries `_manifest.json`
 (row counts, schema, config hash, a fingerprint of its inputs) so a re-run with the same
-inputs and config is recognised and skipped. The data root may be a local path
-or any Hadoop filesystem URI; all file operations go through Hadoop's FileSystem
-so the same code runs on a laptop and on HDFS/S3.
+inputs and config is recognised and skipped. The data root may be a local path or a
+URI (file:, hdfs://, s3://, gs://, or a scheme fsspec serves). File operations go through
+`pyarrow.fs` (`models.storage`), not Hadoop's FileSystem over Py4J: the same code runs on
+the driver, in executors and in a Spark Connect client, which has no JVM.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import stat
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import pyarrow.fs as pafs
 from pyspark.sql import DataFrame, SparkSession
 
 from sparkloom.models import storage
@@ -66,32 +68,65 @@ def open_input(path: str):
     return fs.open_input_file(inner)
 
 
-class HadoopFS:
-    """The handful of filesystem calls we need, on the JVM's Hadoop FileSystem."""
+class ArrowFS:
+    """The handful of filesystem calls we need, on `pyarrow.fs` (through `models.storage`).
 
-    def __init__(self, spark: SparkSession):
-        self._jvm = spark.sparkContext._jvm
-        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
-
-    def _path(self, path: str):
-        return self._jvm.org.apache.hadoop.fs.Path(path)
-
-    def _fs(self, path: str):
-        return self._path(path).getFileSystem(self._conf)
+    Paths are local paths or URIs. Local ones are named as Hadoop names them (`file:/abs`),
+    since they are compared with the paths Spark reports; other URIs pass through as given.
+    """
 
     def qualify(self, path: str) -> str:
-        p = self._path(path)
-        return p.getFileSystem(self._conf).makeQualified(p).toString()
+        if storage.is_local(path):
+            return "file:" + storage.resolve(path)[1]
+        return path if path.endswith("://") else path.rstrip("/")
 
     def exists(self, path: str) -> bool:
-        return self._fs(path).exists(self._path(path))
+        return storage.exists(path)
 
     def delete(self, path: str) -> None:
-        self._fs(path).delete(self._path(path), True)
+        """Remove a file or a whole folder; nothing to do when it is not there."""
+        fs, inner = storage.resolve(path)
+        with contextlib.suppress(FileNotFoundError):  # absent, or another reader removed it
+            if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(inner):
+                os.unlink(inner)  # the link, not what it points to
+                return
+            kind = fs.get_file_info(inner).type
+            if kind == pafs.FileType.Directory:
+                fs.delete_dir(inner)
+            elif kind == pafs.FileType.File:
+                fs.delete_file(inner)
 
     def rename(self, src: str, dst: str) -> None:
-        if not self._fs(src).rename(self._path(src), self._path(dst)):
-            raise OSError(f"could not rename {src} to {dst}")
+        """Move `src` to `dst`, which must not exist (never into a folder already there);
+        OSError when it cannot. Object stores cannot move a folder: it is copied, then the
+        original deleted, which is not atomic (as with Hadoop's S3A)."""
+        fs, s = storage.resolve(src)
+        d = storage.resolve(dst)[1]
+        try:
+            kind = fs.get_file_info(s).type
+            if kind == pafs.FileType.NotFound:
+                raise FileNotFoundError(f"could not rename {src} to {dst}: {src} does not exist")
+            if fs.get_file_info(d).type != pafs.FileType.NotFound:
+                raise FileExistsError(f"could not rename {src} to {dst}: {dst} exists")
+            if kind == pafs.FileType.Directory and fs.type_name in ("s3", "gcs"):
+                self._copy_dir(fs, s, d)
+                return
+            try:
+                fs.move(s, d)
+            except NotImplementedError:
+                if kind != pafs.FileType.Directory:
+                    raise
+                self._copy_dir(fs, s, d)
+        except OSError:
+            raise
+        except Exception as e:  # pyarrow's own errors (not implemented, ...)
+            raise OSError(f"could not rename {src} to {dst}: {e}") from e
+
+    @staticmethod
+    def _copy_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+        fs.create_dir(dst, recursive=True)  # an empty folder has no file to copy
+        pafs.copy_files(src, dst, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
 
     def replace(self, tmp: str, final: str) -> None:
         """Move the complete `tmp` into `final`'s place. The previous `final` stays readable
@@ -112,61 +147,70 @@ class HadoopFS:
 
     def delete_empty_dir(self, path: str) -> None:
         """Remove `path` if it is an empty folder; one another writer just filled stays."""
-        if self.exists(path) and not self.list_dir(path):
-            with contextlib.suppress(Exception):  # not empty any more: someone is committing
-                self._fs(path).delete(self._path(path), False)
+        fs, inner = storage.resolve(path)
+        with contextlib.suppress(OSError):  # gone, or not empty any more: someone is committing
+            if isinstance(fs, pafs.LocalFileSystem):
+                os.rmdir(inner)  # refuses a folder that is not empty
+            elif storage.is_dir(path) and not self.list_dir(path):
+                fs.delete_dir(inner)
 
     def touch(self, path: str) -> None:
-        """Set the file's modification time to now."""
-        self._fs(path).setTimes(self._path(path), int(time.time() * 1000), -1)
+        """Set the file's modification time to now. Remote stores have no call for that: the
+        file is written again, so this is for small files."""
+        fs, inner = storage.resolve(path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.utime(inner)
+        else:
+            storage.write_bytes(path, storage.read_bytes(path))
 
     def mtime_ms(self, path: str) -> int:
-        return int(self._fs(path).getFileStatus(self._path(path)).getModificationTime())
+        fs, inner = storage.resolve(path)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{path} does not exist")
+        return (info.mtime_ns or 0) // 1_000_000
 
     def mkdirs(self, path: str) -> None:
-        self._fs(path).mkdirs(self._path(path))
+        storage.makedirs(path)
 
     def write_text(self, path: str, text: str) -> None:
-        out = self._fs(path).create(self._path(path), True)
-        try:
-            out.write(bytearray(text.encode("utf-8")))
-        finally:
-            out.close()
+        """The whole text or none (see `storage.write_bytes`); parent folders are made."""
+        storage.write_text(path, text)
 
     def read_text(self, path: str) -> str:
-        stream = self._fs(path).open(self._path(path))
-        try:
-            return self._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-        finally:
-            stream.close()
+        return storage.read_text(path)
 
     def list_dir(self, path: str) -> list[str]:
-        return [s.getPath().toString() for s in self._fs(path).listStatus(self._path(path))]
+        """What the folder holds, as qualified paths (`file:/abs/dir/name`), sorted."""
+        fs, inner = storage.resolve(path)
+        root = self.qualify(path).rstrip("/")
+        names = (posixpath.basename(i.path.rstrip("/"))
+                 for i in fs.get_file_info(pafs.FileSelector(inner)))  # fmt: skip
+        return sorted(f"{root}/{name}" for name in names)
 
     def is_dir(self, path: str) -> bool:
-        root = self.qualify(path)
-        if root.startswith("file:"):
-            return os.path.isdir(local_path(root))
-        return self._fs(root).getFileStatus(self._path(root)).isDirectory()
+        return storage.is_dir(path)
 
     def list_files(self, path: str) -> list[tuple[str, int, int]]:
         """(path relative to `path`, bytes, mtime ms) of every data file under `path`, sorted.
 
         Hidden files (`.x`, `_x`) are left out, as Spark's readers leave them out.
-        Local folders are walked in Python; py4j costs about 3 ms a file, too much
-        for a corpus of small files, so only remote filesystems go through Hadoop.
+        Local folders are walked in Python (symlinks followed, as Spark follows them);
+        remote ones are listed by pyarrow in one recursive call.
         """
         root = self.qualify(path)
         if root.startswith("file:"):
             return _list_local(local_path(root))
+        fs, inner = storage.resolve(root)
+        top = fs.get_file_info(inner)
+        if top.type == pafs.FileType.File:  # a file lists as itself
+            return [("", top.size, (top.mtime_ns or 0) // 1_000_000)]
+        prefix = len(inner.rstrip("/")) + 1
         out = []
-        it = self._fs(root).listFiles(self._path(root), True)
-        prefix = len(root.rstrip("/")) + 1
-        while it.hasNext():
-            st = it.next()
-            rel = st.getPath().toString()[prefix:]
-            if not _hidden(rel):
-                out.append((rel, st.getLen(), st.getModificationTime()))
+        for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
+            rel = info.path[prefix:]
+            if info.type == pafs.FileType.File and not _hidden(rel):
+                out.append((rel, info.size, (info.mtime_ns or 0) // 1_000_000))
         return sorted(out)
 
     def fingerprint(self, path: str) -> str:
@@ -219,7 +263,7 @@ class Catalog:
 
     def __init__(self, spark: SparkSession, data_root: str, pipeline: str):
         self.spark = spark
-        self.fs = HadoopFS(spark)
+        self.fs = ArrowFS()
         self.base = f"{absolute_uri(data_root).rstrip('/')}/{pipeline}"
 
     def path(self, name: str) -> str:
@@ -310,14 +354,14 @@ class Catalog:
         """Finish what interrupted commits left. A journaled commit is rolled forward (its
         writer had decided; readers must see all its datasets or none), temporaries of a
         commit that died before its journal are deleted, and a dataset whose single rename
-        was cut in two (`HadoopFS.replace`'s `.__old-` copy) is brought back."""
+        was cut in two (`ArrowFS.replace`'s `.__old-` copy) is brought back."""
         if not self.fs.exists(self.base):
             return
         entries = self.fs.list_dir(self.base)
         commits = f"{self.base}/{COMMITS}"
         journals: dict[str, str] = {}
         markers: dict[str, str] = {}
-        halves: dict[str, str] = {}
+        halves: list[tuple[str, str]] = []
         if self.fs.exists(commits):
             for p in self.fs.list_dir(commits):
                 file = p.rsplit("/", 1)[-1]
@@ -326,8 +370,8 @@ class Catalog:
                     journals[tag] = p
                 elif kind == "open":
                     markers[tag] = p
-                elif kind in ("json.tmp", "open.tmp"):  # a journal or marker cut short
-                    halves[tag] = p
+                elif kind.startswith(("json.tmp", "open.tmp")):  # cut short, or its own
+                    halves.append((tag, p))  # temporary (storage.write_bytes' `.tmp-<pid>`)
         for tag, p in sorted(journals.items()):
             datasets = json.loads(self.fs.read_text(p))["datasets"]
             log.warning("finishing an interrupted commit of %s (%s)", ", ".join(datasets), p)
@@ -338,7 +382,7 @@ class Catalog:
             if sep and tag not in journals and tag not in live:
                 log.warning("deleting %s, left by a commit that died before it was made", p)
                 self.fs.delete(p)
-        for tag, p in [*markers.items(), *halves.items()]:
+        for tag, p in [*markers.items(), *halves]:
             if tag not in journals and tag not in live:
                 self.fs.delete(p)
         self.fs.delete_empty_dir(commits)
@@ -457,7 +501,7 @@ class Commit:
         partition_by: list[str] | None = None,
     ) -> dict[str, Any]:
         def save(tmp: str) -> None:
-            writer = df.write.mode("errorifexists")
+            writer = df.write.mode("error")
             if partition_by:
                 writer = writer.partitionBy(*partition_by)
             writer.parquet(tmp)

@@ -13,6 +13,7 @@ import difflib
 import functools
 import hashlib
 import json
+import os
 import re
 import warnings
 from dataclasses import asdict, is_dataclass
@@ -92,9 +93,38 @@ class PipelineConfig(Section):
 
 class SparkConfig(Section):
     master: str | None = None  # None: spark-submit's --master, else local[*]
+    # Spark Connect: sc://host:15002[/;token=...] for a server, or local[N] for one started in
+    # this process; None: the SPARK_REMOTE environment variable if set, else a classic session
+    remote: str | None = None
     app_name: str = "sparkloom"
     log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "WARN"
     conf: dict[str, str | int | float | bool] = {}
+
+    @field_validator("remote")
+    @classmethod
+    def _connect_url(cls, v: str | None) -> str | None:
+        if v is not None and not (
+            v.startswith("sc://") or re.fullmatch(r"local(\[(\d+|\*)\])?", v)
+        ):
+            raise ValueError(
+                f"{v!r} is not a Spark Connect address; give sc://host:port (a Connect server) "
+                "or local[N] (a local server started for this run)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_of_master_and_remote(self) -> SparkConfig:
+        if self.master and self.remote:
+            raise ValueError(
+                f"spark.master ({self.master}) and spark.remote ({self.remote}) are both set; a "
+                "Spark Connect client has no master (the server has one): set spark.master=null, "
+                "or spark.remote=local[N] for a local Connect server"
+            )
+        return self
+
+    def connect_url(self) -> str | None:
+        """Where to connect: spark.remote, else SPARK_REMOTE (as pyspark reads it)."""
+        return self.remote or os.environ.get("SPARK_REMOTE") or None
 
 
 class PreflightConfig(Section):

@@ -34,7 +34,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparkloom.models.data import META_FILE, make_dataloader
-from sparkloom.pipelines.catalog import HadoopFS, fingerprint, local_path
+from sparkloom.pipelines import compat
+from sparkloom.pipelines.catalog import ArrowFS, fingerprint, local_path
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _PYTHON = ("EvalPython", "MapInPandas", "MapInArrow", "InPandas", "PythonUDF", "
 class SparkDatasetConverter:
     """A materialised DataFrame that hands out torch DataLoaders over its Parquet cache."""
 
-    def __init__(self, cache_dir_url: str, meta: dict[str, Any], fs: HadoopFS):
+    def __init__(self, cache_dir_url: str, meta: dict[str, Any], fs: ArrowFS):
         self.cache_dir_url = cache_dir_url
         self.meta = meta
         self._fs = fs
@@ -133,7 +134,7 @@ def make_spark_converter(
     keep: cache entries kept under the cache root.
     """
     spark = df.sparkSession
-    fs = HadoopFS(spark)
+    fs = ArrowFS()
     root = _cache_root(spark, cache_dir)
     df = _cast_doubles(df, dtype)
     meta = {
@@ -193,7 +194,7 @@ def _plan_key(df: DataFrame, udf_inputs: Any) -> tuple[Any, ...]:
     return ("plan", tree, udf_inputs) if python else ("plan", tree)
 
 
-def _prune(fs: HadoopFS, root: str, keep: int) -> None:
+def _prune(fs: ArrowFS, root: str, keep: int) -> None:
     """Keep the `keep` most recently used entries; remove older ones unused for IDLE_S (a run
     may still be reading one). A half-written or foreign folder is left alone."""
     entries = []
@@ -212,7 +213,7 @@ def _prune(fs: HadoopFS, root: str, keep: int) -> None:
 
 def _cache_root(spark, cache_dir: str | None) -> str:
     root = cache_dir or spark.conf.get(CACHE_CONF, None)
-    master = spark.sparkContext.master
+    master = compat.master(spark)
     if root is None:
         if not master.startswith("local"):
             raise ValueError(
@@ -220,7 +221,7 @@ def _cache_root(spark, cache_dir: str | None) -> str:
                 "filesystem every executor can read (hdfs://, s3a://, a shared mount)"
             )
         root = os.path.join(tempfile.gettempdir(), "sparkloom-converter")
-    return HadoopFS(spark).qualify(
+    return ArrowFS().qualify(
         root if "://" in root or root.startswith("file:") else os.path.abspath(root)
     )
 
@@ -242,7 +243,7 @@ def _cast_doubles(df: DataFrame, dtype: str | None) -> DataFrame:
     return df.select(*cols)
 
 
-def _input_fingerprint(df: DataFrame, fs: HadoopFS) -> str:
+def _input_fingerprint(df: DataFrame, fs: ArrowFS) -> str:
     """Sizes and times of the files the plan reads: same plan over changed files -> new key."""
     try:
         files = sorted(df.inputFiles())

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 
 from sparkloom.models import storage
 from sparkloom.models.masking import IGNORE_INDEX
-from sparkloom.pipelines import lm, subword
+from sparkloom.pipelines import compat, lm, subword
 from sparkloom.pipelines.catalog import Catalog, fingerprint
 from sparkloom.pipelines.config import Config, DistributorConfig
 from sparkloom.pipelines.context import StageContext, context, run_stage
@@ -213,7 +213,7 @@ def barrier_refusal(master: str, dynamic: bool, local_mode: bool) -> str | None:
 
 
 def check_barrier(spark: SparkSession, dc: DistributorConfig) -> None:
-    why = barrier_refusal(spark.sparkContext.master, dynamic_allocation(spark), dc.local_mode)
+    why = barrier_refusal(compat.master(spark), dynamic_allocation(spark), dc.local_mode)
     if why:
         raise ConfigError(why)
 
@@ -228,11 +228,10 @@ def rank_entry(spark: SparkSession):
     executor keeps them in its working directory, which the ranks inherit) or in the
     driver's SparkFiles folder (local masters).
     """
-    from pyspark import SparkFiles
-
-    submitted = spark.sparkContext.getConf().get("spark.submit.pyFiles", "")
+    submitted = spark.conf.get("spark.submit.pyFiles", "") or ""
     names = [os.path.basename(p) for p in submitted.split(",") if p]
-    paths = [p for n in names for p in (n, os.path.join(SparkFiles.getRootDirectory(), n))]
+    root = compat.driver_files_root(spark)
+    paths = [p for n in names for p in (n, *([os.path.join(root, n)] if root else []))]
 
     def run(config: dict[str, Any]) -> dict[str, Any]:
         import os
@@ -800,7 +799,7 @@ def cpu_threads(spark: SparkSession, dc: DistributorConfig) -> int | None:
     """Threads per process, so N processes on one machine do not fight over its cores."""
     if dc.local_mode:
         return max(1, (os.cpu_count() or 1) // dc.num_processes)
-    master = spark.sparkContext.master
+    master = compat.master(spark)
     if master.startswith("local"):
         return max(1, int(spark.conf.get("spark.task.cpus", "1")))
     return int(spark.conf.get("spark.task.cpus", "1"))

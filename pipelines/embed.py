@@ -42,6 +42,7 @@ from pyspark.sql import types as T
 from sparkloom.models import storage
 from sparkloom.models.embed import EncoderSettings
 from sparkloom.models.hf import WEIGHT_FILES, check_hf_directory, load_tokenizer
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.catalog import Catalog
 from sparkloom.pipelines.config import Config, EmbedConfig
 from sparkloom.pipelines.context import StageContext, stage
@@ -128,11 +129,12 @@ def embed_udf(
 
         import numpy as np
         import torch
-        from pyspark import SparkFiles, TaskContext
+        from pyspark import TaskContext
 
         from sparkloom.models.embed import TextEncoder
+        from sparkloom.pipelines.compat import shipped_files_root
 
-        root = SparkFiles.getRootDirectory()
+        root = shipped_files_root()
         local = tempfile.mkdtemp(prefix="sparkloom-embed-")  # the plain names HF looks for
         for name in names:
             os.symlink(os.path.join(root, f"{prefix}{name}"), os.path.join(local, name))
@@ -303,7 +305,7 @@ def run_embed(ctx: StageContext) -> EmbedResult:
     quarantine = data.filter(blank).select("id", "text", "label", "split",
                                            F.lit("empty_text").alias("reason"))  # fmt: skip
     rows_in = data.count()
-    cores = max(1, spark.sparkContext.defaultParallelism)
+    cores = compat.default_parallelism(spark)
     partitions = max(cores, -(-rows_in // ROWS_PER_PARTITION))
     loads = storage.join(catalog.uri("embed_work"), "loads", uuid.uuid4().hex)
     prefix = ship_files(spark, path, names)

@@ -207,14 +207,16 @@ def generate_dataframe(
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
-        from pyspark import SparkFiles, TaskContext
+        from pyspark import TaskContext
+
+        from sparkloom.pipelines.compat import shipped_files_root
 
         torch.set_num_threads(threads)  # one task's cores, not the whole machine's
         gpus = TaskContext.get().resources().get("gpu") if TaskContext.get() else None
         device = f"cuda:{gpus.addresses[0]}" if gpus and torch.cuda.is_available() else "cpu"
         for pdf in batches:
             texts, lengths = complete(
-                SparkFiles.getRootDirectory(), pdf["prompt"].tolist(), s, pdf["id"].tolist(),
+                shipped_files_root(), pdf["prompt"].tolist(), s, pdf["id"].tolist(),
                 device, prefix=prefix,
             )  # fmt: skip
             yield pd.DataFrame({"id": pdf["id"], "prompt": pdf["prompt"], "completion": texts,

@@ -27,6 +27,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.errors import DataError
 from sparkloom.pipelines.subword import EOT, tokenizer_from_json
 
@@ -74,43 +75,39 @@ def pack(
         raise DataError(f"block_size must be >= 1, got {block_size}")
     span = block_size + 1
     spark = docs.sparkSession
-    n = partitions or spark.sparkContext.defaultParallelism
+    n = partitions or compat.default_parallelism(spark)
     ordered = (
         docs.select("id", document_ids(tokenizer_json, F.col("text")).alias("ids"))
         .withColumn("order", F.xxhash64(F.lit(seed), F.col("id")))
         .repartitionByRange(n, "order", "id")
         .sortWithinPartitions("order", "id")
+        .withColumn("part", F.spark_partition_id())
         .localCheckpoint()  # the partitions the counts describe are the ones the cut reads
     )
-
-    def count(i: int, rows: Iterator) -> Iterator[tuple[int, int, int]]:
-        docs_n = tokens = 0
-        for r in rows:
-            docs_n, tokens = docs_n + 1, tokens + len(r["ids"])
-        yield i, docs_n, tokens
-
-    sizes = sorted(ordered.rdd.mapPartitionsWithIndex(count).collect())
+    sizes = ordered.groupBy("part").agg(F.count(F.lit(1)), F.sum(F.size("ids"))).collect()
     starts, total = {}, 0
-    for i, _, tokens in sizes:
-        starts[i], total = total, total + tokens
+    for part, _, tokens in sorted(sizes):
+        starts[part], total = total, total + tokens
     documents = sum(d for _, d, _ in sizes)
     num_blocks = total // span
 
-    def cut(i: int, rows: Iterator) -> Iterator[tuple[int, int, list[int]]]:
-        pos = starts.get(i, 0)
-        for r in rows:
-            ids = r["ids"]
-            k = 0
-            while k < len(ids):
-                block, offset = divmod(pos + k, span)
-                if block >= num_blocks:
-                    return  # the tail: fewer than span tokens are left in the stream
-                take = min(len(ids) - k, span - offset)
-                yield block, offset, ids[k : k + take]
-                k += take
-            pos += len(ids)
+    def cut(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        """One partition's documents, in stream order, as pieces of blocks."""
+        pos = None
+        for pdf in batches:
+            rows = []
+            for part, ids in zip(pdf["part"], pdf["ids"], strict=True):
+                pos = starts.get(int(part), 0) if pos is None else pos
+                k = 0
+                while k < len(ids) and pos + k < num_blocks * span:  # past it: the tail
+                    block, offset = divmod(pos + k, span)
+                    take = min(len(ids) - k, span - offset)
+                    rows.append((block, offset, [int(t) for t in ids[k : k + take]]))
+                    k += take
+                pos += len(ids)
+            yield pd.DataFrame(rows, columns=["block", "offset", "ids"])
 
-    pieces = spark.createDataFrame(ordered.rdd.mapPartitionsWithIndex(cut), PIECES)
+    pieces = ordered.select("part", "ids").mapInPandas(cut, PIECES)
     blocks = pieces.groupBy("block").agg(
         # pieces sorted by offset (the struct's first field), then concatenated
         F.flatten(

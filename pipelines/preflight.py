@@ -25,11 +25,11 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from pyspark.sql import SparkSession
 
 from sparkloom.models import storage
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.catalog import Catalog, local_path
 from sparkloom.pipelines.config import Config
 from sparkloom.pipelines.deep import barrier_refusal, dynamic_allocation, trained_section
@@ -83,12 +83,12 @@ def table(findings: list[Finding]) -> str:
 
 
 def run_preflight(spark: SparkSession, cfg: Config, stages: list[str]) -> list[Finding]:
-    sc = spark.sparkContext
-    master = sc.master
+    master = compat.master(spark)
     local = master.startswith("local")
     deep = [s for s in stages if s in DEEP_STAGES]
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
-    findings = [Finding("master", f"{master} (application {sc.applicationId})")]
+    where = " over Spark Connect" if compat.is_connect(spark) else ""
+    findings = [Finding("master", f"{master} (application {compat.application_id(spark)}){where}")]
     findings.append(_driver_memory(spark, cfg))
     slots = _executors(spark, cfg, deep, local, findings)
     findings += _barrier(spark, cfg, deep, slots)
@@ -114,7 +114,9 @@ def run_preflight(spark: SparkSession, cfg: Config, stages: list[str]) -> list[F
 def _driver_memory(spark: SparkSession, cfg: Config) -> Finding:
     """spark.driver.memory in the config sizes a JVM the config starts, not one spark-submit
     started first (client mode): say so when the heap is well below what was asked."""
-    heap_mb = spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory() / 2**20
+    heap_mb = compat.driver_heap_mb(spark)
+    if heap_mb is None:
+        return Finding("driver memory", "the Connect server's (not visible to a client)")
     found = f"heap {heap_mb:,.0f} MB"
     asked = cfg.spark.conf.get("spark.driver.memory")
     wanted_mb = _megabytes(str(asked)) if asked is not None else None
@@ -136,11 +138,8 @@ def _executors(
     """Task slots the application has (executors x cores / spark.task.cpus), after waiting up
     to preflight.timeout_s for them: until enough for the widest barrier stage are there, or
     their number has settled."""
-    jsc = spark.sparkContext._jsc.sc()
-    if not local and dynamic_allocation(
-        spark
-    ):  # executors come when tasks wait for them: no waiting
-        slots = _slots(jsc)
+    if not local and dynamic_allocation(spark):  # executors come when tasks wait: no waiting
+        slots = compat.task_slots(spark)
         findings.append(Finding("executors", f"on demand (dynamic allocation), {slots} task "
                                 "slots now"))  # fmt: skip
         return slots
@@ -150,16 +149,18 @@ def _executors(
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while True:
-        if jsc.isStopped():
+        if compat.context_stopped(spark):
             findings.append(Finding(
                 "executors", "the SparkContext stopped",
                 f"the SparkContext stopped while waiting for executors: the master at "
-                f"{spark.sparkContext.master} refused or lost the application (its reason is in "
+                f"{compat.master(spark)} refused or lost the application (its reason is in "
                 "the driver's log above)",
             ))  # fmt: skip
             return 0
-        slots = _slots(jsc)
-        executors = _registered(jsc, local)
+        slots = compat.task_slots(spark)
+        executors = 1 if local else compat.registered_executors(spark)
+        if executors is None:  # a Connect client: the server's executors are its business
+            break
         now = time.monotonic()
         if executors != last:
             last, since = executors, now
@@ -172,8 +173,12 @@ def _executors(
     cores = conf.get("spark.executor.cores", "all of a worker's")
     if local:
         findings.append(
-            Finding("executors", f"the driver, {slots} task slots ({spark.sparkContext.master})")
+            Finding("executors", f"the driver, {slots} task slots ({compat.master(spark)})")
         )
+        return slots
+    if executors is None:
+        findings.append(Finding("executors", f"the Connect server's, {slots} task slots (its "
+                                "default parallelism)"))  # fmt: skip
         return slots
     if executors == 0:
         findings.append(Finding(
@@ -190,31 +195,16 @@ def _executors(
     return slots
 
 
-def _registered(jsc: Any, local: bool) -> int:
-    """Executors the scheduler has registered: the same source as the task slots. (The block
-    managers, which getExecutorMemoryStatus counts, register a moment later: counting those,
-    two executors that had given their slots still read as none.)"""
-    if local:
-        return 1
-    with contextlib.suppress(Exception):
-        if n := int(jsc.getExecutorIds().size()):  # empty where not an allocation client
-            return n
-    return max(0, jsc.getExecutorMemoryStatus().size() - 1)
-
-
 def wait_for_slots(spark: SparkSession, need: int, timeout_s: float) -> int:
     """The application's task slots, once there are `need` or after `timeout_s`."""
-    jsc = spark.sparkContext._jsc.sc()
     deadline = time.monotonic() + timeout_s
-    while (slots := _slots(jsc)) < need and time.monotonic() < deadline and not jsc.isStopped():
+    while (
+        (slots := compat.task_slots(spark)) < need
+        and time.monotonic() < deadline
+        and not compat.context_stopped(spark)
+    ):
         time.sleep(0.5)
     return slots
-
-
-def _slots(jsc: Any) -> int:
-    """The tasks the application can run at once: what Spark checks a barrier stage against."""
-    rp = jsc.resourceProfileManager().defaultResourceProfile()
-    return int(jsc.maxNumConcurrentTasks(rp))
 
 
 def _distributor(cfg: Config, stage: str):
@@ -231,7 +221,7 @@ def _barrier(spark: SparkSession, cfg: Config, deep: list[str], slots: int) -> l
             out.append(Finding(f"{stage}: ranks", f"{dc.num_processes} on the driver (local_mode)"))
             continue
         found = f"{dc.num_processes} ranks as one barrier stage, {slots} task slots"
-        problem = barrier_refusal(spark.sparkContext.master, dynamic, dc.local_mode)
+        problem = barrier_refusal(compat.master(spark), dynamic, dc.local_mode)
         if problem is None and slots and dc.num_processes > slots:
             problem = (
                 f"'{stage}' trains {dc.num_processes} ranks as one barrier stage, which needs "

@@ -204,11 +204,9 @@ def _log_baseline(
         )
         outcome.model_uri = f"runs:/{run.info.run_id}/model" if run else None
     elif cfg.mlflow.log_models:  # the model the catalog holds, as written
-        from pyspark.ml import PipelineModel
-
-        model = PipelineModel.load(catalog.path(stage_output(cfg, stage)))
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
-        outcome.model_uri = tracking.log_spark_model(model, "model", result.labels, col)
+        saved = catalog.uri(stage_output(cfg, stage))
+        outcome.model_uri = tracking.log_spark_model(saved, "model", result.labels, col)
     return result
 
 

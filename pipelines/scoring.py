@@ -29,13 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import yaml
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.config import IMAGE_FORMATS, ImageConfig
 from sparkloom.pipelines.context import StageContext, stage
-from sparkloom.pipelines.errors import DataError
+from sparkloom.pipelines.errors import DataError, exception_text
 from sparkloom.pipelines.spark import ship_files, write_with_quarantine
 from sparkloom.pipelines.stages import CLASSIFIERS, SPARK_MODELS
 
@@ -308,13 +309,32 @@ def _image_rows(
     return made.filter(~bad).select("id", "image"), quarantine
 
 
+def _spark_model(spark: SparkSession, files: str):
+    """The PipelineModel of a downloaded MLflow `spark` model. A classic session goes through
+    mlflow.spark, which copies it to the cluster's filesystem over Py4J; a Connect server
+    reads the `sparkml/` folder where the download put it (the same host, or a shared mount)."""
+    if not compat.is_connect(spark):
+        import mlflow.spark
+
+        return mlflow.spark.load_model(files)
+    from pyspark.ml import PipelineModel
+
+    try:
+        return PipelineModel.load(os.path.join(files, "sparkml"))
+    except Exception as e:
+        raise DataError(
+            f"the Spark Connect server cannot read the model downloaded to {files} "
+            f"({exception_text(e).splitlines()[0][:160]}); run the client on the server's host "
+            "or with TMPDIR on a mount the server shares"
+        ) from e
+
+
 def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     """(id, probabilities) in the model's label order."""
     if ref.stage in SPARK_MODELS:
-        import mlflow.spark
         from pyspark.ml.functions import vector_to_array
 
-        model = mlflow.spark.load_model(ref.files)
+        model = _spark_model(good.sparkSession, ref.files)
         return model.transform(good).select(
             "id", vector_to_array("probability").alias("probabilities")
         )
@@ -366,13 +386,13 @@ def _predict_udf(
 
     def make_predict_fn():
         import torch
-        from pyspark import SparkFiles
 
         from sparkloom.models.registry import ImageScorer, Scorer
         from sparkloom.models.train import load_exported
+        from sparkloom.pipelines.compat import shipped_files_root
 
         # the files Spark shipped to this executor; built once per Python worker
-        root = SparkFiles.getRootDirectory()
+        root = shipped_files_root()
         model = load_exported(root, stage, prefix, allow_pickle)
         if quantized:  # the int8 model: the same recipe the quantize stage measured
             from sparkloom.models.quantize import load_int8

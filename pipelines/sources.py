@@ -21,7 +21,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkloom.pipelines.catalog import HadoopFS, absolute_uri, fingerprint, local_path
+from sparkloom.pipelines import compat
+from sparkloom.pipelines.catalog import ArrowFS, absolute_uri, fingerprint, local_path
 from sparkloom.pipelines.config import IngestConfig
 from sparkloom.pipelines.errors import DataError, exception_text
 from sparkloom.pipelines.images import IDX_RECORDS, idx_header, idx_records
@@ -89,7 +90,7 @@ class Listing:
 def list_input(spark: SparkSession, path: str, globs: tuple[str, ...], what: str) -> Listing:
     """Files under `path` (or `path` itself) whose names match one of `globs`; hidden files
     (`.x`, `_x`) left out as Spark leaves them out; symlinks followed, loops refused."""
-    fs = HadoopFS(spark)
+    fs = ArrowFS()
     if not fs.exists(path):
         raise DataError(f"input path {path} does not exist; set {what} to existing data")
     root = fs.qualify(path)
@@ -185,7 +186,7 @@ def input_fingerprint(spark: SparkSession, ing: IngestConfig) -> str:
         return fingerprint(ing.table or ing.query, list(row))
     parts = {str(s): input_listing(spark, ing, s).fingerprint() for s in ing.paths()}
     if ing.format == "idx":  # pairs its own files; every file under the folder counts
-        parts = {str(s): HadoopFS(spark).fingerprint(resolve_input_path(p))
+        parts = {str(s): ArrowFS().fingerprint(resolve_input_path(p))
                  for s, p in ing.paths().items()}  # fmt: skip
     return fingerprint(parts)
 
@@ -507,9 +508,7 @@ def binary_files(spark: SparkSession, listing: Listing) -> DataFrame:
         files = files.unionByName(spark.createDataFrame(extra, schema))
     # Spark packs small files by a 4 MB "open cost" each, so 5,000 small images make 157
     # partitions and every job over them 157 short tasks; a few partitions per core do
-    target = 4 * spark.sparkContext.defaultParallelism
-    if files.rdd.getNumPartitions() > target:
-        files = files.coalesce(target)
+    files = files.coalesce(4 * compat.default_parallelism(spark))  # never adds partitions
     if listing.is_file:
         return files.withColumn("rel", F.lit(listing.files[0][0] if listing.files else ""))
     return files.withColumn("rel", F.substring(F.col("path"), len(_norm_str(root)) + 1, 1 << 20))
@@ -701,7 +700,7 @@ def idx_pairs(spark: SparkSession, path: str) -> list[tuple[str, str]]:
     `idx3`/`idx4` -> `idx1` in the name (MNIST's naming). Headers are checked here,
     on the driver, so a bad file fails before any work with an error naming it.
     """
-    fs = HadoopFS(spark)
+    fs = ArrowFS()
     root = fs.qualify(path).rstrip("/")
     names = [rel for rel, _, _ in fs.list_files(path)]
     if not names:
@@ -753,7 +752,7 @@ def _read_idx(spark: SparkSession, ing: IngestConfig, listing: Listing) -> DataF
     """One row per IDX image record, joined with its label by position."""
     path = listing.root
     pairs = idx_pairs(spark, path)
-    root = HadoopFS(spark).qualify(path).rstrip("/")
+    root = ArrowFS().qualify(path).rstrip("/")
     files = spark.read.format("binaryFile").load([p for pair in pairs for p in pair])
     records = files.select("path", "content").mapInPandas(idx_records, IDX_RECORDS)
     label_of = F.create_map(*[x for p in pairs for x in (F.lit(p[1]), F.lit(p[0]))])

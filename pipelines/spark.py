@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 from pyspark.sql import SparkSession
 
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.config import SparkConfig
-from sparkloom.pipelines.errors import ResourceError, SparkloomError, exception_text
+from sparkloom.pipelines.errors import ConfigError, ResourceError, SparkloomError, exception_text
+
+log = logging.getLogger(__name__)
 
 
 def check_java() -> None:
@@ -33,24 +38,40 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
 
     `master` is only set when the config names one, so `spark-submit --master ...`
     decides where the job runs; plain `python`/`sparkloom` falls back to local[*].
+    With `remote` (or SPARK_REMOTE) the session is a Spark Connect client: `sc://...` needs
+    no JVM here at all; `local[N]` starts a Connect server in this process.
     """
+    remote = cfg.connect_url()
+    if remote and cfg.master:
+        raise ConfigError(
+            f"spark.master={cfg.master} and a Spark Connect address ({remote}, from "
+            f"{'spark.remote' if cfg.remote else 'SPARK_REMOTE'}) are both set; a Connect "
+            "client has no master: unset one of them"
+        )
     launched_by_submit = "PYSPARK_GATEWAY_PORT" in os.environ
-    if not launched_by_submit:
+    jvm_here = not launched_by_submit and not (remote or "").startswith("sc://")
+    if jvm_here:
         check_java()
-    if not launched_by_submit and (cfg.master or "local").startswith("local"):
+    if jvm_here and (remote or cfg.master or "local").startswith("local"):
         # local Python workers run this interpreter (the venv); on a cluster the user
         # points spark.pyspark.python / PYSPARK_PYTHON at the executors' environment
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if (remote or "").startswith("sc://"):
+        check_reachable(remote)
     builder = SparkSession.builder.appName(cfg.app_name)
-    if cfg.master:
+    if remote:
+        builder = builder.remote(remote)
+    elif cfg.master:
         builder = builder.master(cfg.master)
     for key, value in {**DEFAULT_CONF, **cfg.conf}.items():
         builder = builder.config(key, str(value).lower() if isinstance(value, bool) else str(value))
     before = len(_LAUNCHED)
     try:
-        with _recording_jvm_launch():
+        with _recording_jvm_launch(), warnings.catch_warnings(record=True) as refused:
+            warnings.simplefilter("always")
             spark = builder.getOrCreate()
-        spark.sparkContext.setLogLevel(cfg.log_level)
+        _report_refused_conf(remote, refused)
+        compat.set_log_level(spark, cfg.log_level)
     except BaseException:
         # Ctrl-C, SIGTERM or a failure while the JVM boots: pyspark drops the process it
         # launched, and that JVM outlives us holding our stdout/stderr, so `sparkloom ... | tee`
@@ -60,27 +81,37 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     return spark
 
 
-# Who logs a failed task, with its whole JVM stack, once per attempt, before the job's error
-# reaches the driver: the stage's one-line error says what failed; --verbose keeps them
-TASK_FAILURE_LOGGERS = (
-    "org.apache.spark.executor.Executor",
-    "org.apache.spark.ml.util.Instrumentation",  # MLlib logs a failed fit's error again
-    "org.apache.spark.util.SparkUncaughtExceptionHandler",
-    "org.apache.spark.scheduler.TaskSetManager",
-    "org.apache.spark.scheduler.TaskSchedulerImpl",
-    "org.apache.spark.storage.BlockManager",
-    # a JVM exiting on OutOfMemoryError while the job's error reaches us: its shutdown
-    # fails to remove cached RDDs and logs each with a stack (seen once in CI)
-    "org.apache.spark.storage.BlockManagerMaster",
-)
+def check_reachable(url: str, timeout_s: float = 10.0) -> None:
+    """A Connect client retries a server that is not there for minutes before it fails: one
+    TCP connect first, and a line that names the address."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url.split(";", 1)[0].replace("sc://", "http://", 1))
+    host, port = parsed.hostname or "localhost", parsed.port or 15002
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as e:
+        raise ResourceError(
+            f"cannot reach the Spark Connect server at {host}:{port} ({e.strerror or e}); start "
+            "it (pyspark's sbin/start-connect-server.sh, or the cluster's endpoint) or fix "
+            "spark.remote / SPARK_REMOTE"
+        ) from None
 
 
-def quiet_task_failures(spark: SparkSession) -> None:
-    """Silence the JVM's per-task failure logs in this driver (local mode: the executors too)."""
-    jvm = spark.sparkContext._jvm
-    off = jvm.org.apache.logging.log4j.Level.OFF
-    for name in TASK_FAILURE_LOGGERS:
-        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
+def _report_refused_conf(remote: str | None, caught: list[warnings.WarningMessage]) -> None:
+    """A Connect client sets spark.conf as runtime settings, and the server refuses its static
+    ones (spark.driver.memory, spark.ui.enabled) with a warning each. A local server got them
+    at its start, so those say nothing; a remote server kept its own values: one line."""
+    refused = [w for w in caught if "Failed to set" in str(w.message)]
+    for w in caught:
+        if w not in refused:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if refused and (remote or "").startswith("sc://"):
+        keys = [str(w.message).split(" to ", 1)[0].removeprefix("Failed to set ") for w in refused]
+        log.warning("the Spark Connect server kept its own values of %s (static settings: set "
+                    "them where the server starts)", ", ".join(keys))  # fmt: skip
 
 
 _LAUNCHED: list[subprocess.Popen] = []  # the spark-submit processes this process started
@@ -214,14 +245,9 @@ def handle_termination() -> None:
     from sparkloom.pipelines.errors import Terminated
 
     def cancel() -> None:
-        from pyspark import SparkContext
-
-        sc = SparkContext._active_spark_context  # a Python attribute: no JVM call
-        try:
-            if sc is not None:
-                sc.cancelAllJobs()
-        except Exception:  # noqa: BLE001 - the JVM may be dying with us (a group kill)
-            pass
+        # the JVM or the server may be dying with us (a group kill)
+        with contextlib.suppress(Exception):
+            compat.cancel_all_jobs()
 
     def stop(signum, frame):
         _TERMINATING.append(signum)
@@ -242,10 +268,10 @@ def terminating() -> int | None:
 
 
 def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> str:
-    """Send `names` from a local `directory` to every executor (SparkContext.addFile, one
-    file at a time: it takes no local directory outside local mode). Returns the prefix the
-    executors find them under: SparkFiles.getRootDirectory()/<prefix><name>. The prefix is
-    a hash of the files' content, so two models in one session never clash."""
+    """Send `names` from a local `directory` to every executor (compat.add_files: addFile, or
+    a Connect session's artifacts). Returns the prefix the executors find them under:
+    compat.shipped_files_root()/<prefix><name>. The prefix is a hash of the files' content,
+    so two models in one session never clash (and Connect never refuses a name it has)."""
     import hashlib
     import tempfile
 
@@ -257,6 +283,7 @@ def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> s
     tag = h.hexdigest()[:16]
     staged = os.path.join(tempfile.gettempdir(), f"sparkloom-ship-{tag}")  # same path each time
     os.makedirs(staged, exist_ok=True)
+    staged_paths = []
     for name in names:
         named = os.path.join(staged, f"{tag}-{name}")
         if os.path.islink(named):  # left by an older version of this code
@@ -267,7 +294,8 @@ def ship_files(spark: SparkSession, directory: str, names: tuple[str, ...]) -> s
                 os.link(src, named)
             except OSError:
                 shutil.copyfile(src, named)
-        spark.sparkContext.addFile(named)
+        staged_paths.append(named)
+    compat.add_files(spark, staged_paths)
     return f"{tag}-"
 
 
@@ -316,18 +344,18 @@ def write_with_quarantine(df_in, out, quarantine, output: str, what: str) -> tup
     were made from."""
     import uuid
 
-    from sparkloom.pipelines.catalog import HadoopFS
+    from sparkloom.pipelines.catalog import ArrowFS
     from sparkloom.pipelines.errors import DataError
 
     spark = df_in.sparkSession
-    fs = HadoopFS(spark)
+    fs = ArrowFS()
     output = output.rstrip("/")  # the quarantine goes beside the output, not inside it
     tag = uuid.uuid4().hex[:8]
     targets = {output: out, f"{output}_quarantine": quarantine}
     tmps = {final: f"{final}.__tmp-{tag}" for final in targets}
     try:
         for final, frame in targets.items():
-            frame.write.mode("errorifexists").parquet(tmps[final])
+            frame.write.mode("error").parquet(tmps[final])
         rows_in = df_in.count()
         rows_out, quarantined = (spark.read.parquet(t).count() for t in tmps.values())
         if rows_in != rows_out + quarantined:
@@ -399,7 +427,7 @@ def _jvm_failure(e: BaseException, stage: str, cfg: SparkConfig) -> ResourceErro
     # A connection to the gateway refused or cut is a JVM exiting even while a pooled
     # connection still answers "not stopped" (System.exit's shutdown hooks are running)
     gone = (cut and _raised_in_py4j(e)) or (
-        (cut or isinstance(e, Py4JJavaError)) and _context_stopped()
+        (cut or isinstance(e, Py4JJavaError)) and compat.context_stopped()
     )
     code = _jvm_exit_code() if said or gone else None
     if code == JVM_OOM_EXIT:  # a task's OutOfMemoryError ends the local JVM with this code
@@ -434,19 +462,6 @@ def _raised_in_py4j(e: BaseException) -> bool:
     return False
 
 
-def _context_stopped() -> bool:
-    """Whether the SparkContext is gone or stopping (one Py4J call on a live JVM)."""
-    from pyspark import SparkContext
-
-    sc = SparkContext._active_spark_context
-    if sc is None:
-        return True
-    try:
-        return bool(sc._jsc.sc().isStopped())
-    except Exception:  # the JVM no longer answers
-        return True
-
-
 JVM_OOM_EXIT = 52  # SparkExitCode.OOM: what a local JVM exits with after a task's OOM
 
 
@@ -479,14 +494,3 @@ def _out_of_memory(stage: str, what: str, cfg: SparkConfig) -> ResourceError:
         f"the JVM ran out of memory in stage '{stage}' ({what}); {where}"
         + (f", or ask for less: {knobs}" if knobs else "")
     )
-
-
-def blas_in_use(spark: SparkSession) -> tuple[str, bool]:
-    """(the BLAS MLlib computes with, whether it is native), from netlib's own lookup:
-    NativeBLAS when a libblas.so.3 loads (OpenBLAS, MKL), else VectorBLAS or JavaBLAS."""
-    netlib = spark.sparkContext._jvm.dev.ludovic.netlib.blas
-    with contextlib.suppress(Exception):
-        return netlib.NativeBLAS.getInstance().getClass().getName(), True
-    with contextlib.suppress(Exception):
-        return netlib.BLAS.getInstance().getClass().getName(), False
-    return "unknown", False

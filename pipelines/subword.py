@@ -243,16 +243,36 @@ def _split(chunk: list[list[int]], *seed) -> tuple[list[int], list[int]]:
     return [t for s in chunk[:cut] for t in s], [t for s in chunk[cut:] for t in s]
 
 
+def dense_index(df: DataFrame, order: str, name: str) -> DataFrame:
+    """`df` with `name` = 0, 1, 2... in `order`'s order (zipWithIndex without an RDD): a
+    range-partitioned sort, row numbers within each partition from
+    monotonically_increasing_id, and each partition's offset from one small count."""
+    ordered = (
+        df.orderBy(order)
+        .select(
+            "*",
+            F.spark_partition_id().alias("_part"),
+            F.monotonically_increasing_id().alias("_mono"),
+        )
+        .localCheckpoint()
+    )  # the ids the counts describe are the ones the offsets are added to
+    counts = sorted(ordered.groupBy("_part").count().collect())
+    offsets, total = [], 0
+    for part, count in counts:
+        offsets += [F.lit(part), F.lit(total)]
+        total += count
+    # monotonically_increasing_id is (partition << 33) + the row's number in its partition
+    within = F.col("_mono") - F.shiftleft(F.col("_part").cast("long"), 33)
+    start = F.create_map(*offsets)[F.col("_part")] if offsets else F.lit(0)
+    return ordered.select(*df.columns, (start + within).alias(name))
+
+
 def nsp_pairs(chunks: DataFrame, seed: int, max_length: int, cls_id: int, sep_id: int) -> DataFrame:
     """(example_id, input_ids, token_type_ids, next_sentence_label): label 0 = B follows A,
     1 = B is from another document (Hugging Face's convention)."""
-    spark = chunks.sparkSession
     # a dense index in example-id order: the same for any partitioning of the input;
     # checkpointed so the tokenizing scan runs once for the three uses below
-    indexed = spark.createDataFrame(
-        chunks.orderBy("example_id").rdd.zipWithIndex().map(lambda r: (*r[0], r[1])),
-        T.StructType([*CHUNKS.fields, T.StructField("idx", T.LongType())]),
-    ).localCheckpoint()
+    indexed = dense_index(chunks, "example_id", "idx").localCheckpoint()
     n = indexed.count()
     if indexed.select("doc_id").distinct().limit(2).count() < 2:
         raise DataError("next sentence prediction needs at least two documents")

@@ -333,11 +333,20 @@ def log_figure(fig, artifact_file: str) -> None:
 
 
 def log_spark_model(
-    model, artifact_path: str, labels: list[str], input_col: tuple[str, str] = ("string", "text")
+    saved: str,
+    artifact_path: str,
+    labels: list[str],
+    input_col: tuple[str, str] = ("string", "text"),
 ) -> str:
-    """Log a fitted Spark PipelineModel with its label index; returns the model URI.
-    `input_col`: (MLflow type, name) of the column the model reads."""
-    import pyspark
+    """Log the Spark PipelineModel saved at `saved` (a catalog URI) as an MLflow `spark` model,
+    with its label index; returns the model URI. `input_col`: (MLflow type, name) of the
+    column the model reads.
+
+    mlflow.spark.log_model saves the model again and copies it through Hadoop's FileSystem over
+    Py4J, which a Spark Connect client does not have: the files are copied from the catalog
+    with pyarrow.fs instead, and the MLmodel is the one mlflow.spark writes (the same flavors,
+    so mlflow.spark.load_model and mlflow.pyfunc take it)."""
+    from mlflow.models import Model
     from mlflow.models.signature import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -345,18 +354,51 @@ def log_spark_model(
         inputs=Schema([ColSpec(*input_col)]),
         outputs=Schema([ColSpec("double", "prediction")]),
     )
-    info = mlflow.spark.log_model(
-        model,
-        artifact_path,
-        signature=signature,
-        # pinned explicitly: inferring requirements would load the model in a subprocess
-        pip_requirements=[f"pyspark=={pyspark.__version__}"],
-    )
+    info = Model.log(artifact_path, flavor=_SavedSparkModel, saved=saved, signature=signature)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "labels.txt"
         path.write_text("\n".join(labels) + "\n")
         mlflow.log_artifact(str(path), artifact_path=f"{artifact_path}-extras")
     return info.model_uri
+
+
+class _SavedSparkModel:
+    """A flavor for mlflow.models.Model.log: a PipelineModel already saved, as mlflow.spark
+    lays it out (`sparkml/` plus its flavors and pinned requirements)."""
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, saved: str, signature) -> None:
+        import sys
+
+        import pyspark
+
+        from sparkloom.models import storage
+
+        os.makedirs(path, exist_ok=True)
+        storage.copy_tree(saved, os.path.join(path, "sparkml"))
+        mlflow_model.signature = signature
+        mlflow_model.add_flavor(
+            "spark", pyspark_version=pyspark.__version__, model_data="sparkml", code=None,
+            model_class="pyspark.ml.pipeline.PipelineModel",
+        )  # fmt: skip
+        mlflow.pyfunc.add_to_model(
+            mlflow_model, loader_module="mlflow.spark", data="sparkml", conda_env="conda.yaml",
+            python_env="python_env.yaml",
+        )  # fmt: skip
+        mlflow_model.save(os.path.join(path, "MLmodel"))
+        # pinned explicitly: inferring requirements would load the model in a subprocess
+        requirement = f"pyspark=={pyspark.__version__}"
+        python = ".".join(map(str, sys.version_info[:3]))
+        files = {
+            "requirements.txt": f"{requirement}\n",
+            "python_env.yaml": f"python: {python}\nbuild_dependencies:\n- pip\n"
+            "dependencies:\n- -r requirements.txt\n",
+            "conda.yaml": f"name: mlflow-env\nchannels:\n- conda-forge\ndependencies:\n"
+            f"- python={python}\n- pip\n- pip:\n  - {requirement}\n",
+        }
+        for name, text in files.items():
+            with open(os.path.join(path, name), "w") as f:
+                f.write(text)
 
 
 def ui_hint(cfg: Config) -> str:

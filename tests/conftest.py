@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -144,3 +145,53 @@ def make_config(tmp_path: Path, **sections) -> Config:
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return _validate(data)
+
+
+@pytest.fixture(scope="session")
+def connect_url(tmp_path_factory):
+    """A real Spark Connect server (pyspark's own jars, local[2]) in its own JVM, once per test
+    session: `sc://localhost:PORT`. The tests' clients run in other processes, as thin clients
+    with no JVM of their own."""
+    import socket
+    import subprocess
+    import time
+
+    import pyspark
+
+    pytest.importorskip("grpc", reason="Spark Connect needs pyspark[connect] (grpcio)")
+    home = os.path.dirname(pyspark.__file__)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("connect") / "server.log"
+    conf = {"spark.connect.grpc.binding.port": port, "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": 2, "spark.default.parallelism": 2,
+            "spark.driver.memory": "2g", "spark.sql.session.timeZone": "UTC"}  # fmt: skip
+    cmd = [os.path.join(home, "bin", "spark-submit"), "--master", "local[2]",
+           "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+           *[a for k, v in conf.items() for a in ("--conf", f"{k}={v}")]]  # fmt: skip
+    env = {**os.environ, "SPARK_HOME": home, "PYSPARK_PYTHON": sys.executable}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Spark Connect server did not start:\n{log.read_text()[-3000:]}"
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        yield f"sc://localhost:{port}"
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

@@ -410,7 +410,7 @@ def test_a_managed_table_is_a_source_read_as_a_table_and_by_sql(spark, tmp_path)
 def test_an_ingest_cut_between_its_commits_shows_all_new_or_all_old(spark, tmp_path, monkeypatch):
     """Before: an interrupt between ingest's three commits left the new run's quarantine
     beside the old run's ingested."""
-    from sparkloom.pipelines.catalog import HadoopFS
+    from sparkloom.pipelines.catalog import ArrowFS
 
     def run(n_bad):
         rows = [{"id": str(i), "text": f"w {i}", "label": "ab"[i % 2]} for i in range(30)]
@@ -420,7 +420,7 @@ def test_an_ingest_cut_between_its_commits_shows_all_new_or_all_old(spark, tmp_p
                       columns={"id": "id"})  # fmt: skip
 
     run(1)
-    real = HadoopFS.rename
+    real = ArrowFS.rename
     moved = []
 
     def rename(self, src, dst):  # dies after the first dataset is in place
@@ -431,7 +431,7 @@ def test_an_ingest_cut_between_its_commits_shows_all_new_or_all_old(spark, tmp_p
         return real(self, src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr(HadoopFS, "rename", rename)
+        m.setattr(ArrowFS, "rename", rename)
         with pytest.raises(RuntimeError, match="killed between commits"):
             run(2)
     catalog = Catalog(spark, str(tmp_path / "data"), "t")  # the next reader finishes it

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparkloom.pipelines import tracking
-from sparkloom.pipelines.catalog import Catalog, HadoopFS
+from sparkloom.pipelines.catalog import ArrowFS, Catalog
 from sparkloom.pipelines.errors import DataError
 from sparkloom.pipelines.scoring import ModelRef, run_score, write_scores
 from tests.conftest import make_config
@@ -120,7 +120,7 @@ def test_the_score_stage_commits_scores_and_quarantine_together(spark, tmp_path,
     # a second run whose `scores` fails as it is written: its quarantine (now 2 rows) must
     # not be committed beside the first run's scores
     ingested(spark, catalog, [("1", "goal"), ("2", " "), ("3", "  "), ("4", "vote")], "v2")
-    real = HadoopFS.write_text
+    real = ArrowFS.write_text
 
     def disk_full(self, path, text):
         if "/scores.__tmp-" in path and path.endswith("/_manifest.json"):
@@ -128,7 +128,7 @@ def test_the_score_stage_commits_scores_and_quarantine_together(spark, tmp_path,
         return real(self, path, text)
 
     with monkeypatch.context() as m:
-        m.setattr(HadoopFS, "write_text", disk_full)
+        m.setattr(ArrowFS, "write_text", disk_full)
         with pytest.raises(OSError, match="disk full"):
             run_score(spark, cfg, catalog)
     fresh = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
