@@ -40,6 +40,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from sparkloom.pipelines import compat
 from sparkloom.pipelines.compat import blas_in_use, default_parallelism
 from sparkloom.pipelines.config import BaselineConfig
 from sparkloom.pipelines.context import StageContext, stage
@@ -367,7 +368,7 @@ def fit_grid(
         model, _, _ = one(grid[0])
         return model, []
     with ThreadPoolExecutor(max_workers=fits) as pool:
-        done = list(pool.map(one, grid))
+        done = list(pool.map(compat.thread_target(train.sparkSession, one), grid))
     best = max(range(len(done)), key=lambda i: (done[i][1], -i))
     scores = [
         {**{p.name: v for p, v in params.items()}, "score": float(score), "iterations": iters}

@@ -22,6 +22,8 @@ What each classic-only call is for, and its Connect answer:
   client cannot see; each function returns None or a neutral answer there, and its caller
   says so.
 - `SparkContext.cancelAllJobs` on SIGTERM: `interruptAll()` on Connect.
+- Worker threads (the baseline's parallel grid fits): a Connect session is thread-local in
+  the client, so each thread is handed it (`inheritable_thread_target(session)`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,17 @@ def default_parallelism(spark: SparkSession) -> int:
         last = parts.agg(F.max("p")).first()[0]
         _PARALLELISM[key] = max(1, int(last) + 1)
     return _PARALLELISM[key]
+
+
+def thread_target(spark: SparkSession, fn):
+    """`fn` for a worker thread of this session. A Connect session is thread-local on the
+    client (pyspark.ml finds it with getActiveSession), so the thread is given it; classic
+    threads share the one SparkContext as they are."""
+    if not is_connect(spark):
+        return fn
+    from pyspark.util import inheritable_thread_target
+
+    return inheritable_thread_target(spark)(fn)
 
 
 def add_files(spark: SparkSession, paths: list[str]) -> None:
@@ -208,4 +221,7 @@ def _active_connect_session():
     module = sys.modules.get("pyspark.sql.connect.session")  # imported only if Connect is used
     if module is None:
         return None
-    return module.SparkSession.getActiveSession()
+    try:  # active() falls back to the default session: the signal's thread has no active one
+        return module.SparkSession.active()
+    except Exception:  # noqa: BLE001 - none, or stopped
+        return None

@@ -31,7 +31,8 @@ def write_conf(folder: Path, corpus: Path) -> Path:
         "mlflow": {"tracking_uri": f"sqlite:///{folder / 'mlflow.db'}", "experiment": "tests"},
         "ingest": {"format": "text_dirs", "path": str(corpus)},
         "features": {"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1, "max_length": 32}},
-        "baseline": {"tuning": "none", "grid": {"reg_param": [0.01], "max_iter": [50]}},
+        # validation tuning fits the grid in threads: a Connect session is thread-local
+        "baseline": {"tuning": "validation", "grid": {"reg_param": [0.01, 0.1], "max_iter": [50]}},
         "lstm": {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
                  "training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02}}},
         "register": {"name": "connect-test"},

@@ -163,3 +163,15 @@ def test_static_masks_follow_bert_rates_and_do_not_depend_on_partitioning(spark,
     assert sorted(map(tuple, rows)) == sorted(map(tuple, again))
     other_seed = static_masked(ex, mlm, copies=3, seed=12).collect()
     assert sorted(map(tuple, rows)) != sorted(map(tuple, other_seed))
+
+
+def test_dense_index_numbers_rows_in_order_whatever_the_partitioning(spark):
+    """zipWithIndex without an RDD: 0..n-1 in the order column's order, over many partitions
+    of different sizes (and none for an empty frame)."""
+    from sparkloom.pipelines.subword import dense_index
+
+    keys = [f"k{i:04d}" for i in range(0, 3000, 7)]
+    df = spark.createDataFrame([(k,) for k in reversed(keys)], "key string").repartition(5)
+    got = dense_index(df, "key", "idx").collect()
+    assert sorted((r["idx"], r["key"]) for r in got) == list(enumerate(keys))
+    assert dense_index(df.limit(0), "key", "idx").count() == 0
