@@ -7,8 +7,8 @@ goes through a function here, which says what it does on Connect instead. Nowher
 jobs/ or pipelines/ touches `sparkContext`, `_jvm`, `_jsc` or `.rdd`.
 
 What each classic-only call is for, and its Connect answer:
-- `sparkContext.setLogLevel`: the driver's log4j level. On Connect the server owns its logs:
-  nothing to set from the client.
+- `sparkContext.setLogLevel`: the driver's log4j level. On Connect the server owns its logs;
+  only a `local[N]` server, which runs in this process, gets the level.
 - `sparkContext.master`, `.applicationId`: read from the session conf (`spark.master`,
   `spark.app.id`), which a Connect server answers too.
 - `sparkContext.defaultParallelism`: on Connect, the number of partitions the server gives
@@ -47,8 +47,15 @@ def _context(spark: SparkSession):
 
 
 def set_log_level(spark: SparkSession, level: str) -> None:
+    """The driver's log level; for Connect, only a `local[N]` server in this process has one
+    the client may set (a remote server's logging is its own)."""
     if (sc := _context(spark)) is not None:
         sc.setLogLevel(level)
+        return
+    from pyspark import SparkContext
+
+    if (local_server := SparkContext._active_spark_context) is not None:
+        local_server.setLogLevel(level)
 
 
 def master(spark: SparkSession) -> str:
