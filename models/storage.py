@@ -42,7 +42,7 @@ def resolve(url: str) -> tuple[pafs.FileSystem, str]:
         url = "s3://" + url.split("://", 1)[1]
     try:
         return pafs.FileSystem.from_uri(url)
-    except (ValueError, OSError) as e:  # a scheme pyarrow lacks
+    except ValueError as e:  # a scheme pyarrow lacks (an OSError is the store: network, keys)
         try:
             import fsspec
         except ImportError:

@@ -91,7 +91,15 @@ def list_input(spark: SparkSession, path: str, globs: tuple[str, ...], what: str
     """Files under `path` (or `path` itself) whose names match one of `globs`; hidden files
     (`.x`, `_x`) left out as Spark leaves them out; symlinks followed, loops refused."""
     fs = ArrowFS()
-    if not fs.exists(path):
+    try:
+        found = fs.exists(path)
+    except (OSError, ValueError) as e:  # pyarrow.fs: no such scheme, no network, no credentials
+        why = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DataError(
+            f"cannot open input path {path} ({why}); check {what}, the store's credentials and "
+            "the network"
+        ) from None
+    if not found:
         raise DataError(f"input path {path} does not exist; set {what} to existing data")
     root = fs.qualify(path)
     entries = fs.list_files(path)
