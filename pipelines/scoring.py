@@ -309,23 +309,34 @@ def _image_rows(
     return made.filter(~bad).select("id", "image"), quarantine
 
 
-def _spark_model(spark: SparkSession, files: str):
+def _spark_model(spark: SparkSession, ref: ModelRef):
     """The PipelineModel of a downloaded MLflow `spark` model. A classic session goes through
-    mlflow.spark, which copies it to the cluster's filesystem over Py4J; a Connect server
-    reads the `sparkml/` folder where the download put it (the same host, or a shared mount)."""
+    mlflow.spark, which copies it to the cluster's filesystem over Py4J. A Connect server
+    cannot read the client's download, so it is copied (pyarrow.fs, once per run) under the
+    run's own data root, which client and server share, and the server loads it there."""
     if not compat.is_connect(spark):
         import mlflow.spark
 
-        return mlflow.spark.load_model(files)
+        return mlflow.spark.load_model(ref.files)
     from pyspark.ml import PipelineModel
 
+    from sparkloom.models import storage
+    from sparkloom.pipelines.catalog import absolute_uri
+
+    pipe = ref.config["pipeline"]
+    base = absolute_uri(pipe["data_root"]).rstrip("/")
+    staged = storage.join(base, pipe["name"], "_scoring_models", ref.run_id)
     try:
-        return PipelineModel.load(os.path.join(files, "sparkml"))
+        if not storage.exists(storage.join(staged, "_COMPLETE")):  # a copy cut short is redone
+            storage.rmtree(staged)
+            storage.copy_tree(os.path.join(ref.files, "sparkml"), staged)
+            storage.write_text(storage.join(staged, "_COMPLETE"), ref.run_id)
+        return PipelineModel.load(staged)
     except Exception as e:
         raise DataError(
-            f"the Spark Connect server cannot read the model downloaded to {files} "
-            f"({exception_text(e).splitlines()[0][:160]}); run the client on the server's host "
-            "or with TMPDIR on a mount the server shares"
+            f"the Spark Connect server cannot load the model from {staged} "
+            f"({exception_text(e).splitlines()[0][:160]}); the run's pipeline.data_root "
+            f"({pipe['data_root']}) must be storage this client and the server both reach"
         ) from e
 
 
@@ -334,7 +345,7 @@ def _probabilities(ref: ModelRef, good: DataFrame) -> DataFrame:
     if ref.stage in SPARK_MODELS:
         from pyspark.ml.functions import vector_to_array
 
-        model = _spark_model(good.sparkSession, ref.files)
+        model = _spark_model(good.sparkSession, ref)
         return model.transform(good).select(
             "id", vector_to_array("probability").alias("probabilities")
         )

@@ -83,6 +83,9 @@ def test_the_pipeline_on_a_connect_server_matches_classic(spark, tmp_path, text_
     assert done.returncode == 0, done.stderr[-4000:]
     assert "over Spark Connect" in done.stderr + done.stdout  # the preflight's master line
 
+    # the champion (the MLlib baseline) was copied where the server reads it: the data root
+    assert list((tmp_path / "connect" / "data" / "t" / "_scoring_models").glob("*/_COMPLETE"))
+
     classic, connect = outcome(spark, classic_conf), outcome(spark, connect_conf)
     assert connect["counts"] == classic["counts"] and classic["counts"]["rows_in"] == 90
     assert connect["split"] == classic["split"]
