@@ -70,14 +70,9 @@ print(json.dumps({"session_start_s": start, "action_s": statistics.median(action
 
 
 def start_server(port: int) -> tuple[subprocess.Popen, float]:
-    import pyspark
+    from sparkloom.pipelines.spark import connect_server_command
 
-    home = os.path.dirname(pyspark.__file__)
-    cmd = [os.path.join(home, "bin", "spark-submit"), "--master", "local[2]",
-           "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
-           "--conf", f"spark.connect.grpc.binding.port={port}",
-           *[a for k, v in CONF.items() for a in ("--conf", f"{k}={v}")]]  # fmt: skip
-    env = {**os.environ, "SPARK_HOME": home, "PYSPARK_PYTHON": sys.executable}
+    cmd, env = connect_server_command("local[2]", port, CONF)
     t = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     while True:

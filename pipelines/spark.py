@@ -81,6 +81,19 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     return spark
 
 
+def connect_server_command(master: str, port: int, conf: dict) -> tuple[list[str], dict]:
+    """(command, environment) that start a Spark Connect server from the jars pip's pyspark
+    ships, on `master`, listening on `port`: what tests and benchmarks run a client against."""
+    import pyspark
+
+    home = os.path.dirname(pyspark.__file__)
+    conf = {"spark.connect.grpc.binding.port": port, **conf}
+    cmd = [os.path.join(home, "bin", "spark-submit"), "--master", master,
+           "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+           *[a for k, v in conf.items() for a in ("--conf", f"{k}={v}")]]  # fmt: skip
+    return cmd, {**os.environ, "SPARK_HOME": home, "PYSPARK_PYTHON": sys.executable}
+
+
 def check_reachable(url: str, timeout_s: float = 10.0) -> None:
     """A Connect client retries a server that is not there for minutes before it fails: one
     TCP connect first, and a line that names the address."""

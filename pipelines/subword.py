@@ -271,8 +271,8 @@ def nsp_pairs(chunks: DataFrame, seed: int, max_length: int, cls_id: int, sep_id
     """(example_id, input_ids, token_type_ids, next_sentence_label): label 0 = B follows A,
     1 = B is from another document (Hugging Face's convention)."""
     # a dense index in example-id order: the same for any partitioning of the input;
-    # checkpointed so the tokenizing scan runs once for the three uses below
-    indexed = dense_index(chunks, "example_id", "idx").localCheckpoint()
+    # dense_index checkpoints, so the tokenizing scan runs once for the three uses below
+    indexed = dense_index(chunks, "example_id", "idx")
     n = indexed.count()
     if indexed.select("doc_id").distinct().limit(2).count() < 2:
         raise DataError("next sentence prediction needs at least two documents")

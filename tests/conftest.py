@@ -156,21 +156,17 @@ def connect_url(tmp_path_factory):
     import subprocess
     import time
 
-    import pyspark
+    from sparkloom.pipelines.spark import connect_server_command
 
     pytest.importorskip("grpc", reason="Spark Connect needs pyspark[connect] (grpcio)")
-    home = os.path.dirname(pyspark.__file__)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("connect") / "server.log"
-    conf = {"spark.connect.grpc.binding.port": port, "spark.ui.enabled": "false",
-            "spark.sql.shuffle.partitions": 2, "spark.default.parallelism": 2,
-            "spark.driver.memory": "2g", "spark.sql.session.timeZone": "UTC"}  # fmt: skip
-    cmd = [os.path.join(home, "bin", "spark-submit"), "--master", "local[2]",
-           "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
-           *[a for k, v in conf.items() for a in ("--conf", f"{k}={v}")]]  # fmt: skip
-    env = {**os.environ, "SPARK_HOME": home, "PYSPARK_PYTHON": sys.executable}
+    conf = {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": 2,
+            "spark.default.parallelism": 2, "spark.driver.memory": "2g",
+            "spark.sql.session.timeZone": "UTC"}  # fmt: skip
+    cmd, env = connect_server_command("local[2]", port, conf)
     with open(log, "wb") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                   start_new_session=True)  # fmt: skip
