@@ -373,9 +373,10 @@ class Catalog:
                 elif kind.startswith(("json.tmp", "open.tmp")):  # cut short, or its own
                     halves.append((tag, p))  # temporary (storage.write_bytes' `.tmp-<pid>`)
         for tag, p in sorted(journals.items()):
-            datasets = json.loads(self.fs.read_text(p))["datasets"]
+            journal = json.loads(self.fs.read_text(p))
+            datasets = journal["datasets"]
             log.warning("finishing an interrupted commit of %s (%s)", ", ".join(datasets), p)
-            self._finish(tag, datasets)
+            self._finish(tag, datasets, journal.get("dropped", ()))
         live = {t for t, p in markers.items() if t not in journals and self._alive(p)}
         for p in entries:
             _, sep, tag = p.rsplit("/", 1)[-1].rpartition(".__tmp-")
@@ -394,13 +395,21 @@ class Catalog:
             log.warning("restoring %s from an interrupted commit (%s)", final, leftovers[-1])
             self.fs.rename(leftovers[-1], final)
 
-    def _finish(self, tag: str, datasets: dict[str, str]) -> None:
-        """Move each temporary of a journaled commit into place, then drop the journal.
-        Every step looks at what is there first, so a rerun after a crash at any point (or a
-        reader finishing it at the same time) completes it."""
+    def _finish(self, tag: str, datasets: dict[str, str], dropped=()) -> None:
+        """Move each temporary of a journaled commit into place (and the dropped parts out),
+        then drop the journal. Every step looks at what is there first, so a rerun after a
+        crash at any point (or a reader finishing it at the same time) completes it."""
+        for name in dropped:
+            final, old = self.path(name), f"{self.base}/{name.replace('/', '.')}.__old-{tag}"
+            if self.fs.exists(final) and not self.fs.exists(old):
+                self._move(final, old)
+            if self.fs.exists(old):
+                self.fs.delete(old)
         for name, tmp_name in datasets.items():
+            # a part of a dataset (`ingested/batch=3`, `ingested/_manifest.json`) keeps its
+            # old copy beside the dataset, not inside it where Spark would read it
             final, tmp = self.path(name), f"{self.base}/{tmp_name}"
-            old = f"{final}.__old-{tag}"
+            old = f"{self.base}/{name.replace('/', '.')}.__old-{tag}"
             if self.fs.exists(tmp):
                 if self.fs.exists(final) and not self.fs.exists(old):
                     self._move(final, old)
@@ -450,7 +459,8 @@ class Commit:
     def __init__(self, catalog: Catalog):
         self.catalog, self.fs = catalog, catalog.fs
         self.tag = uuid.uuid4().hex[:12]
-        self.staged: dict[str, str] = {}  # name -> temporary path
+        self.staged: dict[str, str] = {}  # name (or name/part) -> temporary path
+        self.dropped: list[str] = []  # parts removed on commit
         self._dir = f"{catalog.base}/{COMMITS}"
 
     def path(self, name: str) -> str:
@@ -466,10 +476,7 @@ class Commit:
         """`Catalog.write`, staged: `save` and `manifest` run now, the dataset appears on commit."""
         if name in self.staged:
             raise ValueError(f"dataset '{name}' is written twice in one commit; write it once")
-        if not self.staged:
-            self.catalog._recover()  # an earlier commit's leftovers must not meet this one's
-            owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-            self._create(f"{self._dir}/{self.tag}.open", owner)
+        self._open()
         final = self.catalog.path(name)
         tmp = f"{final}.__tmp-{self.tag}"
         try:
@@ -512,11 +519,59 @@ class Commit:
 
         return self.write(name, save, full_manifest)
 
+    def write_part(self, name: str, part: str, df: DataFrame,
+                   partition_by: list[str] | None = None) -> str:  # fmt: skip
+        """Stage one partition folder of the Parquet dataset `name` (`batch=3`): it appears in
+        (or replaces) `<name>/<part>` on commit, together with the rest of the commit. Its
+        temporary sits beside the dataset, so no reader of `name` sees it half written.
+        Returns the temporary path, readable until the commit."""
+        key = f"{name}/{part}"
+        if key in self.staged:
+            raise ValueError(f"'{key}' is written twice in one commit; write it once")
+        self._open()
+        tmp = f"{self.catalog.path(name)}.{part}.__tmp-{self.tag}"
+        try:
+            writer = df.write.mode("error")
+            if partition_by:
+                writer = writer.partitionBy(*partition_by)
+            writer.parquet(tmp)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.delete(tmp)
+            if not self.staged:
+                self._close()
+            raise
+        self.staged[key] = tmp
+        return tmp
+
+    def drop_part(self, name: str, part: str) -> None:
+        """Remove `<name>/<part>` on commit."""
+        self._open()
+        self.dropped.append(f"{name}/{part}")
+
+    def write_manifest(self, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Stage a new `_manifest.json` for the dataset `name`, whose parts this commit
+        changes (`write_part`): the parts and the manifest that counts them move together."""
+        self._open()
+        full = {"dataset": name, "path": self.catalog.path(name),
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **manifest}  # fmt: skip
+        tmp = f"{self.catalog.path(name)}.{MANIFEST}.__tmp-{self.tag}"
+        self.fs.write_text(tmp, json.dumps(full, indent=2, sort_keys=True))
+        self.staged[f"{name}/{MANIFEST}"] = tmp
+        return full
+
+    def _open(self) -> None:
+        if not self.staged and not self.dropped:
+            self.catalog._recover()  # an earlier commit's leftovers must not meet this one's
+            owner = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+            self._create(f"{self._dir}/{self.tag}.open", owner)
+
     def apply(self) -> None:
-        if not self.staged:
+        if not self.staged and not self.dropped:
             return
         datasets = {name: tmp.rsplit("/", 1)[-1] for name, tmp in self.staged.items()}
-        journal = {"commit": self.tag, "datasets": datasets,
+        journal = {"commit": self.tag, "datasets": datasets, "dropped": self.dropped,
                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         try:
             self._create(f"{self._dir}/{self.tag}.json", json.dumps(journal, indent=2))
@@ -524,7 +579,7 @@ class Commit:
             self.abort()
             raise
         # from here the commit is made: a failure leaves the journal for the next reader
-        self.catalog._finish(self.tag, datasets)
+        self.catalog._finish(self.tag, datasets, self.dropped)
 
     def abort(self) -> None:
         """Drop everything staged; the previous versions stay as they were."""
@@ -533,6 +588,7 @@ class Commit:
             if self.fs.exists(tmp):
                 self.fs.delete(tmp)
         self.staged.clear()
+        self.dropped.clear()
         self._close()
 
     def _close(self) -> None:

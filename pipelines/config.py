@@ -239,6 +239,11 @@ class IngestConfig(Section):
     split: SplitConfig = SplitConfig()
     labels: LabelsConfig = LabelsConfig()
     max_labels: int = Field(1000, ge=2)  # more distinct labels than this: a mis-read file
+    # read only the files not taken in before (by path, size, mtime, content hash) and append
+    # them as a new batch; a changed file replaces its rows (docs/incremental.md)
+    incremental: bool = False
+    # incremental: a file that is gone keeps its rows (reported every run) or drops them
+    on_deleted: Literal["keep", "drop"] = "keep"
 
     @model_validator(mode="after")
     def _source(self) -> IngestConfig:
@@ -265,6 +270,12 @@ class IngestConfig(Section):
                 raise ValueError(
                     "give the split by ingest.path per split or by ingest.split.column, not both"
                 )
+        if self.incremental and self.format in ("idx", "table", "sql"):
+            raise ValueError(
+                f"ingest.incremental reads new files of a folder; ingest.format={self.format} "
+                "has none to tell apart. Export the new rows as files (csv, json, parquet) or "
+                "set ingest.incremental=false"
+            )
         try:
             codecs.lookup(self.encoding)
         except LookupError:

@@ -67,7 +67,8 @@ def context(
     its fingerprint: its config section, its inputs' fingerprints, then `extra`'s parts."""
     inputs = {d: catalog.require(d, maker(d)) for d in SPECS[stage].inputs_for(cfg)}
     parts = tuple(extra(spark, cfg, catalog)) if extra else ()
-    made_from = (m["fingerprint"] for m in inputs.values())
+    # an incremental dataset names its rows by their batches, apart from its file listing
+    made_from = (m.get("data_fingerprint", m["fingerprint"]) for m in inputs.values())
     fp = fingerprint(OUTPUT_FORMAT, cfg.stage_hash(stage), *made_from, *parts)
     return StageContext(spark, cfg, catalog, stage, force, inputs, fp, stage_output(cfg, stage),
                         parts)  # fmt: skip

@@ -155,9 +155,11 @@ TEXT_COLUMNS = ("id", "text", "label", "source", "pos", "malformed", "bad_text",
                 "given_split")  # fmt: skip
 
 
-def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
+def read_raw(spark: SparkSession, ing: IngestConfig,
+             listings: dict[str | None, Listing] | None = None) -> DataFrame:  # fmt: skip
     """Every input record in one shape (TEXT_COLUMNS, or _raw_image's for images); with a
-    split per input path, each input's records carry its split in `given_split`."""
+    split per input path, each input's records carry its split in `given_split`. `listings`
+    (split -> Listing) reads those files only (an incremental batch's new ones)."""
     reader = {
         "csv": _read_delimited, "tsv": _read_delimited, "json": _read_json,
         "parquet": _read_parquet, "text_dirs": _read_text_dirs, "image_dirs": _read_image_dirs,
@@ -166,9 +168,10 @@ def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
     }[ing.format]  # fmt: skip
     if ing.format in ("table", "sql"):
         return reader(spark, ing, None)
+    listings = listings or input_listings(spark, ing)
     frames = []
-    for split in ing.paths():
-        df = reader(spark, ing, input_listing(spark, ing, split))
+    for split, listing in listings.items():
+        df = reader(spark, ing, listing)
         if split is not None:
             df = df.withColumn("given_split", F.lit(split))
         frames.append(df)
@@ -176,6 +179,11 @@ def read_raw(spark: SparkSession, ing: IngestConfig) -> DataFrame:
     for df in frames[1:]:
         out = out.unionByName(df)
     return out
+
+
+def input_listings(spark: SparkSession, ing: IngestConfig) -> dict[str | None, Listing]:
+    """Split (None: one input) -> the files of its input path."""
+    return {split: input_listing(spark, ing, split) for split in ing.paths()}
 
 
 def input_listing(spark: SparkSession, ing: IngestConfig, split: str | None) -> Listing:
@@ -581,7 +589,8 @@ def _read_sql(spark: SparkSession, ing: IngestConfig, listing: None) -> DataFram
 # --- CSV: the true record count, line numbers, read failures --------------------------------
 
 
-def csv_scans(spark: SparkSession, ing: IngestConfig, parsed: DataFrame) -> dict[str, tuple]:
+def csv_scans(spark: SparkSession, ing: IngestConfig, parsed: DataFrame,
+              listings: dict[str | None, Listing] | None = None) -> dict[str, tuple]:  # fmt: skip
     """Checks that Spark's CSV parser found every record a quote-aware scan of each file
     finds (pipelines.csv_scan), so a file written another way than ingest.csv says fails
     instead of turning into rows that are fragments of records. Returns, per file (as in
@@ -589,8 +598,7 @@ def csv_scans(spark: SparkSession, ing: IngestConfig, parsed: DataFrame) -> dict
     from sparkloom.pipelines.csv_scan import scan_files
 
     files = []
-    for split in ing.paths():
-        listing = input_listing(spark, ing, split)
+    for listing in (listings or input_listings(spark, ing)).values():
         files += [listing.full(rel) for rel, _, _ in listing.files]
     sep = ing.csv.sep or ("\t" if ing.format == "tsv" else ",")
     scans = scan_files(spark, files, quote=ing.csv.quote, escape=ing.csv.escape, sep=sep,

@@ -1,0 +1,150 @@
+"""Incremental ingest: only new files read, changed files replaced, deletions reported, ids and
+splits of earlier rows kept, a new label appended to the index."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sparkloom.pipelines.catalog import Catalog
+from sparkloom.pipelines.errors import ConfigError
+from sparkloom.pipelines.ingest import run_ingest
+from tests.conftest import make_config, make_docs, write_csv
+
+DOCS = make_docs()  # 90 documents, 3 labels, 30 each
+
+
+def write_docs(root: Path, docs: list[dict]) -> None:
+    for d in docs:
+        folder = root / d["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{d['id']}.txt").write_text(d["text"] + "\n")
+
+
+def setup(spark, tmp_path, **ingest):
+    root = tmp_path / "corpus"
+    cfg = make_config(tmp_path, ingest={"format": "text_dirs", "path": str(root),
+                                        "incremental": True, **ingest})  # fmt: skip
+    return root, cfg, Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+
+
+def rows(spark, catalog, name="ingested"):
+    return {r["id"]: r.asDict() for r in spark.read.parquet(catalog.path(name)).collect()}
+
+
+def test_batches_read_only_new_files_and_keep_ids_and_splits(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path)
+    write_docs(root, DOCS[:20] + DOCS[30:50] + DOCS[60:80])  # 60 of 90
+    first = run_ingest(spark, cfg, catalog)
+    assert (first.batch, first.files["files_new"], first.rows_in, first.rows_out) == (1, 60, 60, 60)
+    before = rows(spark, catalog)
+    assert {r["batch"] for r in before.values()} == {1}
+
+    write_docs(root, DOCS[20:25] + DOCS[50:55] + DOCS[80:85])
+    second = run_ingest(spark, cfg, catalog)
+    assert second.batch == 2
+    assert second.files == {"files_new": 15, "files_changed": 0, "files_touched": 0,
+                            "files_deleted": 0, "files_missing": 0, "files_unchanged": 60}  # fmt: skip
+    assert (second.rows_in, second.rows_out, second.rows_quarantined) == (15, 15, 0)
+    assert second.rows_total == 75
+    after = rows(spark, catalog)
+    assert len(after) == 75
+    for id_, r in before.items():  # an earlier row keeps its id, split, label index, batch
+        kept = after[id_]
+        assert (kept["split"], kept["label_index"], kept["batch"], kept["text"]) == (
+            r["split"], r["label_index"], 1, r["text"])  # fmt: skip
+    assert sum(r["batch"] == 2 for r in after.values()) == 15
+    m = catalog.manifest("ingested")
+    assert [b["rows_out"] for b in m["incremental"]["batches"]] == [60, 15]
+    assert len(m["incremental"]["files"]) == 75
+
+    # nothing new: skipped
+    assert run_ingest(spark, cfg, catalog).skipped
+    # a touched file with the same content: its record moves on, no rows read, no new batch
+    some = next(root.glob("sport/*.txt"))
+    os.utime(some, (time.time() + 5, time.time() + 5))
+    touched = run_ingest(spark, cfg, catalog)
+    assert (touched.rows_in, touched.files["files_touched"], touched.batch) == (0, 1, 2)
+    assert catalog.manifest("ingested")["data_fingerprint"] == m["data_fingerprint"]
+
+
+def test_changed_file_replaces_its_row_and_deleted_file_is_reported(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path)
+    write_docs(root, DOCS)
+    run_ingest(spark, cfg, catalog)
+    target = root / "food" / f"{DOCS[60]['id']}.txt"
+    assert DOCS[60]["label"] == "food"
+    target.write_text("chef garlic pasta soup oven bread, an edited recipe\n")
+    os.utime(target, (time.time() + 10, time.time() + 10))
+    gone = root / "tech" / f"{DOCS[31]['id']}.txt"
+    assert DOCS[31]["label"] == "tech"
+    gone.unlink()
+    second = run_ingest(spark, cfg, catalog)
+    assert (second.files["files_changed"], second.files["files_deleted"]) == (1, 1)
+    assert (second.rows_in, second.rows_out, second.rows_replaced) == (1, 1, 1)
+    after = rows(spark, catalog)
+    assert len(after) == 90  # replaced, not duplicated; the deleted file's row kept
+    edited = [r for r in after.values() if "edited recipe" in r["text"]]
+    assert len(edited) == 1 and edited[0]["batch"] == 2
+    assert f"tech/{DOCS[31]['id']}.txt" in after
+    assert catalog.manifest("ingested")["incremental"]["files"]
+
+    # on_deleted=drop in a later run: the row goes; the section changes, so batch 1 again
+    cfg_drop = make_config(tmp_path, ingest={"format": "text_dirs", "path": str(root),
+                                             "incremental": True, "on_deleted": "drop"})  # fmt: skip
+    first = run_ingest(spark, cfg_drop, catalog)
+    assert first.batch == 1 and first.rows_out == 89
+
+
+def test_dropping_a_deleted_file_rewrites_only_its_batch(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path, on_deleted="drop")
+    write_docs(root, DOCS[:45])
+    run_ingest(spark, cfg, catalog)
+    write_docs(root, DOCS[45:])
+    run_ingest(spark, cfg, catalog)
+    (root / DOCS[0]["label"] / f"{DOCS[0]['id']}.txt").unlink()
+    third = run_ingest(spark, cfg, catalog)
+    assert (third.files["files_deleted"], third.rows_replaced, third.rows_in) == (1, 1, 0)
+    after = rows(spark, catalog)
+    assert len(after) == 89 and third.rows_total == 89
+    assert sorted({r["batch"] for r in after.values()}) == [1, 2]
+
+
+def test_new_label_is_appended_to_the_index(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path)
+    write_docs(root, [d for d in DOCS if d["label"] != "food"])  # sport, tech
+    first = run_ingest(spark, cfg, catalog)
+    assert first.labels == ["sport", "tech"]
+    write_docs(root, [d for d in DOCS if d["label"] == "food"])
+    second = run_ingest(spark, cfg, catalog)
+    # alphabetical would put food first and move every earlier index
+    assert second.labels == ["sport", "tech", "food"] and second.new_labels == ["food"]
+    idx = {r["label"]: r["label_index"] for r in rows(spark, catalog).values()}
+    assert idx == {"sport": 0.0, "tech": 1.0, "food": 2.0}
+
+
+def test_csv_without_ids_numbers_repeats_across_batches(spark, tmp_path):
+    folder = tmp_path / "csvs"
+    folder.mkdir()
+    docs = [{k: v for k, v in d.items()} for d in DOCS[:30] + DOCS[30:60]]
+    write_csv(folder / "a.csv", docs)
+    cfg = make_config(tmp_path, ingest={"format": "csv", "path": str(folder),
+                                        "incremental": True, "columns": {"id": None}})  # fmt: skip
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    run_ingest(spark, cfg, catalog)
+    before = rows(spark, catalog)
+    write_csv(folder / "b.csv", DOCS[:2] + DOCS[60:70])  # two exact repeats of a.csv's rows
+    second = run_ingest(spark, cfg, catalog)
+    assert (second.rows_in, second.rows_out) == (12, 12)
+    after = rows(spark, catalog)
+    assert len(after) == 72  # no id given twice
+    repeats = [r for r in after.values() if r["batch"] == 2 and r["id"].endswith("-2")]
+    assert len(repeats) == 2
+    for r in repeats:  # a copy lands in its original's split
+        assert r["split"] == before[r["id"][:-2]]["split"]
+
+
+def test_incremental_needs_files(spark, tmp_path):
+    with pytest.raises(ConfigError, match="ingest.incremental reads new files"):
+        make_config(tmp_path, ingest={"format": "table", "table": "t", "incremental": True})
