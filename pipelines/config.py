@@ -376,6 +376,11 @@ class FeaturesConfig(Section):
     idf: IdfConfig = IdfConfig()
     word2vec: Word2VecConfig = Word2VecConfig()
     sequence: SequenceConfig = SequenceConfig()
+    # incremental ingest: fit the feature model (IDF, vocabularies) again on every batch, never
+    # (new rows get the first fit's transform), or when a batch's out-of-vocabulary rate
+    # exceeds the training rows' rate at the fit by more than max_oov_increase
+    refit: Literal["always", "never", "when_drift"] = "when_drift"
+    max_oov_increase: float = Field(0.05, ge=0, le=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> FeaturesConfig:

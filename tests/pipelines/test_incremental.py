@@ -148,3 +148,57 @@ def test_csv_without_ids_numbers_repeats_across_batches(spark, tmp_path):
 def test_incremental_needs_files(spark, tmp_path):
     with pytest.raises(ConfigError, match="ingest.incremental reads new files"):
         make_config(tmp_path, ingest={"format": "table", "table": "t", "incremental": True})
+
+
+def features_config(tmp_path, root, **features):
+    return make_config(tmp_path, ingest={"format": "text_dirs", "path": str(root),
+                                         "incremental": True},
+                       features={"idf": {"min_doc_freq": 0}, **features})  # fmt: skip
+
+
+def test_features_transform_only_the_new_batch_with_the_kept_model(spark, tmp_path):
+    from sparkloom.pipelines.text import run_features
+
+    root = tmp_path / "corpus"
+    cfg = features_config(tmp_path, root, refit="never",
+                          sequence={"vocab_size": 50, "min_df": 1})  # fmt: skip
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    write_docs(root, DOCS[:60])
+    run_ingest(spark, cfg, catalog)
+    first = run_features(spark, cfg, catalog)
+    assert (first.refit, first.rows) == (True, 60)
+    before = {r["id"]: r for r in spark.read.parquet(catalog.path("features")).collect()}
+    model_files = sorted(p.name for p in Path(catalog.path("feature_model")).rglob("part-*"))
+    write_docs(root, DOCS[60:])  # the third topic: words the vocabulary has never seen
+    run_ingest(spark, cfg, catalog)
+    second = run_features(spark, cfg, catalog)
+    assert (second.refit, second.rows_transformed, second.rows) == (False, 30, 90)
+    assert second.oov_rate > 0.5 and "features.refit=never" in second.refit_reason
+    after = {r["id"]: r for r in spark.read.parquet(catalog.path("features")).collect()}
+    assert len(after) == 90
+    for id_, r in before.items():  # earlier rows untouched: same vectors, same token ids
+        assert (after[id_]["features"], after[id_]["token_ids"]) == (r["features"], r["token_ids"])
+    new = [r for r in after.values() if r["batch"] == 2]
+    assert all(set(r["token_ids"]) <= {0, 1} for r in new)  # unknown words: [UNK]
+    assert model_files == sorted(p.name for p in Path(catalog.path("feature_model")).rglob("part-*"))
+    assert run_features(spark, cfg, catalog).skipped
+
+
+def test_features_refit_when_the_new_batch_drifts(spark, tmp_path):
+    from sparkloom.pipelines.text import run_features
+
+    root = tmp_path / "corpus"
+    cfg = features_config(tmp_path, root, refit="when_drift", max_oov_increase=0.2)
+    catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
+    write_docs(root, DOCS[:20] + DOCS[30:50])  # sport and tech
+    run_ingest(spark, cfg, catalog)
+    run_features(spark, cfg, catalog)
+    write_docs(root, DOCS[20:25] + DOCS[50:55])  # more of the same topics: no drift
+    run_ingest(spark, cfg, catalog)
+    same = run_features(spark, cfg, catalog)
+    assert same.refit is False and same.rows_transformed == 10 and same.oov_rate < 0.2
+    write_docs(root, DOCS[60:])  # a new topic: drift
+    run_ingest(spark, cfg, catalog)
+    drift = run_features(spark, cfg, catalog)
+    assert drift.refit is True and drift.refit_reason.startswith("drift")
+    assert drift.rows_transformed == drift.rows == 80
