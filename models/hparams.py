@@ -333,6 +333,9 @@ def _nested(cfg: Any, name: str, klass: type) -> None:
         setattr(cfg, name, klass(**value))
 
 
+WarmStart = Literal["none", "champion", "last"]
+
+
 @dataclass(kw_only=True)
 class TrainingConfig:
     """How a deep model is trained: the `<stage>.training` config section, and what the
@@ -355,9 +358,16 @@ class TrainingConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # incrementally ingested data: start from the registered champion's weights (when it is
+    # this model) or the last run's, and train on the new batches' rows plus replay_ratio x
+    # as many earlier training rows, a seeded sample (docs/incremental.md); none: all rows
+    warm_start: WarmStart = "none"
+    replay_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         at_least_one(self, "epochs", "batch_size", "eval_batch_size", "grad_accum")
+        one_of(self, "warm_start", get_args(WarmStart))
+        at_least(self, 0, "replay_ratio")
         at_least(self, 0, "grad_clip", "num_workers", "checkpoint_every_steps",
                       "log_every_steps", "eval_every_steps", "freeze_layers")  # fmt: skip
         if not 0 < self.layer_lr_decay <= 1:

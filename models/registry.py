@@ -46,7 +46,9 @@ def build_model(name: str, config: dict[str, Any], init: dict[str, str] | None =
     return model_cls(cfg)
 
 
-def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn.Module:
+def _from_weights(name: str, config: dict[str, Any], init: dict[str, Any]) -> nn.Module:
+    if init["kind"] == "warm_start":
+        return _warm_started(name, config, init)
     if name == "hf_classifier" and init["kind"] == "hf_directory":
         return HFClassifier.from_pretrained(init["path"], **config)
     if name == "gpt2" and init["kind"] == "hf_directory":  # continued pretraining
@@ -67,6 +69,32 @@ def _from_weights(name: str, config: dict[str, Any], init: dict[str, str]) -> nn
     if init["kind"] == "hf_directory":
         return BertClassifier.from_hf_directory(init["path"], config["num_classes"])
     raise ValueError(f"unknown init kind {init['kind']!r}; use bert_pretraining or hf_directory")
+
+
+def _warm_started(name: str, config: dict[str, Any], init: dict[str, Any]) -> nn.Module:
+    """The model built for the new data, starting from an earlier export of the same model
+    (models.warm_start): init = {"kind": "warm_start", "path": its directory, "labels": the
+    labels now, "vocab": the vocabulary now (token-id models)}."""
+    import json
+
+    from sparkloom.models import storage
+    from sparkloom.models.warm_start import warm_start
+
+    path = init["path"]
+    if not storage.exists(storage.join(path, "state_dict.pt")):
+        raise ValueError(
+            f"the earlier model in {path} has no state_dict.pt: warm start reads the exports of "
+            "lstm, textcnn, cnn and alexnet; set training.warm_start=none for this model"
+        )
+    model = build_model(name, config)
+    state = load_weights(storage.join(path, "state_dict.pt"))
+    old_labels = json.loads(storage.read_text(storage.join(path, "labels.json")))
+    vocab = None
+    if init.get("vocab") is not None:
+        old_vocab = storage.read_text(storage.join(path, "vocab.txt")).split("\n")[:-1]
+        vocab = (old_vocab, list(init["vocab"]))
+    model.loading = warm_start(model, state, (old_labels, list(init["labels"])), vocab, path)
+    return model
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

@@ -43,6 +43,8 @@ from sparkloom.pipelines.errors import (
 from sparkloom.pipelines.spark import terminating
 from sparkloom.pipelines.stages import IMAGE_MODELS
 from sparkloom.pipelines.text import load_vocabulary
+from sparkloom.pipelines.warm import BATCHES_FILE, data_batches, init_spec
+from sparkloom.pipelines.warm import plan as warm_plan
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ class DeepResult:
     evals: list[dict[str, float]] = field(default_factory=list)  # every eval_every_steps
     data_stats: dict[str, float] = field(default_factory=dict)  # what the data step counted
     attempts: int = 1  # launcher tries it took (retries resume from the last checkpoint)
-    init_report: dict[str, list[str]] = field(default_factory=dict)  # a checkpoint's weights
+    init_report: dict[str, Any] = field(default_factory=dict)  # a checkpoint's weights
+    warm_start: dict[str, Any] | None = None  # pipelines.warm: where from, rows trained on
     skipped: bool = False
 
     def summary(self) -> str:
@@ -374,7 +377,7 @@ def text_inputs(catalog: Catalog, labels: list[str]) -> DeepInputs:
         raise DataError("the features dataset has no token_ids; set features.sequence.enabled=true")
     data = data.select(
         "id", F.col("token_ids").alias("input_ids"), F.col("label_index").cast("int").alias("label"),
-        "split",
+        "split", *(["batch"] if "batch" in data.columns else []),
     )  # fmt: skip
     return DeepInputs(
         data, {}, {"vocab_size": len(vocabulary), "num_classes": len(labels)}, {},
@@ -459,9 +462,11 @@ def image_inputs(cfg: Config, stage: str, catalog: Catalog, upstream: dict) -> D
             "the ingested dataset holds no images; set ingest.format to an image format"
         )
     c, h, w = stats["shape"]
-    data = catalog.read("ingested", "ingest").select(
-        "id", "image", F.col("label_index").cast("int").alias("label"), "split"
-    )
+    data = catalog.read("ingested", "ingest")
+    data = data.select(
+        "id", "image", F.col("label_index").cast("int").alias("label"), "split",
+        *(["batch"] if "batch" in data.columns else []),
+    )  # fmt: skip
     preprocess = {"column": "image", "shape": stats["shape"], "mean": stats["mean"],
                   "std": stats["std"]}  # fmt: skip
     return DeepInputs(
@@ -742,6 +747,15 @@ def _train(ctx: StageContext) -> DeepResult:
     arch = trained_section(cfg, stage)  # the model it trains
     dc = getattr(cfg, arch).distributor
     check_barrier(spark, dc)  # before the data is written
+    warm = None
+    if getattr(cfg, arch).training.warm_start != "none" and not inputs.init:
+        warm, inputs.data = warm_plan(ctx, arch, inputs.data, storage.join(work, fp))
+        if warm.path:
+            inputs.init = init_spec(warm, labels, inputs.files)
+    batches = data_batches(upstream)
+    if batches is not None:  # what a later warm start counts as seen
+        inputs.files[BATCHES_FILE] = json.dumps(batches)
+    inputs.data = inputs.data.drop("batch")
     paths = write_splits(spark, cfg, catalog, stage, inputs)
     if "train" not in paths:
         raise DataError("the train split is empty; check ingest.split")
@@ -779,6 +793,7 @@ def _train(ctx: StageContext) -> DeepResult:
         data_stats=inputs.stats,
         attempts=out.get("attempts", 1),
         init_report=out.get("init_report", {}),
+        warm_start=warm.as_dict() if warm else None,
     )
     export_dir = out["export_dir"]
     from sparkloom.models.train.checkpoint import exported_files  # torch: imported when used

@@ -321,7 +321,15 @@ def _deep(stage: str):
         })  # fmt: skip
         if result.init_report:  # a pretrained checkpoint's weights: new, unused, resized
             mlflow.log_dict(result.init_report, "init_report.json")
-            mlflow.set_tag("sparkloom.init_from", str(getattr(cfg, stage).init_from))
+            init_from = getattr(getattr(cfg, stage), "init_from", None)
+            if init_from:
+                mlflow.set_tag("sparkloom.init_from", str(init_from))
+        if result.warm_start:  # incremental training: where from, new and replayed rows
+            ws = result.warm_start
+            mlflow.log_dict(ws, "warm_start.json")
+            mlflow.set_tag("sparkloom.warm_start", f"{ws['source'] or 'none'}: {ws['reason']}")
+            tracking.log_metrics({"warm_rows_new": ws["rows_new"],
+                                  "warm_rows_replay": ws["rows_replay"]})  # fmt: skip
         if report:
             mlflow.log_text("\n".join(report), "classification_report.md")
         mlflow.log_dict(result.model_config, "model_config.json")

@@ -180,7 +180,9 @@ def test_features_transform_only_the_new_batch_with_the_kept_model(spark, tmp_pa
         assert (after[id_]["features"], after[id_]["token_ids"]) == (r["features"], r["token_ids"])
     new = [r for r in after.values() if r["batch"] == 2]
     assert all(set(r["token_ids"]) <= {0, 1} for r in new)  # unknown words: [UNK]
-    assert model_files == sorted(p.name for p in Path(catalog.path("feature_model")).rglob("part-*"))
+    assert model_files == sorted(
+        p.name for p in Path(catalog.path("feature_model")).rglob("part-*")
+    )
     assert run_features(spark, cfg, catalog).skipped
 
 
@@ -202,3 +204,43 @@ def test_features_refit_when_the_new_batch_drifts(spark, tmp_path):
     drift = run_features(spark, cfg, catalog)
     assert drift.refit is True and drift.refit_reason.startswith("drift")
     assert drift.rows_transformed == drift.rows == 80
+
+
+LSTM = {
+    "model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
+    "training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02},
+                 "warm_start": "last", "replay_ratio": 0.5},
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lstm_warm_starts_on_the_new_batch_with_replay_and_a_new_label(spark, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sparkloom.pipelines.runner import run_pipeline
+
+    root = tmp_path / "corpus"
+    cfg = make_config(
+        tmp_path, pipeline={"stages": ["ingest", "features", "lstm"]},
+        ingest={"format": "text_dirs", "path": str(root), "incremental": True},
+        features={"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1}, "refit": "never"},
+        lstm=LSTM,
+    )  # fmt: skip
+    write_docs(root, [d for d in DOCS if d["label"] != "food"])  # sport, tech: 60 rows
+    first = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["lstm"]
+    assert first.warm_start["source"] is None  # nothing to start from
+    write_docs(root, [d for d in DOCS if d["label"] == "food"])  # a new label: 30 rows
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    second = outcome.results["lstm"]
+    ws = second.warm_start
+    ingested = Catalog(spark, cfg.pipeline.data_root, "t").manifest("ingested")
+    new_train = ingested["incremental"]["batches"][1]["splits"]["train"]
+    old_train = ingested["incremental"]["batches"][0]["splits"]["train"]
+    assert (ws["source"], ws["new_batches"], ws["rows_new"]) == ("last", ["2"], new_train)
+    assert ws["rows_earlier"] == old_train and 0 < ws["rows_replay"] < old_train
+    assert second.labels == ["sport", "tech", "food"]
+    assert second.init_report["labels_new"] == ["food"]
+    assert second.metrics["test_accuracy"] >= 0.8  # the new class is learned, the old kept
+    run = MlflowClient(cfg.mlflow.tracking_uri).get_run(outcome.stage_run_ids["lstm"])
+    assert run.data.tags["sparkloom.warm_start"].startswith("last: from the last run's model")
+    assert run.data.metrics["warm_rows_new"] == new_train
