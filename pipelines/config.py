@@ -619,6 +619,11 @@ class RegisterConfig(Section):
     metric: Literal["test_accuracy", "test_f1", "test_macro_f1", "test_loss"] = "test_accuracy"
     candidates: list[Stage] = []  # default: every classifier stage in pipeline.stages
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # the alias moves only when the candidate beats the holder by more than this
+    min_delta: float = Field(0.0, ge=0)
+    # incremental data: candidate and holder are both scored on the test rows of batches up to
+    # this one (recorded by id as dataset eval_set), so a new batch cannot move the yardstick
+    eval_batch: int = Field(1, ge=1)
 
     @field_validator("candidates")
     @classmethod

@@ -99,6 +99,12 @@ def register(cfg: Config, catalog: Catalog) -> RegisterResult:
     name = rc.name or cfg.pipeline.name
     client = MlflowClient()
     candidates = find_candidates(cfg, catalog, client)
+    frozen = None
+    if (catalog.manifest("ingested") or {}).get("incremental"):
+        frozen = FrozenEval(catalog, rc)
+        for c in candidates:
+            c["frozen"] = frozen.value(c["run_id"])
+        candidates.sort(key=lambda c: c["frozen"], reverse=not rc.metric.endswith("loss"))
     best = candidates[0]
     source = f"runs:/{best['run_id']}/model"
     try:
@@ -113,6 +119,14 @@ def register(cfg: Config, catalog: Catalog) -> RegisterResult:
         for key, value in {"sparkloom.stage": best["stage"], "sparkloom.data": best["data"],
                            f"sparkloom.{rc.metric}": str(best["value"])}.items():  # fmt: skip
             client.set_model_version_tag(name, version, key, value)
+    if frozen is not None:
+        promoted, reason, before = frozen.decide(client, name, version, best)
+        if promoted:
+            client.set_registered_model_alias(name, rc.alias, version)
+        log.info("register: %s", reason)
+        extra = {"eval_set": frozen.info}
+        return RegisterResult(name, rc.metric, candidates, str(version), promoted, before, reason,
+                              extra=extra)  # fmt: skip
 
     try:
         holder = client.get_model_version_by_alias(name, rc.alias)
@@ -155,3 +169,126 @@ def register(cfg: Config, catalog: Catalog) -> RegisterResult:
         client.set_registered_model_alias(name, rc.alias, version)
     log.info("register: %s", reason)
     return RegisterResult(name, rc.metric, candidates, str(version), promoted, before, reason)
+
+
+# --- a frozen yardstick for incremental data -----------------------------------------------------
+
+FROZEN_METRIC = {"test_accuracy": "accuracy", "test_f1": "f1", "test_macro_f1": "macro_f1",
+                 "test_loss": "loss"}  # fmt: skip
+
+
+class FrozenEval:
+    """The test rows of batches up to `register.eval_batch`, recorded by id (dataset
+    `eval_set`) the first time: every later register scores candidate and holder on these
+    same rows, whatever batches came since. Rows whose file was since changed or dropped
+    leave the set, and are counted."""
+
+    def __init__(self, catalog: Catalog, rc):
+        from pyspark.sql import functions as F
+
+        self.rc, self.catalog = rc, catalog
+        spark = catalog.spark
+        made = catalog.manifest("eval_set")
+        if made is None or made.get("batch") != rc.eval_batch:
+            rows = catalog.read("ingested", "ingest").filter(
+                (F.col("split") == "test") & (F.col("batch") <= rc.eval_batch)
+            )
+            ids = rows.select("id")
+            n = ids.count()
+            if not n:
+                raise DataError(
+                    f"register: no test rows in batches up to {rc.eval_batch} to evaluate on; "
+                    "set register.eval_batch to a batch that has test rows"
+                )
+            catalog.write_parquet("eval_set", ids, {"batch": rc.eval_batch, "rows": n})
+            made = catalog.manifest("eval_set")
+        ids = spark.read.parquet(catalog.path("eval_set"))
+        data = catalog.read("ingested", "ingest")
+        self.image = "image" in data.columns
+        col = "image" if self.image else "text"
+        self.rows = data.join(ids, "id").select("id", col, "label").localCheckpoint()
+        found = self.rows.count()
+        self.info = {"batch": rc.eval_batch, "rows": found, "recorded": made["rows"],
+                     "gone": made["rows"] - found, "created_at": made["created_at"],
+                     "metric": FROZEN_METRIC[rc.metric]}  # fmt: skip
+        if found < made["rows"]:
+            log.warning("register: %d of the %d frozen evaluation rows are gone (their files "
+                        "changed or were dropped); evaluating on the %d left",
+                        made["rows"] - found, made["rows"], found)  # fmt: skip
+        self._values: dict[str, float] = {}
+
+    def value(self, run_id: str) -> float:
+        """The metric of the model run `run_id` logged, on the frozen rows."""
+        if run_id not in self._values:
+            self._values[run_id] = self._evaluate(run_id)
+        return self._values[run_id]
+
+    def _evaluate(self, run_id: str) -> float:
+        import numpy as np
+        from pyspark.sql import functions as F
+
+        from sparkloom.pipelines.report import classification_metrics
+        from sparkloom.pipelines.scoring import resolve, score
+
+        ref = resolve(f"runs:/{run_id}/model")
+        col = "image" if self.image else "text"
+        scored, _, _ = score(self.rows, ref, col, "id", prepared=self.image)
+        scored = scored.join(self.rows.select("id", "label"), "id")
+        if self.rc.metric == "test_loss":
+            labels = F.array(*[F.lit(x) for x in ref.labels])
+            p = F.element_at("probabilities", F.array_position(labels, F.col("label")).cast("int"))
+            nll = F.avg(-F.log(F.greatest(F.coalesce(p, F.lit(0.0)), F.lit(1e-12))))
+            return float(scored.agg(nll).first()[0] or 0.0)
+        pairs = scored.groupBy("label", "predicted_label").count().collect()
+        names = sorted({r["label"] for r in pairs} | {r["predicted_label"] for r in pairs})
+        cm = np.zeros((len(names), len(names)))
+        for r in pairs:
+            cm[names.index(r["label"]), names.index(r["predicted_label"])] += r["count"]
+        # classes the model predicts but the rows never hold count as errors only
+        true = [i for i, x in enumerate(names) if cm[i].sum() > 0]
+        m = classification_metrics(cm, names)
+        if self.rc.metric == "test_macro_f1":  # over the classes the rows hold
+            f1 = [m[f"f1_{k}"] for k in m if k.startswith("f1_")]
+            return float(np.mean([f1[i] for i in true]))
+        return m[FROZEN_METRIC[self.rc.metric]]
+
+    def decide(self, client: MlflowClient, name: str, version: str,
+               best: dict) -> tuple[bool, str, dict | None]:  # fmt: skip
+        """Promote `version` when there is no holder, or it beats the holder's value on the
+        frozen rows by more than register.min_delta; the reason names both figures."""
+        rc, what = self.rc, f"{FROZEN_METRIC[self.rc.metric]} on the frozen set"
+        client.set_model_version_tag(name, version, f"sparkloom.frozen_{rc.metric}",
+                                     str(best["frozen"]))  # fmt: skip
+        try:
+            holder = client.get_model_version_by_alias(name, rc.alias)
+        except MlflowException:
+            holder = None
+        cand = best["frozen"]
+        if holder is None:
+            return (
+                True,
+                f"no {rc.alias} yet: v{version} ({what} {cand:.4f}) becomes {rc.alias}",
+                None,
+            )
+        try:
+            held = self.value(holder.run_id)
+        except Exception as e:  # the holder's run lost its model: it cannot be compared
+            log.warning("register: %s v%s cannot be scored (%s)", rc.alias, holder.version,
+                        str(e).splitlines()[0])  # fmt: skip
+            held = None
+        before = {"version": str(holder.version), "value": held,
+                  "data": holder.tags.get("sparkloom.data", ""), "frozen": held}  # fmt: skip
+        if str(holder.version) == str(version):
+            return False, f"v{version} is already {rc.alias} ({what} {cand:.4f})", before
+        if held is None:
+            return True, f"v{version} ({what} {cand:.4f}) replaces an unscorable {rc.alias}", before
+        gain = held - cand if rc.metric.endswith("loss") else cand - held
+        figures = (f"v{version} {what} {cand:.4f} vs {rc.alias} v{holder.version} "
+                   f"{held:.4f} ({len(self._values)} models scored on {self.info['rows']} rows)")  # fmt: skip
+        if gain > rc.min_delta:
+            return (
+                True,
+                f"{figures}: better by {gain:.4f} > min_delta {rc.min_delta:g}; promoted",
+                before,
+            )
+        return False, f"{figures}: not better by more than min_delta {rc.min_delta:g}; kept", before

@@ -216,6 +216,10 @@ def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Reg
     result = register(cfg, catalog)
     tracking.log_metrics({f"candidate_{c['stage']}_{result.metric}": c["value"]
                           for c in result.candidates})  # fmt: skip
+    tracking.log_metrics({f"frozen_{c['stage']}_{result.metric}": c["frozen"]
+                          for c in result.candidates if "frozen" in c})  # fmt: skip
+    if result.extra.get("eval_set"):
+        tracking.log_metrics({"eval_set_rows": result.extra["eval_set"]["rows"]})
     tracking.log_metrics(
         {"promoted": int(result.promoted), "registered_version": int(result.version)}
     )

@@ -244,3 +244,48 @@ def test_lstm_warm_starts_on_the_new_batch_with_replay_and_a_new_label(spark, tm
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(outcome.stage_run_ids["lstm"])
     assert run.data.tags["sparkloom.warm_start"].startswith("last: from the last run's model")
     assert run.data.metrics["warm_rows_new"] == new_train
+
+
+GOOD = {"grid": {"reg_param": [0.01], "max_iter": [50]}}
+BAD = {"grid": {"reg_param": [1000.0], "max_iter": [1]}}  # near-zero weights: a poor model
+
+
+def test_champion_is_judged_on_the_frozen_set_and_kept_when_the_candidate_is_worse(spark, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sparkloom.pipelines.runner import run_pipeline
+
+    root = tmp_path / "corpus"
+
+    def run(baseline):
+        cfg = make_config(
+            tmp_path, pipeline={"stages": ["ingest", "features", "baseline", "register"]},
+            ingest={"format": "text_dirs", "path": str(root), "incremental": True},
+            baseline=baseline, register={"name": "inc", "min_delta": 0.01},
+        )  # fmt: skip
+        return run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results
+
+    write_docs(root, DOCS[:20] + DOCS[30:50] + DOCS[60:80])
+    first = run(GOOD)
+    reg = first["register"]
+    test_rows = first["ingest"].splits["test"]
+    assert reg.promoted and reg.version == "1"
+    assert reg.extra["eval_set"]["rows"] == test_rows and reg.extra["eval_set"]["batch"] == 1
+    good = reg.candidates[0]["frozen"]
+
+    write_docs(root, DOCS[20:30] + DOCS[50:60] + DOCS[80:90])
+    second = run(BAD)  # the second batch, and a worse model
+    reg = second["register"]
+    assert second["ingest"].batch == 2 and second["baseline"].skipped is False
+    assert reg.extra["eval_set"]["rows"] == test_rows  # the yardstick did not move
+    bad = reg.candidates[0]["frozen"]
+    assert bad < good and not reg.promoted and reg.version == "2"
+    assert f"{bad:.4f} vs champion v1 {good:.4f}" in reg.reason and "kept" in reg.reason
+    assert reg.champion_before["frozen"] == good
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("inc", "champion").version) == "1"
+
+    write_docs(root, [{**DOCS[0], "id": "extra-0"}])  # a third batch; as good a model again
+    reg = run(GOOD)["register"]
+    assert not reg.promoted and "not better by more than min_delta 0.01" in reg.reason
+    assert str(client.get_model_version_by_alias("inc", "champion").version) == "1"
