@@ -232,6 +232,11 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
         "which MLlib then loads; see docs/baseline.md)",
     )  # fmt: skip
     data, front, col, used = training_inputs(ctx, bc)
+    # MLlib takes the class count from the label column's metadata, which Parquet keeps per
+    # file: incremental batches written before a new label hold the shorter list
+    nominal = {"ml_attr": {"type": "nominal", "name": "label_index", "vals": list(labels)}}
+    data = data.withColumn("label_index", F.col("label_index").alias("label_index",
+                                                                     metadata=nominal))  # fmt: skip
     train_all = data.filter(F.col("split") == "train")
     if train_all.isEmpty():
         raise DataError(

@@ -636,6 +636,18 @@ class RegisterConfig(Section):
         return v
 
 
+class DriftConfig(Section):
+    """The `drift` stage (incremental data): the newest batch against the earlier batches'
+    training rows; a warning line for each threshold crossed (docs/incremental.md)."""
+
+    max_label_psi: float = Field(0.2, ge=0)  # population stability index of the labels
+    max_length_psi: float = Field(0.2, ge=0)  # of document lengths, in the reference's deciles
+    max_oov_increase: float = Field(0.05, ge=0, le=1)  # out-of-vocabulary rate, absolute
+    max_pixel_shift: float = Field(0.05, ge=0, le=1)  # images: per-channel mean of x/255
+    max_accuracy_drop: float = Field(0.05, ge=0, le=1)  # the champion, new rows vs frozen set
+    champion: bool = True  # score the new batch with the registered champion, when there is one
+
+
 class DistillConfig(Section):
     """The `distill` stage: a student (the `student` stage's own model, training and
     distributor settings, same seed) trained on a teacher's soft targets plus the labels:
@@ -741,6 +753,7 @@ class Config(Section):
     quantize: QuantizeConfig = QuantizeConfig()
     register: RegisterConfig = RegisterConfig()
     score: ScoreConfig = ScoreConfig()
+    drift: DriftConfig = DriftConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:

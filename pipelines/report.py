@@ -152,3 +152,81 @@ def misclassified_figure(
     fig.suptitle(f"{title}: {n} misclassified (true \u2192 predicted, p)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def drift_figure(d: dict):
+    """The drift stage's report (pipelines.drift.DriftResult as a dict) as four panels:
+    labels, lengths (text) or pixel means (images), words out of vocabulary, the champion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
+    ref_c, new_c = "#4c72b0", "#dd8452"
+    ref_name = f"earlier training rows ({d['rows_reference']})"
+    new_name = f"batch {d['batch']} ({d['rows_new']})"
+
+    def bars(ax, names, ref, new, title, fmt="{:.2f}"):
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, ref, 0.4, label=ref_name, color=ref_c)
+        ax.bar(x + 0.2, new, 0.4, label=new_name, color=new_c)
+        ax.set_xticks(x, labels=names, rotation=30 if len(names) > 4 else 0, ha="right"
+                      if len(names) > 4 else "center")  # fmt: skip
+        for xi, v in zip(x, new, strict=True):
+            ax.text(xi + 0.2, v, fmt.format(v), ha="center", va="bottom", fontsize=7)
+        ax.set_title(title, fontsize=10)
+
+    labels = sorted(set(d["labels_reference"]) | set(d["labels_new"]))
+    bars(axes[0, 0], labels, [d["labels_reference"].get(x, 0) for x in labels],
+         [d["labels_new"].get(x, 0) for x in labels],
+         f"label shares (PSI {d['label_psi']:.3f})")  # fmt: skip
+    axes[0, 0].legend(fontsize=7)
+    ax = axes[0, 1]
+    if d.get("pixel_mean_new") is not None:
+        names = [f"channel {i}" for i in range(len(d["pixel_mean_new"]))]
+        bars(
+            ax,
+            names,
+            d["pixel_mean_reference"],
+            d["pixel_mean_new"],
+            "pixel mean (x/255)",
+            "{:.3f}",
+        )
+    elif d.get("length_bins") is not None and d.get("length_psi") is not None:
+        edges = [0, *d["length_bins"]]
+        names = [f"<{e:.0f}" for e in d["length_bins"]] + [f">={edges[-1]:.0f}"]
+        bars(ax, names, d["length_reference"], d["length_new"],
+             f"words per document, reference deciles (PSI {d['length_psi']:.3f}; mean "
+             f"{d['mean_length_reference']:.0f} -> {d['mean_length_new']:.0f})")  # fmt: skip
+    ax = axes[1, 0]
+    if d.get("oov_rate_new") is not None:
+        bars(ax, ["out-of-vocabulary rate"], [d["oov_rate_reference"]], [d["oov_rate_new"]],
+             "words the fitted features do not know", "{:.3f}")  # fmt: skip
+    elif d.get("pixel_std_new") is not None:
+        names = [f"channel {i}" for i in range(len(d["pixel_std_new"]))]
+        bars(ax, names, d["pixel_std_reference"], d["pixel_std_new"], "pixel std (x/255)", "{:.3f}")
+    else:
+        ax.set_axis_off()
+    ax = axes[1, 1]
+    c = d.get("champion")
+    if c:
+        vals = [c["accuracy_frozen"] or 0.0, c["accuracy_new"]]
+        ax.bar([0, 1], vals, 0.5, color=[ref_c, new_c])
+        ax.set_xticks([0, 1], labels=["frozen evaluation set", new_name])
+        for xi, v in enumerate(vals):
+            ax.text(xi, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"champion v{c['version']} ({c['stage']}) accuracy", fontsize=10)
+    else:
+        ax.text(0.5, 0.5, "no champion registered yet", ha="center", va="center")
+        ax.set_axis_off()
+    warn = d.get("warnings") or []
+    head = f"drift: batch {d['batch']} against the earlier training rows"
+    head += f" - {len(warn)} warning(s)" if warn else " - no threshold crossed"
+    fig.suptitle(head, fontsize=12, color="#b22222" if warn else "black")
+    if warn:
+        fig.text(0.5, 0.005, "\n".join(warn), ha="center", va="bottom", fontsize=8,
+                 color="#b22222")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.01 + 0.022 * len(warn), 1, 0.96))
+    return fig

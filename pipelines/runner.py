@@ -210,6 +210,16 @@ def _log_baseline(
     return result
 
 
+def _drift(spark, cfg: Config, catalog: Catalog, force: bool, outcome):
+    from sparkloom.pipelines.drift import run_drift
+
+    result = run_drift(spark, cfg, catalog, force)
+    tracking.log_metrics(result.metrics())
+    folder = catalog.local_path("drift_report")
+    mlflow.log_artifacts(folder, artifact_path="drift")
+    return result
+
+
 def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> RegisterResult:
     from dataclasses import asdict
 
@@ -420,6 +430,7 @@ _MORE_TO_LOG = {"gpt2": _log_samples, "distill": _log_distill}
 
 _STAGES = {
     "ingest": _ingest,
+    "drift": _drift,
     "features": _features,
     "baseline": _baseline("baseline"),
     "embed": _embed,

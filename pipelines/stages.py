@@ -61,6 +61,12 @@ def _bert_inputs(cfg: Any) -> tuple[str, ...]:
 
 REGISTRY: tuple[StageSpec, ...] = (
     StageSpec("ingest", "data", ("ingest",), output="ingested"),  # and its files' fingerprint
+    # the newest incremental batch against the earlier training rows: labels, lengths, words
+    # or pixels, and the champion's accuracy on it; before features, so the words are measured
+    # against the vocabulary the models trained with
+    StageSpec(
+        "drift", "action", ("ingest", "features", "drift"), output="drift_report", inputs=INGESTED
+    ),  # fmt: skip
     StageSpec("features", "data", ("ingest", "features"), output="features", inputs=INGESTED),
     StageSpec(
         "baseline",

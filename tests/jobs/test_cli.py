@@ -44,7 +44,7 @@ def test_bad_config_key_is_one_line_and_exit_2(tmp_path):
     assert p.stderr.strip().splitlines() == [
         "sparkloom: error: bad config: unknown key 'ingest.splt'; did you mean 'ingest.split'? "
         "(keys allowed under ingest: format, path, table, query, columns, csv, encoding, "
-        "file_glob, image, split, labels, max_labels)"
+        "file_glob, image, split, labels, max_labels, incremental, on_deleted)"
     ]
     assert p.stdout == ""
 

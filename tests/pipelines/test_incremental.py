@@ -1,6 +1,7 @@
 """Incremental ingest: only new files read, changed files replaced, deletions reported, ids and
 splits of earlier rows kept, a new label appended to the index."""
 
+import math
 import os
 import time
 from pathlib import Path
@@ -289,3 +290,46 @@ def test_champion_is_judged_on_the_frozen_set_and_kept_when_the_candidate_is_wor
     reg = run(GOOD)["register"]
     assert not reg.promoted and "not better by more than min_delta 0.01" in reg.reason
     assert str(client.get_model_version_by_alias("inc", "champion").version) == "1"
+
+
+def test_psi_matches_the_formula():
+    from sparkloom.pipelines.drift import psi
+
+    ref, new = {"a": 50, "b": 50}, {"a": 80, "b": 20}
+    expected = (0.8 - 0.5) * math.log(0.8 / 0.5) + (0.2 - 0.5) * math.log(0.2 / 0.5)
+    assert psi(ref, new) == pytest.approx(expected)
+    assert psi(ref, {"a": 5, "b": 5}) == 0.0
+
+
+def test_drift_report_flags_a_new_topic_and_the_champions_drop(spark, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sparkloom.pipelines.runner import run_pipeline
+
+    root = tmp_path / "corpus"
+    cfg = make_config(
+        tmp_path,
+        pipeline={"stages": ["ingest", "drift", "features", "baseline", "register"]},
+        ingest={"format": "text_dirs", "path": str(root), "incremental": True},
+        baseline=GOOD, register={"name": "drifty"},
+    )  # fmt: skip
+    write_docs(root, [d for d in DOCS if d["label"] != "food"])
+    first = run_pipeline(spark, cfg, list(cfg.pipeline.stages)).results["drift"]
+    assert first.rows_reference == 0 and "first" in first.summary()
+    write_docs(root, [d for d in DOCS if d["label"] == "food"])  # a new topic, new words
+    outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
+    d = outcome.results["drift"]
+    assert (d.batch, d.rows_new) == (2, 30)
+    assert d.labels_new == {"food": 1.0} and d.label_psi > 1.0
+    assert d.oov_rate_new > 0.5 > d.oov_rate_reference
+    assert d.champion["version"] == "1" and d.champion["accuracy_new"] == 0.0
+    assert d.champion["accuracy_frozen"] == 1.0
+    text = "\n".join(d.warnings)
+    for needle in ("label distribution shifted", "labels not in the earlier training rows",
+                   "out-of-vocabulary rate rose", "the champion (v1) scores 0.0000"):  # fmt: skip
+        assert needle in text
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    run_id = outcome.stage_run_ids["drift"]
+    arts = {a.path for a in client.list_artifacts(run_id, "drift")}
+    assert {"drift/drift.json", "drift/drift.png"} <= arts
+    assert client.get_run(run_id).data.metrics["label_psi"] == pytest.approx(d.label_psi)
