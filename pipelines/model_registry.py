@@ -94,10 +94,47 @@ def _quoted(stages: list[str]) -> str:
     return " or ".join(f"'{s}'" for s in stages)
 
 
-def register(cfg: Config, catalog: Catalog) -> RegisterResult:
+def _holder(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def decision_fingerprint(cfg: Config) -> list:
+    """What a decision is made from: the register section and the candidates' current models."""
+    stages = cfg.register.candidates or [s for s in cfg.pipeline.stages if s in CLASSIFIERS]
+    return [cfg.stage_hash("register"), sorted(stages)]
+
+
+def register(cfg: Config, catalog: Catalog, force: bool = False) -> RegisterResult:
+    """Register the best candidate and decide on the alias; skipped (the recorded decision)
+    when the candidates' models, the section and the alias's holder are those it left."""
+    from dataclasses import asdict
+
+    from sparkloom.pipelines.catalog import fingerprint
+    from sparkloom.pipelines.context import OUTPUT_FORMAT
+
     rc = cfg.register
     name = rc.name or cfg.pipeline.name
     client = MlflowClient()
+    stages = decision_fingerprint(cfg)[1]
+    made = {s: (catalog.manifest(stage_output(cfg, s)) or {}).get("fingerprint") for s in stages}
+    fp = fingerprint(OUTPUT_FORMAT, decision_fingerprint(cfg), made)
+    done = None if force else catalog.current("register_decision", fp)
+    if done is not None and done.get("alias_version") == _holder(client, name, rc.alias):
+        log.info("register: the candidates' models and the %s are as the last decision left "
+                 "them; skipped", rc.alias)  # fmt: skip
+        return RegisterResult(**{**done["result"], "skipped": True})
+    result = _decide(cfg, catalog, client, name)
+    catalog.write("register_decision", lambda tmp: None,
+                  {"fingerprint": fp, "config_hash": cfg.stage_hash("register"),
+                   "result": asdict(result), "alias_version": _holder(client, name, rc.alias)})  # fmt: skip
+    return result
+
+
+def _decide(cfg: Config, catalog: Catalog, client: MlflowClient, name: str) -> RegisterResult:
+    rc = cfg.register
     candidates = find_candidates(cfg, catalog, client)
     frozen = None
     if (catalog.manifest("ingested") or {}).get("incremental"):

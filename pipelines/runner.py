@@ -150,6 +150,8 @@ def _features(
     image = cfg.modality == "image"
     result = (run_image_features if image else run_features)(spark, cfg, catalog, force)
     tracking.log_metrics(result.metrics())
+    if getattr(result, "refit_reason", None):  # incremental data: kept or fitted again, and why
+        mlflow.set_tag("sparkloom.refit_reason", result.refit_reason)
     return result
 
 
@@ -223,7 +225,7 @@ def _drift(spark, cfg: Config, catalog: Catalog, force: bool, outcome):
 def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> RegisterResult:
     from dataclasses import asdict
 
-    result = register(cfg, catalog)
+    result = register(cfg, catalog, force)
     tracking.log_metrics({f"candidate_{c['stage']}_{result.metric}": c["value"]
                           for c in result.candidates})  # fmt: skip
     tracking.log_metrics({f"frozen_{c['stage']}_{result.metric}": c["frozen"]

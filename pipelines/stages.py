@@ -159,7 +159,8 @@ REGISTRY: tuple[StageSpec, ...] = (
         output="{source}_int8",
         inputs=lambda cfg: (f"{cfg.quantize.source}_model",),
     ),  # fmt: skip
-    StageSpec("register", "action", ("register",), output=None),
+    # its decision, so a rerun with the same candidate models and champion is skipped
+    StageSpec("register", "action", ("register",), output="register_decision"),
     # and the run of the model the alias names
     StageSpec("score", "action", ("ingest", "score"), cli=False, output="scores", inputs=INGESTED),
     StageSpec("compare", "action", (), cli=False, output=None),

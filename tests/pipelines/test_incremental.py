@@ -290,6 +290,8 @@ def test_champion_is_judged_on_the_frozen_set_and_kept_when_the_candidate_is_wor
     reg = run(GOOD)["register"]
     assert not reg.promoted and "not better by more than min_delta 0.01" in reg.reason
     assert str(client.get_model_version_by_alias("inc", "champion").version) == "1"
+    again = run(GOOD)  # nothing new: every stage is skipped, register too
+    assert {k: r.skipped for k, r in again.items()} == dict.fromkeys(again, True)
 
 
 def test_psi_matches_the_formula():

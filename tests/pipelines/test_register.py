@@ -40,8 +40,11 @@ def test_champion_moves_only_on_improvement(spark, tmp_path, text_dirs):
     assert good.champion_before == {"version": "1", "value": bad_f1,
                                     "data": good.candidates[0]["data"]}  # fmt: skip
 
-    again = run(GOOD).results["register"]  # baseline up to date: the model of the last run
-    assert not again.promoted and again.version == "2" and "already champion" in again.reason
+    again = run(GOOD).results["register"]  # baseline up to date, v2 still champion: skipped
+    assert again.skipped and again.version == "2" and champion()[0] == "2"
+    client.set_registered_model_alias("tiny-text", "champion", "1")  # moved by hand: decided again
+    again = run(GOOD).results["register"]
+    assert not again.skipped and again.promoted and champion()[0] == "2"
     assert outcome_stage_skipped(client, "baseline")
 
     last = run(BAD)
@@ -62,7 +65,7 @@ def test_champion_moves_only_on_improvement(spark, tmp_path, text_dirs):
         filter_string="tags.`sparkloom.stage` = 'register'",
         order_by=["attributes.start_time DESC"],
     )
-    assert len(runs) == 4
+    assert len(runs) == 5  # one skipped, one after the alias was moved by hand
     assert runs[0].data.metrics["promoted"] == 0.0
     assert "does not beat" in runs[0].data.tags["sparkloom.register_decision"]
 

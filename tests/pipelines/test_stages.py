@@ -31,7 +31,7 @@ def test_derived_lists_follow_the_declarations():
     assert names(torch=True, modality="image") == ("cnn", "alexnet")
     assert names(token_ids=True) == ("lstm", "textcnn", "distill")
     cfg = load_config(ROOT / "conf" / "text_classification.yaml", ["quantize.source=textcnn"])
-    assert [stage_output(cfg, s) for s in ("ingest", "lstm", "quantize", "register")] == [
+    assert [stage_output(cfg, s) for s in ("ingest", "lstm", "quantize", "compare")] == [
         "ingested", "lstm_model", "textcnn_int8", None,
     ]  # fmt: skip
 
