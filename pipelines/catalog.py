@@ -491,14 +491,18 @@ class Commit:
             self.fs.mkdirs(tmp)
             self.fs.write_text(f"{tmp}/{MANIFEST}", json.dumps(full, indent=2, sort_keys=True))
         except BaseException:
-            # a caller that catches this and goes on must not commit half a dataset
-            if self.fs.exists(tmp):
-                self.fs.delete(tmp)
-            if not self.staged:
-                self._close()
+            self._discard(tmp)
             raise
         self.staged[name] = tmp
         return full
+
+    def _discard(self, tmp: str) -> None:
+        """A write that failed: a caller that catches this and goes on must not commit half a
+        dataset."""
+        if self.fs.exists(tmp):
+            self.fs.delete(tmp)
+        if not self.staged and not self.dropped:
+            self._close()
 
     def write_parquet(
         self,
@@ -508,10 +512,7 @@ class Commit:
         partition_by: list[str] | None = None,
     ) -> dict[str, Any]:
         def save(tmp: str) -> None:
-            writer = df.write.mode("error")
-            if partition_by:
-                writer = writer.partitionBy(*partition_by)
-            writer.parquet(tmp)
+            _parquet(df, tmp, partition_by)
 
         def full_manifest(tmp: str) -> dict[str, Any]:
             extra = manifest(tmp) if callable(manifest) else manifest
@@ -531,15 +532,9 @@ class Commit:
         self._open()
         tmp = f"{self.catalog.path(name)}.{part}.__tmp-{self.tag}"
         try:
-            writer = df.write.mode("error")
-            if partition_by:
-                writer = writer.partitionBy(*partition_by)
-            writer.parquet(tmp)
+            _parquet(df, tmp, partition_by)
         except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.delete(tmp)
-            if not self.staged:
-                self._close()
+            self._discard(tmp)
             raise
         self.staged[key] = tmp
         return tmp
@@ -603,6 +598,13 @@ class Commit:
         except BaseException:
             self.fs.delete(f"{path}.tmp")
             raise
+
+
+def _parquet(df: DataFrame, path: str, partition_by: list[str] | None) -> None:
+    writer = df.write.mode("error")
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.parquet(path)
 
 
 def fingerprint(*parts: Any) -> str:

@@ -150,14 +150,15 @@ class Batch:
 
 
 def start_batch(spark: SparkSession, ing: IngestConfig, catalog: Catalog, config_hash: str,
-                listings: dict[str | None, Listing]) -> Batch:  # fmt: skip
+                listings: dict[str | None, Listing], force: bool = False) -> Batch:  # fmt: skip
     """Plan the next batch against the last one. A first run, an ingest section changed
-    since (the rows would not be comparable), or a dataset made without `incremental`
-    starts over at batch 1 with every file."""
+    since (the rows would not be comparable), a dataset made without `incremental`, or
+    `--force` starts over at batch 1 with every file."""
     prev = catalog.manifest("ingested")
     inc = (prev or {}).get("incremental")
-    if prev is not None and (inc is None or prev.get("config_hash") != config_hash):
-        why = "it was not made incrementally" if inc is None else "the ingest section changed"
+    if prev is not None and (force or inc is None or prev.get("config_hash") != config_hash):
+        why = ("--force" if force else "it was not made incrementally" if inc is None
+               else "the ingest section changed")  # fmt: skip
         log.warning("ingest: %s; reading every file again as batch 1", why)
         prev = None
     if prev is None:

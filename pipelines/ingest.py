@@ -304,7 +304,7 @@ def run_ingest(ctx: StageContext) -> IngestResult:
     batch = listings = None
     if ing.incremental:
         listings = input_listings(spark, ing)
-        batch = start_batch(spark, ing, catalog, ctx.config_hash, listings)
+        batch = start_batch(spark, ing, catalog, ctx.config_hash, listings, ctx.force)
         if not batch.first:
             listings = batch.plan.read
             if not listings and not batch.removed:  # touched or deleted files only

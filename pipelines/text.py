@@ -302,8 +302,8 @@ def refit_decision(ctx: StageContext, data: DataFrame) -> Refit | None:
     catalog, fc = ctx.catalog, ctx.cfg.features
     prev = catalog.manifest("features")
     done = (prev or {}).get("incremental")
-    if done is None or prev.get("config_hash") != ctx.config_hash:
-        return None
+    if ctx.force or done is None or prev.get("config_hash") != ctx.config_hash:
+        return None  # a first fit
     now = _versions(ctx.upstream["incremental"])
     todo = sorted(int(b) for b, v in now.items() if done["batches"].get(b) != v)
     if not todo:  # the batches are those the features hold (e.g. only a file touched)

@@ -335,3 +335,14 @@ def test_drift_report_flags_a_new_topic_and_the_champions_drop(spark, tmp_path):
     arts = {a.path for a in client.list_artifacts(run_id, "drift")}
     assert {"drift/drift.json", "drift/drift.png"} <= arts
     assert client.get_run(run_id).data.metrics["label_psi"] == pytest.approx(d.label_psi)
+
+
+def test_force_starts_over_at_batch_1_with_every_file(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path)
+    write_docs(root, DOCS[:45])
+    run_ingest(spark, cfg, catalog)
+    write_docs(root, DOCS[45:])
+    assert run_ingest(spark, cfg, catalog).batch == 2
+    again = run_ingest(spark, cfg, catalog, force=True)
+    assert (again.batch, again.rows_in, again.files["files_new"]) == (1, 90, 90)
+    assert {r["batch"] for r in rows(spark, catalog).values()} == {1}
