@@ -786,6 +786,13 @@ class Config(Section):
             )
         if "embed" in stages and self.modality == "image":
             raise ValueError("stage embed embeds text; remove it for image data")
+        for name in ("bert_pretrain", "bert", "gpt2"):  # their tokenizers are trained anew
+            if getattr(self, name).training.warm_start != "none":
+                raise ValueError(
+                    f"{name}.training.warm_start: warm starts match embeddings by word through "
+                    "the features vocabulary, which lstm, textcnn, cnn and alexnet read; "
+                    f"{name} trains its own tokenizer, so set it to none"
+                )
         return self
 
     @property

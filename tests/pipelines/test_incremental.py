@@ -149,6 +149,8 @@ def test_csv_without_ids_numbers_repeats_across_batches(spark, tmp_path):
 def test_incremental_needs_files(spark, tmp_path):
     with pytest.raises(ConfigError, match="ingest.incremental reads new files"):
         make_config(tmp_path, ingest={"format": "table", "table": "t", "incremental": True})
+    with pytest.raises(ConfigError, match="bert trains its own tokenizer, so set it to none"):
+        make_config(tmp_path, bert={"training": {"warm_start": "champion"}})
 
 
 def features_config(tmp_path, root, **features):
