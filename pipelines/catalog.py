@@ -546,11 +546,11 @@ class Commit:
 
     def write_manifest(self, name: str, manifest: dict[str, Any]) -> dict[str, Any]:
         """Stage a new `_manifest.json` for the dataset `name`, whose parts this commit
-        changes (`write_part`): the parts and the manifest that counts them move together."""
+        changes (`write_part`): the parts and the manifest that counts them move together.
+        `manifest` may be the previous one updated: dataset, path and created_at are set anew."""
         self._open()
-        full = {"dataset": name, "path": self.catalog.path(name),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                **manifest}  # fmt: skip
+        full = {**manifest, "dataset": name, "path": self.catalog.path(name),
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         tmp = f"{self.catalog.path(name)}.{MANIFEST}.__tmp-{self.tag}"
         self.fs.write_text(tmp, json.dumps(full, indent=2, sort_keys=True))
         self.staged[f"{name}/{MANIFEST}"] = tmp

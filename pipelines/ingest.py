@@ -543,10 +543,8 @@ def _append_batch(ctx: StageContext, batch, clean: DataFrame | None = None,
         result.rows_total = sum(b["rows_out"] - b.get("rows_removed", 0) for b in inc["batches"])
         common = {**common, "data_fingerprint": _data_fingerprint(ctx, inc)}
         manifest = {**prev, **common, "result": asdict(result), "incremental": inc}
-        for key in ("dataset", "path", "created_at"):
-            manifest.pop(key, None)
         q_manifest = {**(catalog.manifest("quarantine") or {}), **common}
-        for key in ("dataset", "path", "created_at", "labels", "warnings"):
+        for key in ("labels", "warnings"):
             q_manifest.pop(key, None)
         if clean is not None:
             q_manifest["reasons_by_batch"] = {**q_manifest.get("reasons_by_batch", {}),
@@ -571,8 +569,8 @@ def _records_only(ctx: StageContext, batch) -> IngestResult:
     if plan.deleted:
         log.warning("ingest: %d file(s) are gone since the last batch (e.g. %s); their rows are "
                     "kept (ingest.on_deleted=keep)", len(plan.deleted), plan.deleted[0])  # fmt: skip
-    manifest = {k: v for k, v in prev.items() if k not in ("dataset", "path", "created_at")}
-    manifest |= {"fingerprint": ctx.fingerprint, "incremental": inc, "result": asdict(result)}
+    manifest = {**prev, "fingerprint": ctx.fingerprint, "incremental": inc,
+                "result": asdict(result)}  # fmt: skip
     with catalog.commit() as tx:
         tx.write_manifest("ingested", manifest)
     return result

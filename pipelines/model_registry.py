@@ -118,9 +118,9 @@ def register(cfg: Config, catalog: Catalog, force: bool = False) -> RegisterResu
     rc = cfg.register
     name = rc.name or cfg.pipeline.name
     client = MlflowClient()
-    stages = decision_fingerprint(cfg)[1]
+    section, stages = decision_fingerprint(cfg)
     made = {s: (catalog.manifest(stage_output(cfg, s)) or {}).get("fingerprint") for s in stages}
-    fp = fingerprint(OUTPUT_FORMAT, decision_fingerprint(cfg), made)
+    fp = fingerprint(OUTPUT_FORMAT, [section, stages], made)
     done = None if force else catalog.current("register_decision", fp)
     if done is not None and done.get("alias_version") == _holder(client, name, rc.alias):
         log.info("register: the candidates' models and the %s are as the last decision left "

@@ -338,17 +338,18 @@ def _transform_batches(ctx: StageContext, data: DataFrame, decision: Refit) -> F
     now = _versions(ctx.upstream["incremental"])
     common = ctx.common(labels=ctx.upstream["labels"])
     common["incremental"] = {**prev["incremental"], "batches": now}
-    transformed = 0
+    vocabulary = load_vocabulary(catalog) if sc.enabled else None
+    transformed, t = 0, 0.0  # rows and tokens written this run
     with catalog.commit() as tx:
         for b in decision.batches:
             out = model.transform(data.filter(F.col("batch") == b))
-            if sc.enabled:
-                vocabulary = load_vocabulary(catalog)
+            if vocabulary is not None:
                 out = out.withColumn("token_ids", token_ids(F.col("tokens"), vocabulary,
                                                             sc.max_length))  # fmt: skip
             tmp = tx.write_part("features", f"batch={b}", out.select(*feature_columns(cfg.features)),
                                 ["split"])  # fmt: skip
-            transformed += spark.read.parquet(tmp).count()
+            got = spark.read.parquet(tmp).agg(F.count("*"), F.sum(F.size("tokens"))).first()
+            transformed, t = transformed + got[0], t + float(got[1] or 0)
         for b in set(prev["incremental"]["batches"]) - set(now):
             tx.drop_part("features", f"batch={b}")
         # the rows the features hold after this commit: the kept batches and the new ones
@@ -357,20 +358,14 @@ def _transform_batches(ctx: StageContext, data: DataFrame, decision: Refit) -> F
             & F.col("batch").isin([int(b) for b in now])
         )
         stats = kept.agg(F.count("*").alias("n"), F.sum(F.size("tokens")).alias("t")).first()
-        n, t = stats["n"] + transformed, float(stats["t"] or 0)
-        for b in decision.batches:
-            part = spark.read.parquet(tx.staged[f"features/batch={b}"])
-            t += float(part.agg(F.sum(F.size("tokens"))).first()[0] or 0)
+        n, t = stats["n"] + transformed, t + float(stats["t"] or 0)
         result = FeaturesResult(n, prev["result"]["vocabulary_size"], t / max(n, 1))
         decision.fill(result, transformed)
-        manifest = {k: v for k, v in prev.items() if k not in ("dataset", "path", "created_at")}
-        manifest |= {**common, "result": asdict(result)}
         for name in ("feature_model", "vocabulary"):  # the same model, made from these inputs
             m = catalog.manifest(name)
             if m is not None:
-                keep = {k: v for k, v in m.items() if k not in ("dataset", "path", "created_at")}
-                tx.write_manifest(name, {**keep, **common})
-        tx.write_manifest("features", manifest)
+                tx.write_manifest(name, {**m, **common})
+        tx.write_manifest("features", {**prev, **common, "result": asdict(result)})
     return result
 
 

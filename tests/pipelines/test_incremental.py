@@ -89,7 +89,10 @@ def test_changed_file_replaces_its_row_and_deleted_file_is_reported(spark, tmp_p
     edited = [r for r in after.values() if "edited recipe" in r["text"]]
     assert len(edited) == 1 and edited[0]["batch"] == 2
     assert f"tech/{DOCS[31]['id']}.txt" in after
-    assert catalog.manifest("ingested")["incremental"]["files"]
+    files = catalog.manifest("ingested")["incremental"]["files"]
+    edited_rec = next(r for p, r in files.items() if p.endswith(f"food/{DOCS[60]['id']}.txt"))
+    gone_rec = next(r for p, r in files.items() if p.endswith(f"tech/{DOCS[31]['id']}.txt"))
+    assert edited_rec["batch"] == 2 and gone_rec["deleted"] and gone_rec["batch"] == 1
 
     # on_deleted=drop in a later run: the row goes; the section changes, so batch 1 again
     cfg_drop = make_config(tmp_path, ingest={"format": "text_dirs", "path": str(root),
