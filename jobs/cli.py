@@ -5,6 +5,7 @@
   sparkloom STAGE --conf FILE            one stage: ingest, features, baseline, lstm, ...
   sparkloom stage NAME --conf FILE       any stage by name, `score` and `compare` included
   sparkloom score | compare | generate   batch scoring, an experiment's comparison, GPT-2 text
+  sparkloom card models:/NAME@ALIAS      a registered version's model card
 
 `sparkloom COMMAND --help` gives each one's options. Every command shares one runtime
 (jobs/runtime.py): its logging, exit codes and Spark teardown.
@@ -28,6 +29,7 @@ MODEL_COMMANDS = {
     "score": "sparkloom.jobs.score",
     "compare": "sparkloom.jobs.compare",
     "generate": "sparkloom.jobs.generate",
+    "card": "sparkloom.jobs.card",
 }
 
 

@@ -57,7 +57,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
     """The T > 0 that minimises the mean NLL of softmax(logits / T) on these rows (LBFGS on
     log T, so T stays positive). Log-probabilities work as logits too."""
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -73,4 +73,42 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, max_iter: int = 200)
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     x = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
-    return float(torch.nn.functional.cross_entropy(x, torch.as_tensor(np.asarray(labels))))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return float(torch.nn.functional.cross_entropy(x, y))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def summary(
+    validation: tuple[np.ndarray, np.ndarray] | None, test: tuple[np.ndarray, np.ndarray] | None,
+    bins: int = 15,
+) -> dict:  # fmt: skip
+    """What calibration.json holds: the temperature fitted on validation (logits, labels),
+    and on test the ECE, NLL and reliability bins before and after it; NLL on validation
+    too, where T was fitted (it can only go down there). Without validation rows T is 1."""
+    out: dict = {"bins": bins, "temperature": 1.0, "fitted_on": None}
+    if validation is not None and len(validation[1]):
+        vx, vy = validation
+        t = fit_temperature(vx, vy)
+        out |= {"temperature": t, "fitted_on": "validation", "validation_rows": int(len(vy)),
+                "val_nll": nll(vx, vy), "val_nll_calibrated": nll(vx, vy, t),
+                "val_ece": expected_calibration_error(softmax(vx), vy, bins),
+                "val_ece_calibrated": expected_calibration_error(softmax(vx, t), vy, bins)}  # fmt: skip
+    if test is not None and len(test[1]):
+        x, y, t = *test, out["temperature"]
+        before, after = reliability(softmax(x), y, bins), reliability(softmax(x, t), y, bins)
+        out |= {"test_rows": int(len(y)), "test_nll": nll(x, y), "test_nll_calibrated": nll(x, y, t),
+                "test_ece": before.ece, "test_ece_calibrated": after.ece,
+                "reliability": {"edges": before.edges.tolist(),
+                                "before": _bins(before), "after": _bins(after)}}  # fmt: skip
+    return out
+
+
+def _bins(r: Reliability) -> dict:
+    return {"counts": r.counts.tolist(), "confidence": r.confidence.tolist(),
+            "accuracy": r.accuracy.tolist()}  # fmt: skip

@@ -41,6 +41,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparkloom.pipelines import compat
+from sparkloom.pipelines.audit import calibrate, predictions_dir, write_spark_predictions
 from sparkloom.pipelines.compat import blas_in_use, default_parallelism
 from sparkloom.pipelines.config import BaselineConfig
 from sparkloom.pipelines.context import StageContext, stage
@@ -77,6 +78,8 @@ class BaselineResult:
     train_seconds: float = 0.0  # the tuning: every fit of the grid and its scoring
     train_rows: int = 0
     num_parameters: int = 0  # the chosen model's coefficients and intercepts
+    calibration: dict = field(default_factory=dict)  # pipelines.audit.calibrate
+    predictions: str | None = None  # validation and test logits (pipelines.audit's layout)
 
     def summary(self) -> str:
         t = self.metrics["test"]
@@ -330,6 +333,13 @@ def run_classifier(ctx: StageContext) -> BaselineResult:
             continue
         result.metrics[split] = metrics
         result.confusion[split] = cm.tolist()
+
+    # every held-out row's log-probabilities: calibration now, slices when logged
+    result.predictions = predictions_dir(catalog, ctx.stage, ctx.fingerprint)
+    held_out = slicer.transform(data.filter(F.col("split").isin("validation", "test")))
+    write_spark_predictions(lr_model.transform(held_out), result.predictions)
+    ec = cfg.evaluation
+    result.calibration = calibrate(spark, result.predictions, ec.bins, ec.calibrate)
 
     scoring = PipelineModel(
         stages=[

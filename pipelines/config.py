@@ -648,6 +648,26 @@ class DriftConfig(Section):
     champion: bool = True  # score the new batch with the registered champion, when there is one
 
 
+class EvaluationConfig(Section):
+    """How every classifier is audited beyond accuracy (docs/explain.md): calibration on the
+    test split, accuracy by slice, and explanations. Only `calibrate` changes a model (it
+    decides whether scoring applies the temperature), so only it joins the stages' config
+    hash; slices and explanations are reported again without retraining."""
+
+    # temperature: probabilities softmax(logits / T), T fitted on the validation split by
+    # NLL, stored with the model and applied by batch scoring; none: T is still fitted and
+    # reported (ECE before/after), not applied
+    calibrate: Literal["none", "temperature"] = "none"
+    bins: int = Field(15, ge=2, le=100)  # equal-width confidence bins of the ECE
+    # ingested columns, Spark SQL expressions over them, or length_quartile (words per text)
+    slices: list[str] = Field(default_factory=list)
+    max_gap: float = Field(0.05, ge=0, le=1)  # a slice this far below overall accuracy: flagged
+    top_terms: int = Field(10, ge=1, le=100)  # baseline: terms per class and sign
+    examples_correct: int = Field(2, ge=0, le=50)  # deep text models: test rows explained
+    examples_wrong: int = Field(2, ge=0, le=50)
+    attribution_steps: int = Field(50, ge=4, le=1000)  # Integrated Gradients' path points
+
+
 class DistillConfig(Section):
     """The `distill` stage: a student (the `student` stage's own model, training and
     distributor settings, same seed) trained on a teacher's soft targets plus the labels:
@@ -754,6 +774,7 @@ class Config(Section):
     register: RegisterConfig = RegisterConfig()
     score: ScoreConfig = ScoreConfig()
     drift: DriftConfig = DriftConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
@@ -815,11 +836,18 @@ class Config(Section):
     def stage_hash(self, stage: str) -> str:
         """Hash of everything that decides a stage's output: its section and those upstream."""
         data = self.model_dump(mode="json")
-        relevant = {s: data.get(s) for s in DEPENDS[stage]}
+        relevant = {s: _at(data, s) for s in DEPENDS[stage]}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _at(data: dict, key: str) -> Any:
+    """data["a"]["b"] for "a.b": a stage can depend on one key of a section."""
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pyspark.sql import functions as F
 from sparkloom.models import storage
 from sparkloom.models.masking import IGNORE_INDEX
 from sparkloom.pipelines import compat, lm, subword
+from sparkloom.pipelines.audit import CALIBRATION_FILE, calibrate, predictions_dir
 from sparkloom.pipelines.catalog import Catalog, fingerprint
 from sparkloom.pipelines.config import Config, DistributorConfig
 from sparkloom.pipelines.context import StageContext, context, run_stage
@@ -41,7 +42,7 @@ from sparkloom.pipelines.errors import (
     exception_text,
 )
 from sparkloom.pipelines.spark import terminating
-from sparkloom.pipelines.stages import IMAGE_MODELS
+from sparkloom.pipelines.stages import IMAGE_MODELS, SPECS
 from sparkloom.pipelines.text import load_vocabulary
 from sparkloom.pipelines.warm import BATCHES_FILE, data_batches, init_spec
 from sparkloom.pipelines.warm import plan as warm_plan
@@ -85,6 +86,8 @@ class DeepResult:
     attempts: int = 1  # launcher tries it took (retries resume from the last checkpoint)
     init_report: dict[str, Any] = field(default_factory=dict)  # a checkpoint's weights
     warm_start: dict[str, Any] | None = None  # pipelines.warm: where from, rows trained on
+    calibration: dict[str, Any] = field(default_factory=dict)  # pipelines.audit.calibrate
+    predictions: str | None = None  # validation and test logits (pipelines.audit's layout)
     skipped: bool = False
 
     def summary(self) -> str:
@@ -765,6 +768,12 @@ def _train(ctx: StageContext) -> DeepResult:
         storage.join(work, fp, "status"), cpu_threads(spark, dc),
     )  # fmt: skip
     train_config |= inputs.run_extra
+    preds = None
+    if SPECS[stage].kind == "classifier":  # every row's logits, for calibration and slices
+        preds = predictions_dir(catalog, stage, fp)
+        storage.rmtree(preds)
+        train_config["predictions_dir"] = preds
+        train_config["data"].setdefault("id_column", "id")
     if inputs.init:
         train_config["model"]["init"] = inputs.init
     if inputs.model_name:
@@ -772,6 +781,10 @@ def _train(ctx: StageContext) -> DeepResult:
     log.info("%s: training with TorchDistributor (%d processes, local_mode=%s); checkpoints in %s",
              stage, dc.num_processes, dc.local_mode, storage.shown(checkpoint_dir))  # fmt: skip
     out = launch(spark, train_config, dc)
+    calibrated = {}
+    if preds:
+        calibrated = calibrate(spark, preds, cfg.evaluation.bins, cfg.evaluation.calibrate)
+        inputs.files[CALIBRATION_FILE] = json.dumps(calibrated, indent=2)
     result = DeepResult(
         model=arch,
         labels=labels,
@@ -794,6 +807,8 @@ def _train(ctx: StageContext) -> DeepResult:
         attempts=out.get("attempts", 1),
         init_report=out.get("init_report", {}),
         warm_start=warm.as_dict() if warm else None,
+        calibration=calibrated,
+        predictions=preds,
     )
     export_dir = out["export_dir"]
     from sparkloom.models.train.checkpoint import exported_files  # torch: imported when used

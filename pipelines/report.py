@@ -230,3 +230,58 @@ def drift_figure(d: dict):
                  color="#b22222")  # fmt: skip
     fig.tight_layout(rect=(0, 0.01 + 0.022 * len(warn), 1, 0.96))
     return fig
+
+
+def reliability_figure(cal: dict, title: str):
+    """Reliability diagram of the test split (pipelines.audit.calibrate's dict): accuracy
+    against mean confidence per bin, before and after the temperature, with the diagonal a
+    calibrated model lies on and the rows per bin beneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rel = cal["reliability"]
+    edges = np.asarray(rel["edges"])
+    mids, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=120, sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    t = cal["temperature"]
+    for key, color, name in (("before", "tab:blue", f"T=1: ECE {cal['test_ece']:.3f}"),
+                             ("after", "tab:orange",
+                              f"T={t:.2f}: ECE {cal['test_ece_calibrated']:.3f}")):  # fmt: skip
+        b = rel[key]
+        shown = np.asarray(b["counts"]) > 0
+        ax.plot(np.asarray(b["confidence"])[shown], np.asarray(b["accuracy"])[shown],
+                marker="o", color=color, label=name)  # fmt: skip
+        if key == "before":
+            hist.bar(mids, b["counts"], width=width * 0.9, color=color, alpha=0.6, label="T=1")
+        elif t != 1.0:
+            hist.step(edges[:-1], b["counts"], where="post", color=color, label=f"T={t:.2f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set_xlabel("confidence (top probability)")
+    hist.set_ylabel("test rows")
+    hist.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def slices_markdown(reports: list[dict]) -> str:
+    """One table per slice: value, rows, accuracy, weighted F1, gap to overall, flagged."""
+    out = []
+    for r in reports:
+        out.append(f"### {r['name']} (overall accuracy {r['overall_accuracy']:.4f}, "
+                   f"flagged when more than {r['max_gap']:.2f} below)\n")  # fmt: skip
+        out.append(
+            "| value | test rows | accuracy | weighted F1 | gap | |\n|---|---:|---:|---:|---:|---|"
+        )
+        for row in r["rows"]:
+            out.append(f"| {row['value']} | {row['count']} | {row['accuracy']:.4f} | "
+                       f"{row['f1']:.4f} | {row['gap']:+.4f} | {'**flagged**' if row['flagged'] else ''} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 from pyspark.sql import SparkSession
 
 from sparkloom.pipelines import tracking
+from sparkloom.pipelines.audit import CALIBRATION_FILE
 from sparkloom.pipelines.baseline import BaselineResult, run_baseline, run_embed_baseline
 from sparkloom.pipelines.catalog import Catalog
 from sparkloom.pipelines.config import Config, flatten, stage_output
@@ -29,6 +31,8 @@ from sparkloom.pipelines.report import (
     confusion_figure,
     learning_curves_figure,
     misclassified_figure,
+    reliability_figure,
+    slices_markdown,
 )
 from sparkloom.pipelines.scoring import ScoreStageResult, run_score
 from sparkloom.pipelines.spark import jvm_failure, terminating
@@ -169,7 +173,12 @@ def _baseline(stage: str):
     def run(
         spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
     ) -> BaselineResult:
-        return _log_baseline(stage, cfg, catalog, outcome, trained(spark, cfg, catalog, force))
+        result = trained(spark, cfg, catalog, force)
+        _log_audit(spark, cfg, catalog, stage, result)
+        if not result.skipped and getattr(cfg, stage).features_col == "features" \
+                and cfg.modality == "text":  # fmt: skip
+            _log_top_terms(spark, cfg, catalog, stage, result)
+        return _log_baseline(stage, cfg, catalog, outcome, result)
 
     return run
 
@@ -208,8 +217,76 @@ def _log_baseline(
     elif cfg.mlflow.log_models:  # the model the catalog holds, as written
         col = ("binary", "image") if cfg.modality == "image" else ("string", "text")
         saved = catalog.uri(stage_output(cfg, stage))
-        outcome.model_uri = tracking.log_spark_model(saved, "model", result.labels, col)
+        extras = {CALIBRATION_FILE: json.dumps(result.calibration)} if result.calibration else {}
+        outcome.model_uri = tracking.log_spark_model(saved, "model", result.labels, col, extras)
     return result
+
+
+def _log_top_terms(spark, cfg: Config, catalog: Catalog, stage: str, result) -> None:
+    """The baseline's largest positive and negative coefficients per class, as words:
+    explain/top_terms.md, .json and .png."""
+    from pyspark.ml import PipelineModel
+    from pyspark.sql import functions as F
+
+    from sparkloom.pipelines.top_terms import top_terms, top_terms_figure
+
+    model = PipelineModel.load(catalog.uri(stage_output(cfg, stage)))
+    train = catalog.read("ingested", "ingest").filter(F.col("split") == "train")
+    k = cfg.evaluation.top_terms
+    tt = top_terms(model, train, result.labels, k=k)
+    table = tt.markdown()
+    mlflow.log_text(table, "explain/top_terms.md")
+    mlflow.log_dict({**tt.to_dict(), "markdown": table}, "explain/top_terms.json")
+    tracking.log_figure(top_terms_figure(tt, k), "explain/top_terms.png")
+    for label in result.labels:
+        words = [t.label for t in tt.per_class[label]["positive"][:6]]
+        log.info("[%s] %s: %s", stage, label, ", ".join(words))
+
+
+def _log_audit(spark, cfg: Config, catalog: Catalog, stage: str, result) -> None:
+    """A classifier's calibration (ECE before/after the temperature, reliability diagram)
+    and slice metrics (evaluation.slices), from its held-out predictions."""
+    from sparkloom.models import storage
+    from sparkloom.pipelines import audit
+
+    mlflow.log_dict(data_card(catalog), "data.json")  # what the model card says of the data
+    cal = result.calibration
+    if cal.get("reliability"):
+        tracking.log_metrics({k: cal[k] for k in AUDIT_METRICS if k in cal})
+        mlflow.log_dict(cal, CALIBRATION_FILE)
+        tracking.log_figure(reliability_figure(cal, f"{stage}, test split"),
+                            "plots/reliability_test.png")  # fmt: skip
+    if not cfg.evaluation.slices or not result.predictions:
+        return
+    if not storage.exists(result.predictions):
+        log.warning("%s: no predictions at %s (work folder cleaned?); slices not reported; "
+                    "rerun the stage with --force", stage, storage.shown(result.predictions))  # fmt: skip
+        return
+    reports = audit.slices(spark, cfg, catalog, result.predictions, result.labels)
+    mlflow.log_dict({"slices": reports}, "slices.json")
+    mlflow.log_text(slices_markdown(reports), "slices.md")
+    for r in reports:
+        worst = min(r["rows"], key=lambda row: row["accuracy"]) if r["rows"] else None
+        if worst:
+            key = re.sub(r"[^0-9A-Za-z_]+", "_", r["name"]).strip("_")[:60]
+            tracking.log_metrics({f"slice_{key}_worst_accuracy": worst["accuracy"],
+                                  f"slice_{key}_flagged": len(r["flagged"])})  # fmt: skip
+
+
+def data_card(catalog: Catalog) -> dict:
+    """The ingested data as a model card describes it: source, rows, split, labels, batches."""
+    m = catalog.manifest("ingested") or {}
+    r = m.get("result", {})
+    keep = ("rows_in", "rows_out", "rows_quarantined", "reasons", "splits", "labels")
+    batches = (m.get("incremental") or {}).get("batches")  # incremental: one record per batch
+    return {"input": m.get("input"), "split_by": m.get("split_by"),
+            "fingerprint": m.get("data_fingerprint", m.get("fingerprint")),
+            **{k: r.get(k) for k in keep}, "batches": len(batches) if batches else None}  # fmt: skip
+
+
+# calibration.json's numbers that are also metrics (MLflow compares runs by them)
+AUDIT_METRICS = ("temperature", "test_ece", "test_ece_calibrated", "test_nll",
+                 "test_nll_calibrated", "val_nll", "val_nll_calibrated")  # fmt: skip
 
 
 def _drift(spark, cfg: Config, catalog: Catalog, force: bool, outcome):
@@ -240,6 +317,14 @@ def _register(spark, cfg: Config, catalog: Catalog, force: bool, outcome) -> Reg
                               result.champion_before["value"]})  # fmt: skip
     mlflow.set_tag("sparkloom.register_decision", result.reason)
     mlflow.log_dict(asdict(result), "register.json")
+    if not result.skipped and result.version:  # the version's card, in its run and this one
+        from mlflow.tracking import MlflowClient
+
+        from sparkloom.pipelines.card import log_card
+
+        card = log_card(MlflowClient(), result.name, result.version, asdict(result))
+        log.info("register: model card of %s v%s logged to run %s (model_card/)", result.name,
+                 result.version, card.run_id)  # fmt: skip
     outcome.model_uri = f"models:/{result.name}@{cfg.register.alias}"
     return result
 
@@ -301,6 +386,10 @@ def _deep(stage: str):
         spark, cfg: Config, catalog: Catalog, force: bool, outcome: PipelineOutcome
     ) -> DeepResult:
         result = run_deep(spark, cfg, catalog, stage, force)
+        if result.labels and stage != "bert_pretrain":
+            _log_audit(spark, cfg, catalog, stage, result)
+            if not result.skipped and stage not in IMAGE_MODELS and result.predictions:
+                _log_attributions(spark, cfg, catalog, stage, result)
         tracking.log_history(result.history)
         report = []
         for split, cm in result.confusion.items():
@@ -350,7 +439,7 @@ def _deep(stage: str):
             mlflow.log_text("\n".join(report), "classification_report.md")
         mlflow.log_dict(result.model_config, "model_config.json")
         if result.errors and stage in IMAGE_MODELS:
-            _log_misclassified(catalog, stage, result)
+            _log_misclassified(cfg, catalog, stage, result)
         model_dir = catalog.local_path(f"{stage}_model")
         if result.resumed_from:
             mlflow.set_tag("sparkloom.resumed_from_step", str(result.resumed_from["step"]))
@@ -366,6 +455,32 @@ def _deep(stage: str):
         return result
 
     return run
+
+
+def _log_attributions(spark, cfg: Config, catalog: Catalog, stage: str, result: DeepResult) -> None:
+    """Integrated Gradients of a few test rows (the most confident right and wrong ones):
+    explain/attributions.json, .html (tokens shaded) and .png (top tokens per example)."""
+    from sparkloom.pipelines.attributions import ABOUT, attributions_figure, attributions_html
+    from sparkloom.pipelines.explain import text_attributions
+
+    started = time.perf_counter()
+    examples = text_attributions(spark, cfg, catalog, stage, result.model, result.predictions,
+                                 result.labels)  # fmt: skip
+    if not examples:
+        return
+    worst = max(abs(e["delta"]) / max(1.0, abs(e["logit_gap"])) for e in examples)
+    title = f"{stage}: Integrated Gradients, {len(examples)} test rows"
+    mlflow.log_dict({"about": ABOUT, "steps": cfg.evaluation.attribution_steps,
+                     "examples": examples}, "explain/attributions.json")  # fmt: skip
+    mlflow.log_text(attributions_html(examples, title), "explain/attributions.html")
+    tracking.log_figure(attributions_figure(examples, title), "explain/attributions.png")
+    tracking.log_metrics({"attribution_relative_delta": worst})
+    for e in examples:
+        top = sorted(zip(e["tokens"], e["attributions"], strict=True), key=lambda p: -abs(p[1]))[:5]
+        log.info("[%s] %s: true %s, predicted %s (p=%.2f): %s", stage, e["id"], e["label_name"],
+                 e["pred_name"], e["prob"], ", ".join(f"{t} {a:+.2f}" for t, a in top))  # fmt: skip
+    log.info("[%s] attributions of %d test rows in %.1fs; completeness |delta| <= %.3f of the "
+             "logit gap", stage, len(examples), time.perf_counter() - started, worst)  # fmt: skip
 
 
 def _log_distill(cfg: Config, catalog: Catalog, result: DeepResult) -> None:
@@ -406,7 +521,7 @@ def _log_samples(cfg: Config, catalog: Catalog, result: DeepResult) -> None:
         log.info("gpt2 sample: %r -> %r", x["prompt"], x["completion"])
 
 
-def _log_misclassified(catalog: Catalog, stage: str, result: DeepResult) -> None:
+def _log_misclassified(cfg: Config, catalog: Catalog, stage: str, result: DeepResult) -> None:
     """The test images the model got wrong, as a PNG grid and a JSON list."""
     from pyspark.sql import functions as F
 
@@ -425,6 +540,39 @@ def _log_misclassified(catalog: Catalog, stage: str, result: DeepResult) -> None
         [e["prob"] for e in shown], f"{stage}, test split",
     )  # fmt: skip
     tracking.log_figure(fig, "plots/misclassified_test.png")
+    _log_saliency(cfg, catalog, stage, result, grid, shown)
+
+
+def _log_saliency(
+    cfg: Config, catalog: Catalog, stage: str, result: DeepResult, grid, shown
+) -> None:
+    """Integrated Gradients maps of the misclassified test images (explain/saliency.png):
+    where in each image the evidence for the wrong class lies."""
+    import torch
+
+    from sparkloom.models.attribution import image_attributions, standardize
+    from sparkloom.models.registry import ImageScorer
+    from sparkloom.models.train import load_exported
+    from sparkloom.pipelines.attributions import image_attributions_figure
+
+    model_dir = catalog.local_path(f"{stage}_model")
+    with open(f"{model_dir}/preprocess.json") as f:
+        pre = json.load(f)
+    model = load_exported(model_dir, result.model)
+    scorer = ImageScorer(model, pre["mean"], pre["std"])
+    images = torch.from_numpy(np.ascontiguousarray(grid.transpose(0, 3, 1, 2)))  # (B, C, H, W)
+    x = standardize(images, scorer.mean, scorer.std)
+    steps = max(cfg.evaluation.attribution_steps, 128)  # ReLU paths need more points
+    att = image_attributions(model, x, torch.tensor([e["pred"] for e in shown]), steps=steps)
+    names = result.labels
+    fig = image_attributions_figure(
+        images.numpy(), att.maps, [names[e["label"]] for e in shown],
+        [names[e["pred"]] for e in shown], [e["prob"] for e in shown], f"{stage}, test errors",
+    )  # fmt: skip
+    tracking.log_figure(fig, "explain/saliency.png")
+    gap = np.abs(att.logits - att.baseline_logits)[np.arange(len(shown)), att.targets]
+    tracking.log_metrics({"attribution_relative_delta": float(
+        (np.abs(att.delta) / np.maximum(1.0, gap)).max())})  # fmt: skip
 
 
 # what a deep stage logs besides what every one does

@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from sparkloom.pipelines import compat
+from sparkloom.pipelines.audit import CALIBRATION_FILE
 from sparkloom.pipelines.config import IMAGE_FORMATS, ImageConfig
 from sparkloom.pipelines.context import StageContext, stage
 from sparkloom.pipelines.errors import DataError, exception_text
@@ -51,6 +52,9 @@ class ModelRef:
     allow_pickle: bool = False  # load weights files that hold pickled objects (trusted only)
     quantized: dict | None = None  # int8 (quantize stage): its recipe; `stage` is then the
     # source model's
+    # what scoring divides the logits by: the temperature fitted on validation when the
+    # model's run had evaluation.calibrate=temperature (its calibration.json), else 1
+    temperature: float = 1.0
 
     @property
     def max_length(self) -> int:
@@ -130,10 +134,12 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
         extras = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-extras")
         with open(os.path.join(extras, "labels.txt")) as f:
             labels = f.read().split("\n")[:-1]
+        temperature = _temperature(extras)
     else:
         files = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model-files")
         with open(os.path.join(files, "labels.json")) as f:
             labels = json.load(f)
+        temperature = _temperature(files)
         if os.path.exists(os.path.join(files, "distill.json")):  # a distilled student
             with open(os.path.join(files, "distill.json")) as f:
                 stage = json.load(f)["student"]
@@ -156,7 +162,16 @@ def resolve(model_uri: str, allow_pickle: bool = False) -> ModelRef:
                 load_weights(path)
         except UnsafeWeights as e:
             raise DataError(f"model {model_uri}: {e}") from None
-    return ModelRef(run_id, stage, files, labels, config, allow_pickle, quantized)
+    return ModelRef(run_id, stage, files, labels, config, allow_pickle, quantized, temperature)
+
+
+def _temperature(folder: str) -> float:
+    path = os.path.join(folder, CALIBRATION_FILE)
+    if not os.path.isfile(path):  # a model from before calibration, or one logged by hand
+        return 1.0
+    with open(path) as f:
+        saved = json.load(f)
+    return float(saved["temperature"]) if saved.get("applied") else 1.0
 
 
 def _token_ids(ref: ModelRef, text: DataFrame, max_length: int) -> DataFrame:
@@ -206,7 +221,7 @@ def score(
         blank = F.col("text").isNull() | F.col("text").rlike(r"^\s*$")
         quarantine = rows.filter(blank).withColumn("reason", F.lit("empty_text"))
         good = rows.filter(~blank)
-    out = _probabilities(ref, good)
+    out = with_temperature(_probabilities(ref, good), ref.temperature)
     labels = F.array(*[F.lit(x) for x in ref.labels])
     best = F.array_position(
         F.col("probabilities"), F.array_max("probabilities")
@@ -215,6 +230,17 @@ def score(
         "id", F.element_at(labels, best.cast("int")).alias("predicted_label"), "probabilities"
     )
     return scored, quarantine, ref
+
+
+def with_temperature(out: DataFrame, t: float) -> DataFrame:
+    """probabilities -> softmax(log p / T), the same as softmax(logits / T): a row's log
+    probabilities differ from its logits by one constant, which the softmax drops."""
+    if t == 1.0:
+        return out
+    powered = F.transform("probabilities", lambda p: F.pow(p.cast("double"), F.lit(1.0 / t)))
+    total = F.aggregate(powered, F.lit(0.0), lambda acc, x: acc + x)
+    scaled = F.transform(powered, lambda x: (x / total).cast("float"))
+    return out.withColumn("probabilities", scaled)
 
 
 CLI_ID_FIX = (

@@ -39,6 +39,8 @@ class StageSpec:
         return self.inputs(cfg) if callable(self.inputs) else self.inputs
 
 
+# whether scoring applies the fitted temperature: part of every classifier's model
+CALIBRATE = "evaluation.calibrate"
 FEATURES, INGESTED, EMBEDDINGS = ("features",), ("ingested",), ("embeddings",)
 
 
@@ -71,7 +73,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "baseline",
         "classifier",
-        ("ingest", "features", "baseline"),
+        ("ingest", "features", "baseline", CALIBRATE),
         spark_model=True,
         inputs=_baseline_inputs("baseline"),
     ),  # fmt: skip
@@ -82,7 +84,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "embed_baseline",
         "classifier",
-        ("ingest", "features", "embed", "embed_baseline"),
+        ("ingest", "features", "embed", "embed_baseline", CALIBRATE),
         "text",
         spark_model=True,
         inputs=_baseline_inputs("embed_baseline"),
@@ -90,7 +92,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "lstm",
         "classifier",
-        ("ingest", "features", "lstm"),
+        ("ingest", "features", "lstm", CALIBRATE),
         "text",
         torch=True,
         token_ids=True,
@@ -99,7 +101,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "textcnn",
         "classifier",
-        ("ingest", "features", "textcnn"),
+        ("ingest", "features", "textcnn", CALIBRATE),
         "text",
         torch=True,
         token_ids=True,
@@ -109,7 +111,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "cnn",
         "classifier",
-        ("ingest", "cnn"),
+        ("ingest", "cnn", CALIBRATE),
         "image",
         torch=True,
         static_int8=True,
@@ -118,7 +120,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "alexnet",
         "classifier",
-        ("ingest", "alexnet"),
+        ("ingest", "alexnet", CALIBRATE),
         "image",
         torch=True,
         static_int8=True,
@@ -135,7 +137,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "bert",
         "classifier",
-        ("ingest", "bert_pretrain", "bert"),
+        ("ingest", "bert_pretrain", "bert", CALIBRATE),
         "text",
         torch=True,
         inputs=_bert_inputs,
@@ -145,7 +147,7 @@ REGISTRY: tuple[StageSpec, ...] = (
     StageSpec(
         "distill",
         "classifier",
-        ("ingest", "features", "distill", "lstm", "textcnn", "bert_pretrain", "bert"),
+        ("ingest", "features", "distill", "lstm", "textcnn", "bert_pretrain", "bert", CALIBRATE),
         "text",
         torch=True,
         token_ids=True,

@@ -337,10 +337,11 @@ def log_spark_model(
     artifact_path: str,
     labels: list[str],
     input_col: tuple[str, str] = ("string", "text"),
+    extras: dict[str, str] | None = None,
 ) -> str:
     """Log the Spark PipelineModel saved at `saved` (a catalog URI) as an MLflow `spark` model,
-    with its label index; returns the model URI. `input_col`: (MLflow type, name) of the
-    column the model reads.
+    with its label index (and `extras`, name -> text, beside it); returns the model URI.
+    `input_col`: (MLflow type, name) of the column the model reads.
 
     mlflow.spark.log_model saves the model again and copies it through Hadoop's FileSystem over
     Py4J, which a Spark Connect client does not have: the files are copied from the catalog
@@ -356,9 +357,10 @@ def log_spark_model(
     )
     info = Model.log(artifact_path, flavor=_SavedSparkModel, saved=saved, signature=signature)
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "labels.txt"
-        path.write_text("\n".join(labels) + "\n")
-        mlflow.log_artifact(str(path), artifact_path=f"{artifact_path}-extras")
+        (Path(d) / "labels.txt").write_text("\n".join(labels) + "\n")
+        for name, text in (extras or {}).items():
+            (Path(d) / name).write_text(text)
+        mlflow.log_artifacts(d, artifact_path=f"{artifact_path}-extras")
     return info.model_uri
 
 

@@ -99,6 +99,9 @@ class RunConfig:
     # the data, or "teacher": {"name", "dir"}: a model export run on each batch}; the training
     # loss becomes models.distill.distillation_loss (evaluation stays plain CE)
     distill: dict[str, Any] | None = None
+    # a classifier's final validation and test rows (id, label, logits) as Parquet under
+    # split=<split>/rank-R.parquet, for calibration and slices on the driver
+    predictions_dir: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -170,8 +170,10 @@ class Run:
     def batches_per_epoch(self) -> int:
         return len(self.train.dataset)
 
-    def evaluate(self, path: str, num_errors: int = 0) -> dict[str, Any]:
-        return evaluate(self.ddp, path, self.cfg, self.ctx, self.task, num_errors)
+    def evaluate(
+        self, path: str, num_errors: int = 0, save_to: str | None = None
+    ) -> dict[str, Any]:
+        return evaluate(self.ddp, path, self.cfg, self.ctx, self.task, num_errors, save_to)
 
     def snapshot(self, state: TrainState, sums: tuple[torch.Tensor, torch.Tensor]) -> dict:
         state.epoch_sums, state.window_sums = sums[0].tolist(), sums[1].tolist()
@@ -279,7 +281,10 @@ def fit(cfg: RunConfig, ctx: Dist) -> dict[str, Any]:
     }
     for split, path in (("validation", cfg.data.validation), ("test", cfg.data.test)):
         if path:
-            ev = run.evaluate(path, cfg.data.num_errors if split == "test" else 0)
+            save_to = (
+                storage.join(cfg.predictions_dir, f"split={split}") if cfg.predictions_dir else None
+            )
+            ev = run.evaluate(path, cfg.data.num_errors if split == "test" else 0, save_to)
             if split == "test":
                 result["errors"] = ev["errors"]
             result["metrics"] |= scores(ev, "val" if split == "validation" else split)

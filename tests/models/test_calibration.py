@@ -9,6 +9,8 @@ from sparkloom.models.calibration import (
     fit_temperature,
     nll,
     reliability,
+    softmax,
+    summary,
 )
 
 
@@ -54,3 +56,26 @@ def test_temperature_scaling_lowers_nll_and_keeps_every_prediction():
     sharp = np.exp(overconfident - overconfident.max(1, keepdims=True))
     sharp /= sharp.sum(axis=1, keepdims=True)
     assert expected_calibration_error(soft, labels) < expected_calibration_error(sharp, labels)
+
+
+def test_summary_fits_on_validation_and_measures_test_before_and_after():
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        labels = rng.integers(0, 3, n)
+        logits = rng.normal(0, 1, (n, 3))
+        logits[np.arange(n), labels] += 1.0
+        return logits * 5.0, labels  # overconfident
+
+    val, test = split(600), split(400)
+    s = summary(val, test, bins=10)
+    assert s["fitted_on"] == "validation" and s["temperature"] == pytest.approx(
+        fit_temperature(*val)
+    )
+    assert s["val_nll_calibrated"] < s["val_nll"] and s["test_ece_calibrated"] < s["test_ece"]
+    assert s["test_ece"] == pytest.approx(expected_calibration_error(softmax(test[0]), test[1], 10))
+    assert sum(s["reliability"]["before"]["counts"]) == 400 == s["test_rows"]
+    # no validation rows: nothing to fit, T stays 1 and before == after
+    s = summary(None, test, bins=10)
+    assert s["temperature"] == 1.0 and s["fitted_on"] is None
+    assert s["test_ece"] == s["test_ece_calibrated"]

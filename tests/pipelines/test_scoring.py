@@ -1,5 +1,6 @@
 """Batch scoring from MLflow model URIs: the baseline and the LSTM score a DataFrame of raw
-text with their own preprocessing, and agree with the models run in process."""
+text with their own preprocessing, and agree with the models run in process (with the
+temperature each fitted on validation applied, evaluation.calibrate=temperature)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from pyspark.sql import functions as F
 from sparkloom.pipelines.catalog import Catalog
 from sparkloom.pipelines.runner import run_pipeline
 from sparkloom.pipelines.scoring import score
-from tests.conftest import make_config
+from tests.conftest import TOPICS, make_config
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
 
 LSTM = {"model": {"embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
         "training": {"epochs": 3, "batch_size": 8, "optimizer": {"lr": 0.02}}}  # fmt: skip
@@ -26,11 +33,55 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
         ingest={"format": "text_dirs", "path": str(text_dirs)},
         features={"idf": {"min_doc_freq": 0}, "sequence": {"min_df": 1, "max_length": 32}},
         lstm=LSTM,
+        evaluation={"calibrate": "temperature", "slices": ["length_quartile", "label"]},
     )
     outcome = run_pipeline(spark, cfg, list(cfg.pipeline.stages))
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = mlflow.tracking.MlflowClient()
+    temperature = {}
+    for stage in ("baseline", "lstm"):  # calibrated on validation, audited on test, logged
+        cal = outcome.results[stage].calibration
+        assert cal["applied"] and cal["fitted_on"] == "validation" and cal["temperature"] > 0
+        assert cal["val_nll_calibrated"] <= cal["val_nll"] + 1e-9
+        temperature[stage] = cal["temperature"]
+        run = client.get_run(outcome.stage_run_ids[stage])
+        assert run.data.metrics["temperature"] == pytest.approx(cal["temperature"])
+        assert {"test_ece", "test_ece_calibrated"} <= set(run.data.metrics)
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert "plots/reliability_test.png" in logged
+        slices = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/slices.json")["slices"]
+        assert [r["name"] for r in slices] == ["length_quartile", "label"]
+        n_test = sum(map(sum, outcome.results[stage].confusion["test"]))
+        assert all(sum(row["count"] for row in r["rows"]) == n_test for r in slices)
+        labels = outcome.results[stage].labels  # one slice per label
+        assert sorted(row["value"] for row in slices[1]["rows"]) == sorted(labels)
     catalog = Catalog(spark, cfg.pipeline.data_root, cfg.pipeline.name)
     test = catalog.read("ingested", "ingest").filter("split = 'test'").select("id", "text")
+
+    # the baseline's top terms per class are its topic's words
+    terms = mlflow.artifacts.load_dict(
+        f"runs:/{outcome.stage_run_ids['baseline']}/explain/top_terms.json"
+    )
+    for label, words in TOPICS.items():
+        top = terms["per_class"][label]["positive"][0]["words"]
+        assert set(top) & set(words), (label, top)
+    # the LSTM's attributions: the chosen test rows, each summing to its logit gap
+    lstm_run = outcome.stage_run_ids["lstm"]
+    att = mlflow.artifacts.load_dict(f"runs:/{lstm_run}/explain/attributions.json")
+    assert 2 <= len(att["examples"]) <= 4  # examples_correct 2, examples_wrong up to 2
+    for e in att["examples"]:
+        assert len(e["tokens"]) == len(e["attributions"]) > 0
+        assert abs(sum(e["attributions"]) - e["logit_gap"]) == pytest.approx(
+            abs(e["delta"]), abs=1e-5
+        )
+        assert abs(e["delta"]) <= 0.05 * max(1.0, abs(e["logit_gap"]))
+    # the champion's model card, logged to its run by register, and by the CLI
+    champion_run = outcome.results["register"].candidates[0]["run_id"]
+    card = mlflow.artifacts.load_text(f"runs:/{champion_run}/model_card/model_card.md")
+    for heading in ("## Data", "## Training", "## Metrics", "## Calibration", "## Slices",
+                    "## Champion decision"):  # fmt: skip
+        assert heading in card
+    assert "length_quartile" in card and "champion" in card
 
     # the score stage: the champion scores the test split from raw text, as its run measured
     champion = outcome.results["register"].candidates[0]
@@ -65,9 +116,10 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     from pyspark.ml import PipelineModel
 
     local = PipelineModel.load(catalog.path("baseline_model")).transform(test).collect()
-    for r in local:
+    for r in local:  # the stored model's probabilities at the fitted temperature
         assert got[r["id"]]["predicted_label"] == r["predicted_label"]
-        assert np.allclose(got[r["id"]]["probabilities"], r["probability"].toArray(), atol=1e-6)
+        want = softmax(np.log(r["probability"].toArray()) / temperature["baseline"])
+        assert np.allclose(got[r["id"]]["probabilities"], want, atol=1e-6)
 
     # lstm: Spark-side tokens -> the model's vocab.txt -> predict_batch_udf
     scored, quarantine, ref = score(df, f"runs:/{outcome.stage_run_ids['lstm']}/model")
@@ -83,7 +135,7 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     for i, r in enumerate(rows):
         ids[i, : len(r["token_ids"])] = torch.tensor(r["token_ids"])
     with torch.no_grad():
-        want = model.eval()(ids).numpy()
+        want = softmax(np.log(model.eval()(ids).numpy()) / temperature["lstm"])
     labels = ref.labels
     for r, p in zip(rows, want, strict=True):
         assert np.allclose(got[r["id"]]["probabilities"], p, atol=1e-5)
@@ -94,7 +146,6 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     import subprocess
     import sys
 
-    client = mlflow.tracking.MlflowClient()
     client.create_registered_model("scoring-test")
     v = mlflow.register_model(f"runs:/{outcome.stage_run_ids['lstm']}/model", "scoring-test")
     client.set_registered_model_alias("scoring-test", "champion", v.version)
@@ -109,6 +160,14 @@ def test_scores_equal_the_in_process_models(spark, tmp_path, text_dirs, monkeypa
     assert f"scored {n_test} rows" in done.stdout and "2 quarantined" in done.stdout
     written = {r["id"]: r["predicted_label"] for r in spark.read.parquet(str(out)).collect()}
     assert written == {k: v["predicted_label"] for k, v in got.items()}
+    done = subprocess.run(
+        [sys.executable, "-m", "sparkloom.jobs.cli", "card", "models:/t@champion",
+         "--out", str(tmp_path / "card"), "--tracking-uri", cfg.mlflow.tracking_uri],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = (tmp_path / "card" / "model_card.html").read_text()
+    assert "<h2>Calibration</h2>" in html and "data:image/png;base64," in html
 
 
 @pytest.mark.slow
