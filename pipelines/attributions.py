@@ -35,10 +35,18 @@ def explain_token_rows(
     pad_id: int,
     keep_ids: set[int] | None = None,
     steps: int = 50,
+    tolerance: float = 0.05,
+    max_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rows {id, ids (right-padded, as tested), label} -> one dict per row: id, tokens,
     attributions (of the predicted class, pads dropped), label, pred, label_name, pred_name,
-    prob, delta, logit_gap, correct."""
+    prob, delta, logit_gap, steps, complete, correct.
+
+    Completeness: a row whose |delta| exceeds `tolerance` x max(1, |logit gap|) is attributed
+    again with twice the steps, up to `max_steps`, keeping its smallest delta; `complete`
+    says whether it ended within the tolerance. A recurrent model's logit can jump along the
+    path (a gate saturating flips the state), and then no number of steps closes the gap:
+    the row is shown anyway, marked incomplete, rather than hidden."""
     if not rows:
         return []
     width = max(len(r["ids"]) for r in rows)
@@ -46,6 +54,25 @@ def explain_token_rows(
     for i, r in enumerate(rows):
         ids[i, : len(r["ids"])] = torch.as_tensor(r["ids"], dtype=torch.long)
     res = token_attributions(model, ids, None, pad_id, steps=steps, keep_ids=keep_ids)
+    used = np.full(len(rows), steps)
+    relative = lambda d, g: np.abs(d) / np.maximum(1.0, np.abs(g))  # noqa: E731
+    n = steps
+    while (bad := np.flatnonzero(relative(res.delta, res.logit_gap) > tolerance)).size and (
+        max_steps and n * 2 <= max_steps
+    ):
+        n *= 2
+        again = token_attributions(model, ids[bad], torch.as_tensor(res.targets[bad]), pad_id,
+                                   steps=n, keep_ids=keep_ids)  # fmt: skip
+        better = relative(again.delta, again.logit_gap) < relative(
+            res.delta[bad], res.logit_gap[bad]
+        )
+        for j, i in enumerate(bad):
+            if better[j]:
+                res.attributions[i], res.delta[i], used[i] = (
+                    again.attributions[j],
+                    again.delta[j],
+                    n,
+                )
     probs = torch.from_numpy(res.logits).softmax(-1).numpy()  # (B, C)
     out = []
     for i, r in enumerate(rows):
@@ -63,7 +90,9 @@ def explain_token_rows(
             "attributions": res.attributions[i][real.numpy()].astype(float).tolist(),
             "label": label, "pred": pred, "label_name": labels[label], "pred_name": labels[pred],
             "prob": float(probs[i, pred]), "delta": float(res.delta[i]),
-            "logit_gap": float(res.logit_gap[i]), "correct": pred == label,
+            "logit_gap": float(res.logit_gap[i]), "steps": int(used[i]),
+            "complete": bool(relative(res.delta[i], res.logit_gap[i]) <= tolerance),
+            "correct": pred == label,
         })  # fmt: skip
     return out
 
@@ -97,6 +126,13 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans
 """
 
 
+def _incomplete(e: dict[str, Any]) -> str:
+    if e.get("complete", True):
+        return ""
+    return (f' <span class="wrong">(incomplete after {e.get("steps", "?")} steps: the '
+            "attributions do not add up to the logit gap; read them with care)</span>")  # fmt: skip
+
+
 def attributions_html(examples: list[dict[str, Any]], title: str) -> str:
     """A self-contained page (inline CSS, no script, no web fonts): one block per example,
     its tokens shaded by attribution, the value in each token's tooltip."""
@@ -115,7 +151,7 @@ def attributions_html(examples: list[dict[str, Any]], title: str) -> str:
             f"true <b>{html.escape(e['label_name'])}</b> &middot; predicted "
             f"<b>{html.escape(e['pred_name'])}</b> (p={e['prob']:.3f}, {verdict}) &middot; "
             f"logit - baseline {e['logit_gap']:+.3f} &middot; completeness delta "
-            f"{e['delta']:+.2e}</div>\n<div>{' '.join(spans)}</div>\n</div>"
+            f"{e['delta']:+.2e}{_incomplete(e)}</div>\n<div>{' '.join(spans)}</div>\n</div>"
         )
     pos, neg = (f"rgba({r},{g},{b},0.8)" for r, g, b in (POSITIVE, NEGATIVE))
     return "\n".join([

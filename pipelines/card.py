@@ -215,6 +215,8 @@ def _sections(card: ModelCard) -> list[tuple[str, list[str]]]:
             top = sorted(zip(e["tokens"], e["attributions"], strict=False),
                          key=lambda p: -abs(p[1]))[:8]  # fmt: skip
             verdict = "right" if e["correct"] else "WRONG"
+            if not e.get("complete", True):
+                verdict += f"; incomplete: delta {e['delta']:+.2f} of gap {e['logit_gap']:.2f}"
             lines.append(f"- `{e['id']}` true **{e['label_name']}**, predicted **{e['pred_name']}** "
                          f"(p={e['prob']:.2f}, {verdict}): "
                          + ", ".join(f"{tok} {a:+.2f}" for tok, a in top))  # fmt: skip

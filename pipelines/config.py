@@ -666,6 +666,10 @@ class EvaluationConfig(Section):
     examples_correct: int = Field(2, ge=0, le=50)  # deep text models: test rows explained
     examples_wrong: int = Field(2, ge=0, le=50)
     attribution_steps: int = Field(50, ge=4, le=1000)  # Integrated Gradients' path points
+    # completeness: rows whose attributions miss the logit gap by more than this share are
+    # redone with twice the steps, up to attribution_max_steps, then marked incomplete
+    attribution_tolerance: float = Field(0.05, gt=0, le=1)
+    attribution_max_steps: int = Field(400, ge=4, le=10_000)
 
 
 class DistillConfig(Section):

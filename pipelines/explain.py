@@ -127,4 +127,5 @@ def text_attributions(spark, cfg, catalog, stage: str, model_name: str, predicti
         tokens_of = lambda seq: [tok.id_to_token(i) for i in seq]  # noqa: E731
     rows = [{"id": c["id"], "ids": token_ids[c["id"]], "label": c["label"]}
             for c in chosen if token_ids.get(c["id"])]  # fmt: skip
-    return explain_token_rows(model, rows, tokens_of, labels, pad, keep, ec.attribution_steps)
+    return explain_token_rows(model, rows, tokens_of, labels, pad, keep, ec.attribution_steps,
+                              ec.attribution_tolerance, ec.attribution_max_steps)  # fmt: skip

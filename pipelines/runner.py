@@ -474,13 +474,22 @@ def _log_attributions(spark, cfg: Config, catalog: Catalog, stage: str, result: 
                      "examples": examples}, "explain/attributions.json")  # fmt: skip
     mlflow.log_text(attributions_html(examples, title), "explain/attributions.html")
     tracking.log_figure(attributions_figure(examples, title), "explain/attributions.png")
-    tracking.log_metrics({"attribution_relative_delta": worst})
+    tracking.log_metrics({"attribution_relative_delta": worst,
+                          "attribution_incomplete": sum(not e["complete"] for e in examples)})  # fmt: skip
     for e in examples:
         top = sorted(zip(e["tokens"], e["attributions"], strict=True), key=lambda p: -abs(p[1]))[:5]
         log.info("[%s] %s: true %s, predicted %s (p=%.2f): %s", stage, e["id"], e["label_name"],
                  e["pred_name"], e["prob"], ", ".join(f"{t} {a:+.2f}" for t, a in top))  # fmt: skip
     log.info("[%s] attributions of %d test rows in %.1fs; completeness |delta| <= %.3f of the "
              "logit gap", stage, len(examples), time.perf_counter() - started, worst)  # fmt: skip
+    incomplete = [e["id"] for e in examples if not e["complete"]]
+    if incomplete:
+        log.warning(
+            "[%s] the attributions of %s miss their logit gap by more than %.0f%% after %d "
+            "steps (evaluation.attribution_max_steps): the logit jumps along the path, as a "
+            "recurrent model's can; they are shown marked incomplete", stage, incomplete,
+            100 * cfg.evaluation.attribution_tolerance, cfg.evaluation.attribution_max_steps,
+        )  # fmt: skip
 
 
 def _log_distill(cfg: Config, catalog: Catalog, result: DeepResult) -> None:

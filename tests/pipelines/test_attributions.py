@@ -95,3 +95,20 @@ def test_figures():
     fig = image_attributions_figure(np.random.randn(2, 3, 8, 8), np.zeros((2, 8, 8)), ["a", "b"],
                                     ["b", "b"], [0.5, 0.5], "alexnet")  # fmt: skip
     assert len(fig.axes) == 2 * 2
+
+
+def test_rows_missing_completeness_are_redone_with_more_steps_then_marked():
+    model = one_token_model()
+    with torch.no_grad():  # the feature relu(3a - 1.4) has a kink part way along the path
+        model.features.convs[0].bias.fill_(-1.4)
+    rows = [{"id": "r1", "ids": [3, 7, 4], "label": 0}]
+    coarse = explain_token_rows(model, rows, tokens_of, LABELS, pad_id=0, steps=3)[0]
+    assert coarse["steps"] == 3 and abs(coarse["delta"]) > 1e-3  # 3 points miss the kink
+    redone = explain_token_rows(model, rows, tokens_of, LABELS, pad_id=0, steps=3,
+                                tolerance=1e-3, max_steps=96)[0]  # fmt: skip
+    assert redone["steps"] > 3 and abs(redone["delta"]) < abs(coarse["delta"])
+    assert redone["complete"] == (abs(redone["delta"]) <= 1e-3 * max(1, abs(redone["logit_gap"])))
+    stuck = explain_token_rows(model, rows, tokens_of, LABELS, pad_id=0, steps=3,
+                               tolerance=1e-12, max_steps=6)[0]  # fmt: skip
+    assert stuck["steps"] == 6 and not stuck["complete"]
+    assert "incomplete after 6 steps" in attributions_html([stuck], "t")
