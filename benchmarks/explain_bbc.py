@@ -210,13 +210,15 @@ def markdown(r: dict) -> str:
         "## Baseline top terms per class (sparkloom)", "", s["baseline"]["top_terms_markdown"], "",
         "Words shared with scikit-learn's LR top 10 per class: "
         + ", ".join(f"{a} {n}/10" for a, n in r["top_terms_overlap_of_10"].items()) + ".", "",
-        "## LSTM attributions (Integrated Gradients, 50 steps)", "",
+        "## LSTM attributions (Integrated Gradients, 50 steps, redone with up to 400 where "
+        "the completeness error exceeds 5%)", "",
     ]  # fmt: skip
     for e in s["lstm"]["attributions"]:
         top = sorted(zip(e["tokens"], e["attributions"], strict=True), key=lambda p: -abs(p[1]))[:8]
         out.append(f"- `{e['id']}` true {e['label_name']}, predicted {e['pred_name']} "
                    f"(p={e['prob']:.2f}, {'right' if e['correct'] else 'WRONG'}, delta "
-                   f"{e['delta']:+.4f} of a logit gap {e['logit_gap']:.2f}): "
+                   f"{e['delta']:+.4f} of a logit gap {e['logit_gap']:.2f} after {e['steps']} "
+                   f"steps{'' if e['complete'] else ', incomplete'}): "
                    + ", ".join(f"{t} {a:+.2f}" for t, a in top))  # fmt: skip
     out += [
         "", f"Cost: {ig['ig_seconds_per_doc']:.3f} s per document ({ig['mean_tokens']:.0f} tokens "

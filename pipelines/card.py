@@ -263,7 +263,7 @@ margin:2em auto;padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em;bor
 h2{font-size:1.2em;margin-top:1.6em;color:#1f4e79}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:.92em}th{background:#f3f6fa}td.n{text-align:right}
 .flag{color:#b00020;font-weight:bold}.figs{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;max-width:480px}figure img{max-width:100%;border:1px solid #eee}
+figure{margin:0;max-width:480px}figure.wide{max-width:100%}figure img{max-width:100%;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}code{background:#f5f5f5;padding:0 3px}"""
 
 
@@ -338,7 +338,8 @@ def to_html(card: ModelCard) -> str:
         for path, local in card.images.items():
             with open(local, "rb") as f:
                 data = base64.b64encode(f.read()).decode()
-            parts.append(f"<figure><img alt='{html.escape(IMAGES[path])}' "
+            wide = " class=wide" if path.startswith("explain/") else ""
+            parts.append(f"<figure{wide}><img alt='{html.escape(IMAGES[path])}' "
                          f"src='data:image/png;base64,{data}'><figcaption>{html.escape(IMAGES[path])}"
                          "</figcaption></figure>")  # fmt: skip
         parts.append("</div>")

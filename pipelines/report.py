@@ -234,8 +234,8 @@ def drift_figure(d: dict):
 
 def reliability_figure(cal: dict, title: str):
     """Reliability diagram of the test split (pipelines.audit.calibrate's dict): accuracy
-    against mean confidence per bin, before and after the temperature, with the diagonal a
-    calibrated model lies on and the rows per bin beneath."""
+    against mean confidence per bin (markers sized by rows), before and after the
+    temperature, with the diagonal a calibrated model lies on and the rows per bin beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,17 +248,19 @@ def reliability_figure(cal: dict, title: str):
                                    gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
     t = cal["temperature"]
-    for key, color, name in (("before", "tab:blue", f"T=1: ECE {cal['test_ece']:.3f}"),
-                             ("after", "tab:orange",
-                              f"T={t:.2f}: ECE {cal['test_ece_calibrated']:.3f}")):  # fmt: skip
+    ax.text(0.98, 0.03, "marker area: test rows in the bin", ha="right", fontsize=7, color="grey")
+    keys = (("before", "tab:blue", f"T=1: ECE {cal['test_ece']:.3f}", -0.22),
+            ("after", "tab:orange", f"T={t:.2f}: ECE {cal['test_ece_calibrated']:.3f}", 0.22))  # fmt: skip
+    for key, color, name, offset in keys:
         b = rel[key]
-        shown = np.asarray(b["counts"]) > 0
-        ax.plot(np.asarray(b["confidence"])[shown], np.asarray(b["accuracy"])[shown],
-                marker="o", color=color, label=name)  # fmt: skip
-        if key == "before":
-            hist.bar(mids, b["counts"], width=width * 0.9, color=color, alpha=0.6, label="T=1")
-        elif t != 1.0:
-            hist.step(edges[:-1], b["counts"], where="post", color=color, label=f"T={t:.2f}")
+        counts = np.asarray(b["counts"])
+        shown = counts > 0
+        # area by rows: a bin of 2 test rows is not evidence the way one of 150 is
+        ax.scatter(np.asarray(b["confidence"])[shown], np.asarray(b["accuracy"])[shown],
+                   s=12 + 180 * counts[shown] / max(1, counts.max()), color=color, alpha=0.7,
+                   label=name)  # fmt: skip
+        hist.bar(mids + offset * width, counts, width=width * 0.42, color=color, alpha=0.8,
+                 label=name.split(":")[0])  # fmt: skip
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
