@@ -569,7 +569,7 @@ def _log_saliency(
         pre = json.load(f)
     model = load_exported(model_dir, result.model)
     scorer = ImageScorer(model, pre["mean"], pre["std"])
-    images = torch.from_numpy(np.ascontiguousarray(grid.transpose(0, 3, 1, 2)))  # (B, C, H, W)
+    images = torch.from_numpy(grid.transpose(0, 3, 1, 2).copy())  # (B, C, H, W), writable
     x = standardize(images, scorer.mean, scorer.std)
     steps = max(cfg.evaluation.attribution_steps, 128)  # ReLU paths need more points
     att = image_attributions(model, x, torch.tensor([e["pred"] for e in shown]), steps=steps)

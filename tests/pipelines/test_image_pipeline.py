@@ -66,7 +66,10 @@ def test_digits_baseline_and_cnn_through_torchdistributor(spark, tmp_path):
     files = {a.path for a in client.list_artifacts(run, "plots")}
     assert {"plots/confusion_test.png", "plots/misclassified_test.png",
             "plots/learning_curves.png"} <= files  # fmt: skip
+    # the misclassified images' Integrated Gradients maps, their completeness error logged
+    assert "explain/saliency.png" in {a.path for a in client.list_artifacts(run, "explain")}
     metrics = client.get_run(run).data.metrics
+    assert 0 <= metrics["attribution_relative_delta"] < 0.2
     assert metrics["test_accuracy"] == pytest.approx(cnn.metrics["test_accuracy"])
     cm = np.array(cnn.confusion["test"])  # per-class metrics are the confusion matrix's
     assert metrics["test_recall_3"] == pytest.approx(cm[3, 3] / cm[3].sum())
