@@ -58,20 +58,23 @@ class ModelCard:
         return json.dumps({k: v for k, v in asdict(self).items() if k != "images"}, indent=2)
 
 
-def _artifact(client, run_id: str, path: str, into: str) -> str | None:
-    """Local copy of one artifact of the run, or None when it has none."""
-    folder = os.path.dirname(path)
-    names = {a.path for a in client.list_artifacts(run_id, folder or None)}
-    if path not in names:
-        return None
+def _artifact(client, run_id: str, path: str, into: str, listed: dict | None = None) -> str | None:
+    """Local copy of one artifact of the run, or None when it has none; `listed` caches each
+    folder's listing, so a card lists a folder once however many files it looks for there."""
     import mlflow
 
+    folder = os.path.dirname(path)
+    cache = listed if listed is not None else {}
+    if folder not in cache:
+        cache[folder] = {a.path for a in client.list_artifacts(run_id, folder or None)}
+    if path not in cache[folder]:
+        return None
     os.makedirs(into, exist_ok=True)  # the process's tracking URI: the client's too
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=into)
 
 
-def _json(client, run_id: str, path: str, into: str) -> Any:
-    local = _artifact(client, run_id, path, into)
+def _json(client, run_id: str, path: str, into: str, listed: dict | None = None) -> Any:
+    local = _artifact(client, run_id, path, into, listed)
     if local is None:
         return None
     with open(local) as f:
@@ -84,12 +87,13 @@ def build(client, name: str, version: str, into: str, decision: dict | None = No
     card register logged, if any."""
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
+    listed: dict = {}  # folder -> its artifacts, listed once
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     stage = tags.get("sparkloom.stage", "?")
     registered = client.get_registered_model(name)
     aliases = sorted(a for a, v in (registered.aliases or {}).items() if str(v) == str(version))
     if decision is None:
-        stored = _json(client, mv.run_id, f"{CARD_DIR}/model_card.json", into)
+        stored = _json(client, mv.run_id, f"{CARD_DIR}/model_card.json", into, listed)
         decision = (stored or {}).get("decision")
     card = ModelCard(
         name=name, version=str(version), aliases=aliases, run_id=mv.run_id, stage=stage,
@@ -97,7 +101,7 @@ def build(client, name: str, version: str, into: str, decision: dict | None = No
         created=_when(mv.creation_timestamp),
         decision=decision,
     )  # fmt: skip
-    card.data = _json(client, mv.run_id, "data.json", into) or {}
+    card.data = _json(client, mv.run_id, "data.json", into, listed) or {}
     card.data["fingerprint"] = tags.get("sparkloom.data", card.data.get("fingerprint", ""))
     card.training = {
         "parameters": int(metrics["num_parameters"]) if "num_parameters" in metrics else None,
@@ -122,16 +126,16 @@ def build(client, name: str, version: str, into: str, decision: dict | None = No
                 row[m] = value
         if len(row) > 1:
             card.per_class.append(row)
-    card.calibration = _json(client, mv.run_id, "calibration.json", into) or {}
+    card.calibration = _json(client, mv.run_id, "calibration.json", into, listed) or {}
     card.calibration.pop("reliability", None)  # the picture shows it
-    card.slices = (_json(client, mv.run_id, "slices.json", into) or {}).get("slices", [])
+    card.slices = (_json(client, mv.run_id, "slices.json", into, listed) or {}).get("slices", [])
     for kind in ("top_terms", "attributions"):
-        found = _json(client, mv.run_id, f"explain/{kind}.json", into)
+        found = _json(client, mv.run_id, f"explain/{kind}.json", into, listed)
         if found is not None:
             card.explanations[kind] = found
     card.lineage = {label: tags[t] for t, label in LINEAGE_TAGS.items() if tags.get(t)}
     for path in IMAGES:
-        local = _artifact(client, mv.run_id, path, into)
+        local = _artifact(client, mv.run_id, path, into, listed)
         if local:
             card.images[path] = local
     return card
